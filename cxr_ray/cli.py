@@ -1,0 +1,134 @@
+"""The ``cxr-ray`` command: one subcommand per job, all driven by one ExperimentConfig.
+
+Every subcommand accepts ``--config FILE`` and repeated ``--set key=value`` overrides; the
+config is loaded and validated before Ray starts. ``experiments/*.py`` are thin wrappers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable, Sequence
+
+from cxr_ray.config import ConfigError, ExperimentConfig, load_config
+
+log = logging.getLogger("cxr_ray")
+
+
+def _common(p: argparse.ArgumentParser, data: bool = True) -> None:
+    p.add_argument("--config", help="YAML config file (see configs/)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set data.image_size=224 (repeatable)")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else local Ray)")
+    if data:
+        p.add_argument("--data", help="dataset root or CSV/Parquet manifest (sets data.root)")
+        p.add_argument("--cache", help="cache folder or URI (sets data.cache_dir)")
+        p.add_argument("--size", type=int, help="image side in pixels (sets data.image_size)")
+
+
+def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
+    """Build the validated config from ``--config``, ``--set`` and the shortcut flags."""
+    shortcuts = {"data": "data.root", "cache": "data.cache_dir", "size": "data.image_size"}
+    overrides = list(args.set)
+    for flag, key in shortcuts.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    return load_config(args.config, overrides)
+
+
+def cmd_make_synthetic(args: argparse.Namespace) -> int:
+    """Write a synthetic dataset in the Kermany layout."""
+    from cxr_ray.data.synthetic import make_synthetic_dataset
+
+    root = make_synthetic_dataset(args.out, n=args.n, size=args.size, seed=args.seed)
+    print(f"wrote a SYNTHETIC dataset (not medical images) to {root}")
+    return 0
+
+
+def _prepare(args: argparse.Namespace):
+    from cxr_ray.data.cache import prepare_cache
+    from cxr_ray.data.catalog import assign_splits, load_catalog
+    from cxr_ray.runtime import init_ray
+
+    cfg = config_from_args(args)
+    catalog = assign_splits(load_catalog(cfg.data.root), cfg.data)  # fails fast, before Ray
+    init_ray(args.address)
+    return cfg, prepare_cache(cfg, catalog)
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    """Decode every image once into the Parquet cache (reused when unchanged)."""
+    _, cache = _prepare(args)
+    print(format_report(cache.meta))
+    print(cache.uri)
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """Print counts, patients, sizes and problems (builds or reuses the cache)."""
+    _, cache = _prepare(args)
+    print(format_report(cache.meta))
+    return 0
+
+
+def format_report(meta: dict) -> str:
+    """Human-readable dataset report from a cache's ``meta.json``."""
+    lines = [f"dataset {meta['root']}  (cache {meta['size']}px, fingerprint {meta['fingerprint']})",
+             f"{'split':<8}{'NORMAL':>8}{'PNEUMONIA':>11}{'patients':>10}"]
+    for split, counts in meta["counts"].items():
+        lines.append(f"{split:<8}{counts.get('NORMAL', 0):>8}{counts.get('PNEUMONIA', 0):>11}"
+                     f"{meta['patients'].get(split, 0):>10}")
+    for dim, s in meta.get("original_size", {}).items():
+        lines.append(f"original {dim}: min {s['min']}, median {s['median']:.0f}, max {s['max']}")
+    problems = [f"unreadable: {b['path']}: {b['error']}" for b in meta["bad_files"]]
+    problems += [f"byte-identical files across splits {d['splits']}: {d['paths']}"
+                 for d in meta["cross_split_duplicates"]]
+    problems += [f"patient leak: {leak}" for leak in meta["split_leaks"]]
+    within = len(meta["duplicates"]) - len(meta["cross_split_duplicates"])
+    if within:
+        problems.append(f"{within} group(s) of byte-identical files within one split (kept)")
+    lines.append(f"problems: {len(problems) or 'none'}")
+    lines += [f"  - {p}" for p in problems]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse tree of every subcommand."""
+    parser = argparse.ArgumentParser(prog="cxr-ray", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("make-synthetic", help="write a synthetic dataset (for demos and tests)")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--n", type=int, default=400, help="number of images (default 400)")
+    p.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_make_synthetic)
+
+    p = sub.add_parser("prepare", help="decode every image once into the Parquet cache")
+    _common(p)
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("inspect", help="counts per split/class, patients, sizes, problems")
+    _common(p)
+    p.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``cxr-ray``; returns the process exit code."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    from cxr_ray.data.catalog import DataError
+
+    try:
+        return func(args)
+    except (ConfigError, DataError) as e:
+        print(f"cxr-ray {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,285 @@
+"""One typed, validated configuration object for every cxr_ray job.
+
+The CLI or a YAML file becomes one :class:`ExperimentConfig` at the entry point. It is
+validated before Ray starts, written next to every run, sent to Ray workers as
+``cfg.to_dict()`` and rebuilt there with :meth:`ExperimentConfig.from_dict`, and stored in
+every checkpoint so inference rebuilds the exact preprocessing used in training.
+
+Unknown keys and bad values raise :class:`ConfigError` naming the key, what was expected
+and what was found.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is invalid; the message names the key."""
+
+
+def _check(ok: bool, key: str, expected: str, got: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: expected {expected}, got {got!r}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where images come from, how they are split and decoded."""
+
+    root: str = ""  # dataset root (ROOT/{train,val,test}/{NORMAL,PNEUMONIA}) or a CSV/Parquet manifest
+    cache_dir: str = ""  # prepared Parquet caches; "" -> $CXR_RAY_CACHE or ~/.cache/cxr_ray
+    image_size: int = 224  # side of the square image the model sees
+    cache_size: int = 0  # side stored in the decode-once cache; 0 -> image_size
+    val_split: str = "grouped"  # "grouped": carve val from train+val by patient; "official": keep val/
+    val_fraction: float = 0.1  # share of patients in the carved validation split
+    seed: int = 0  # seeds the patient split
+    max_bad_fraction: float = 0.01  # fail when more than this share of images cannot be decoded
+
+    def __post_init__(self) -> None:
+        _check(16 <= self.image_size <= 4096, "data.image_size", "an int in [16, 4096]", self.image_size)
+        _check(self.cache_size == 0 or 16 <= self.cache_size <= 4096, "data.cache_size",
+               "0 or an int in [16, 4096]", self.cache_size)
+        _check(self.cache_size == 0 or self.cache_size >= self.image_size, "data.cache_size",
+               f">= data.image_size ({self.image_size}) so the cache is never upscaled", self.cache_size)
+        _check(self.val_split in ("grouped", "official"), "data.val_split",
+               "one of 'grouped', 'official'", self.val_split)
+        _check(0.0 < self.val_fraction < 1.0, "data.val_fraction", "a float in (0, 1)", self.val_fraction)
+        _check(0.0 <= self.max_bad_fraction <= 1.0, "data.max_bad_fraction", "a float in [0, 1]",
+               self.max_bad_fraction)
+
+    @property
+    def resolved_cache_size(self) -> int:
+        """Side of the cached images: ``cache_size`` or, when 0, ``image_size``."""
+        return self.cache_size or self.image_size
+
+    @property
+    def resolved_cache_dir(self) -> str:
+        """Cache folder: ``cache_dir``, else ``$CXR_RAY_CACHE``, else ``~/.cache/cxr_ray``."""
+        if self.cache_dir:
+            return self.cache_dir
+        return os.environ.get("CXR_RAY_CACHE") or str(Path.home() / ".cache" / "cxr_ray")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Train-time augmentation; evaluation and scoring never augment."""
+
+    enabled: bool = True
+    hflip_p: float = 0.5  # probability of a horizontal flip
+    rotation_deg: float = 10.0  # uniform rotation in [-deg, deg]
+    scale_min: float = 0.9  # random zoom-in crop keeping [scale_min, 1] of the side
+    brightness: float = 0.1  # additive jitter in [-b, b] on the [0, 1] image
+    contrast: float = 0.1  # multiplicative jitter in [1 - c, 1 + c] around the image mean
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.hflip_p <= 1.0, "augment.hflip_p", "a float in [0, 1]", self.hflip_p)
+        _check(0.0 <= self.rotation_deg <= 180.0, "augment.rotation_deg", "a float in [0, 180]",
+               self.rotation_deg)
+        _check(0.0 < self.scale_min <= 1.0, "augment.scale_min", "a float in (0, 1]", self.scale_min)
+        _check(0.0 <= self.brightness < 1.0, "augment.brightness", "a float in [0, 1)", self.brightness)
+        _check(0.0 <= self.contrast < 1.0, "augment.contrast", "a float in [0, 1)", self.contrast)
+
+
+MODEL_NAMES = ("resnet50", "simple_cnn")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which network, its weights, how much of it trains, and the head."""
+
+    name: str = "resnet50"  # one of MODEL_NAMES
+    weights: str = "imagenet"  # "imagenet", "none", or a path to a local state-dict file
+    unfreeze_depth: int = 1  # resnet50: how many last stages train (0 = head only, 4 = all + stem)
+    dropout: float = 0.3  # dropout before the one-logit head
+    width: int = 32  # simple_cnn: channels of the first block (doubles per block)
+
+    def __post_init__(self) -> None:
+        _check(self.name in MODEL_NAMES, "model.name", f"one of {list(MODEL_NAMES)}", self.name)
+        _check(bool(self.weights), "model.weights", "'imagenet', 'none' or a file path", self.weights)
+        _check(0 <= self.unfreeze_depth <= 4, "model.unfreeze_depth", "an int in [0, 4]",
+               self.unfreeze_depth)
+        _check(0.0 <= self.dropout < 1.0, "model.dropout", "a float in [0, 1)", self.dropout)
+        _check(4 <= self.width <= 512, "model.width", "an int in [4, 512]", self.width)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation, scale and run bookkeeping for Ray Train."""
+
+    epochs: int = 10
+    batch_size: int = 32  # per worker
+    lr: float = 3e-4  # peak AdamW learning rate after warmup
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0  # linear warmup, then cosine decay to 0
+    pos_weight: float = 0.0  # BCE positive-class weight; 0 -> n_normal / n_pneumonia from train
+    num_workers: int = 1  # Ray Train workers (0 = run the loop in the driver process)
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0  # used only with use_gpu
+    patience: int = 3  # early stopping: epochs without improvement of the selection metric
+    min_delta: float = 0.0  # improvement smaller than this does not count
+    seed: int = 0
+    max_failures: int = 0  # worker-group restarts Ray Train attempts from the latest checkpoint
+    storage_path: str = "runs"  # local folder or pyarrow URI (s3://, gs://) for results
+    name: str = ""  # run name; "" -> generated
+    keep_checkpoints: int = 2  # best N checkpoints kept by the selection metric
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, "train.epochs", "an int >= 1", self.epochs)
+        _check(self.batch_size >= 1, "train.batch_size", "an int >= 1", self.batch_size)
+        _check(0.0 < self.lr < 1.0, "train.lr", "a float in (0, 1)", self.lr)
+        _check(self.weight_decay >= 0.0, "train.weight_decay", "a float >= 0", self.weight_decay)
+        _check(self.warmup_epochs >= 0.0, "train.warmup_epochs", "a float >= 0", self.warmup_epochs)
+        _check(self.pos_weight >= 0.0, "train.pos_weight", "a float >= 0", self.pos_weight)
+        _check(self.num_workers >= 0, "train.num_workers", "an int >= 0", self.num_workers)
+        _check(self.cpus_per_worker > 0, "train.cpus_per_worker", "a float > 0", self.cpus_per_worker)
+        _check(self.gpus_per_worker > 0, "train.gpus_per_worker", "a float > 0", self.gpus_per_worker)
+        _check(self.patience >= 1, "train.patience", "an int >= 1", self.patience)
+        _check(self.min_delta >= 0.0, "train.min_delta", "a float >= 0", self.min_delta)
+        _check(self.max_failures >= -1, "train.max_failures", "an int >= -1 (-1 = retry forever)",
+               self.max_failures)
+        _check(bool(self.storage_path), "train.storage_path", "a folder or URI", self.storage_path)
+        _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", "an int >= 1",
+               self.keep_checkpoints)
+
+
+@dataclass(frozen=True)
+class MetricConfig:
+    """The model-selection metric: recall at a minimum specificity."""
+
+    min_specificity: float = 0.90  # threshold chosen on validation must keep at least this
+
+    def __post_init__(self) -> None:
+        _check(0.0 < self.min_specificity < 1.0, "metric.min_specificity", "a float in (0, 1)",
+               self.min_specificity)
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """Every knob of a cxr_ray job, grouped by section."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    metric: MetricConfig = field(default_factory=MetricConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (YAML/JSON safe) that :meth:`from_dict` turns back into this object."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ExperimentConfig":
+        """Build from a nested dict; unknown keys and bad types raise :class:`ConfigError`."""
+        return _build(cls, data, prefix="")
+
+    def replace(self, **overrides: Any) -> "ExperimentConfig":
+        """Copy with dotted-key overrides applied, e.g. ``replace(**{"data.image_size": 128})``."""
+        return apply_overrides(self, overrides)
+
+    def to_yaml(self, path: str | os.PathLike) -> None:
+        """Write the resolved config as YAML (next to runs and inside checkpoints)."""
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    """Check ``value`` against a field type, allowing int -> float and nothing else."""
+    if dataclasses.is_dataclass(typ):
+        _check(isinstance(value, Mapping), key, f"a mapping of {typ.__name__} fields", value)
+        return _build(typ, value, prefix=key + ".")
+    if typ is bool:
+        _check(isinstance(value, bool), key, "true or false", value)
+        return value
+    if typ is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), key, "an int", value)
+        return value
+    if typ is float:
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), key, "a number", value)
+        return float(value)
+    if typ is str:
+        _check(isinstance(value, str), key, "a string", value)
+        return value
+    origin = typing.get_origin(typ)
+    if origin in (dict, Mapping):
+        _check(isinstance(value, Mapping), key, "a mapping", value)
+        return dict(value)
+    raise ConfigError(f"{key}: unsupported field type {typ!r}")  # a bug in this module, not user input
+
+
+def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    types = _field_types(cls)
+    unknown = sorted(set(data) - set(types))
+    if unknown:
+        raise ConfigError(
+            f"unknown config key(s) {[prefix + k for k in unknown]}; valid keys here: "
+            f"{[prefix + k for k in types]}"
+        )
+    kwargs = {k: _coerce(v, types[k], prefix + k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def valid_keys(cls: type = ExperimentConfig, prefix: str = "") -> list[str]:
+    """All dotted leaf keys of the config, e.g. ``['data.root', ...]``."""
+    keys: list[str] = []
+    for name, typ in _field_types(cls).items():
+        if dataclasses.is_dataclass(typ):
+            keys += valid_keys(typ, prefix + name + ".")
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split ``"data.image_size=224"`` into key and a YAML-typed value."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. data.image_size=224")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    return key.strip(), value
+
+
+def apply_overrides(cfg: ExperimentConfig, overrides: Mapping[str, Any]) -> ExperimentConfig:
+    """Return ``cfg`` with dotted overrides applied and the result validated."""
+    data = cfg.to_dict()
+    keys = valid_keys()
+    for key, value in overrides.items():
+        if key not in keys:
+            raise ConfigError(f"unknown config key {key!r}; valid keys: {keys}")
+        section, name = key.rsplit(".", 1)
+        node = data
+        for part in section.split("."):
+            node = node[part]
+        # YAML reads "weights=none" fine, but "root=123" as int; keep strings strings.
+        if isinstance(node[name], str) and not isinstance(value, str) and value is not None:
+            value = str(value)
+        node[name] = value
+    return ExperimentConfig.from_dict(data)
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: Iterable[str] = ()) -> ExperimentConfig:
+    """Load YAML (or the defaults when ``path`` is None), then apply ``--set`` style overrides."""
+    cfg = ExperimentConfig()
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        raw = yaml.safe_load(p.read_text()) or {}
+        try:
+            cfg = ExperimentConfig.from_dict(raw)
+        except ConfigError as e:
+            raise ConfigError(f"{p}: {e}") from e
+    return apply_overrides(cfg, dict(parse_override(o) for o in overrides))

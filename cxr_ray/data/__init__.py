@@ -1,0 +1,1 @@
+"""Data side of cxr_ray: catalog, decoding, the decode-once cache, Ray Data pipelines, synthetic data."""

@@ -1,0 +1,194 @@
+"""The decode-once cache: every image decoded once, in parallel on Ray Data, into Parquet.
+
+A prepared cache is a folder (local or URI)::
+
+    <cache_dir>/<dataset>-<size>px-<fingerprint>/
+        data/*.parquet   one row per image (schema: CACHE_SCHEMA_DOC)
+        meta.json        written last: counts, bad files, duplicates, settings
+
+``meta.json`` is the commit marker: a folder without it is an interrupted build and is
+rebuilt. The fingerprint covers the file list (path, size, mtime), labels, splits and
+the decode settings, so a changed dataset or size gets a new cache and an unchanged one
+is reused: training epochs and tuning trials never decode a JPEG again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from cxr_ray.config import ExperimentConfig
+from cxr_ray.data import io
+from cxr_ray.data.catalog import CLASSES, DataError, assign_splits, load_catalog, split_leaks
+from cxr_ray.data.decode import ImageDecodeError, decode_image
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1  # bump when the decode output or schema changes
+CACHE_SCHEMA_DOC = """\
+path str | label int64 (0 NORMAL, 1 PNEUMONIA) | patient str | split str | source_split str |
+key int64 (crc32 of path) | width int64, height int64 (original size) | sha1 str (file bytes) |
+pixels binary (size*size uint8, row-major; empty when error) | error str (null when decoded)"""
+META_COLUMNS = ["path", "label", "patient", "split", "width", "height", "sha1", "error"]
+
+
+@dataclass(frozen=True)
+class PreparedCache:
+    """A finished cache: where it is and what its ``meta.json`` says."""
+
+    uri: str
+    meta: dict[str, Any]
+
+    @property
+    def data_uri(self) -> str:
+        """Folder of the Parquet files."""
+        return io.join(self.uri, "data")
+
+    @property
+    def size(self) -> int:
+        """Side of the cached square images."""
+        return int(self.meta["size"])
+
+    def split_counts(self, split: str) -> tuple[int, int]:
+        """(normal, pneumonia) decodable images in ``split``."""
+        c = self.meta["counts"].get(split, {})
+        return int(c.get(CLASSES[0], 0)), int(c.get(CLASSES[1], 0))
+
+
+def fingerprint(catalog: pd.DataFrame, cfg: ExperimentConfig) -> str:
+    """Hash of the inputs and settings that determine the cache's content."""
+    h = hashlib.sha256()
+    settings = {"format": CACHE_FORMAT, "size": cfg.data.resolved_cache_size,
+                "val_split": cfg.data.val_split, "val_fraction": cfg.data.val_fraction,
+                "seed": cfg.data.seed}
+    h.update(json.dumps(settings, sort_keys=True).encode())
+    cols = ["path", "label", "source_split", "size_bytes", "mtime_ns"]
+    h.update(pd.util.hash_pandas_object(catalog[cols], index=False).values.tobytes())
+    return h.hexdigest()[:16]
+
+
+def cache_uri(catalog_root: str, cfg: ExperimentConfig, fp: str) -> str:
+    """Cache folder for a dataset root, size and fingerprint."""
+    name = (catalog_root.rstrip("/").rsplit("/", 1)[-1] or "dataset").replace(".", "_")
+    return io.join(cfg.data.resolved_cache_dir, f"{name}-{cfg.data.resolved_cache_size}px-{fp}")
+
+
+def decode_batch(batch: pd.DataFrame, size: int) -> pd.DataFrame:
+    """Ray Data UDF: catalog rows -> cache rows (see ``CACHE_SCHEMA_DOC``).
+
+    A file that cannot be read or decoded gets ``error`` set and empty ``pixels``; nothing
+    is dropped, so every input is accounted for.
+    """
+    out = {k: [] for k in ("key", "width", "height", "sha1", "pixels", "error")}
+    for path in batch["path"]:
+        width = height = 0
+        sha1, pixels, error = "", b"", None
+        try:
+            data = io.read_bytes(path)
+            sha1 = hashlib.sha1(data).hexdigest()
+            arr, width, height = decode_image(data, size, path)
+            pixels = arr.tobytes()
+        except ImageDecodeError as e:
+            error = e.reason
+        except OSError as e:
+            error = f"cannot read file ({e})"
+        out["key"].append(zlib.crc32(path.encode()))
+        for k, v in (("width", width), ("height", height), ("sha1", sha1), ("pixels", pixels),
+                     ("error", error)):
+            out[k].append(v)
+    result = batch[["path", "label", "patient", "split", "source_split"]].reset_index(drop=True)
+    for k, v in out.items():
+        result[k] = pd.Series(v, dtype=object if k in ("pixels", "error", "sha1") else np.int64)
+    return result
+
+
+def _read_meta(uri: str) -> dict[str, Any] | None:
+    path = io.join(uri, "meta.json")
+    return json.loads(io.read_bytes(path)) if io.exists(path) else None
+
+
+def _delete(uri: str) -> None:
+    fs, p = io.resolve(uri)
+    if fs.get_file_info(p).type != pafs.FileType.NotFound:
+        fs.delete_dir(p)
+
+
+def summarize_cache(uri: str, size: int, fp: str, root: str) -> dict[str, Any]:
+    """Read the cache's metadata columns (not pixels) and build ``meta.json``'s content."""
+    fs, p = io.resolve(io.join(uri, "data"))
+    df = pq.read_table(p, columns=META_COLUMNS, filesystem=fs).to_pandas()
+    bad = df[df["error"].notna()]
+    good = df[df["error"].isna()]
+    counts = {s: {CLASSES[int(k)]: int(v) for k, v in g["label"].value_counts().items()}
+              for s, g in good.groupby("split")}
+    dup_groups = good[good.duplicated("sha1", keep=False)].groupby("sha1")
+    duplicates = [{"paths": sorted(g["path"]), "splits": sorted(set(g["split"]))} for _, g in dup_groups]
+    return {
+        "format": CACHE_FORMAT, "fingerprint": fp, "root": root, "size": size,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "n_images": int(len(df)), "n_bad": int(len(bad)), "counts": counts,
+        "patients": {s: int(g["patient"].nunique()) for s, g in good.groupby("split")},
+        "bad_files": [{"path": r.path, "error": r.error} for r in bad.itertuples()],
+        "duplicates": duplicates,
+        "cross_split_duplicates": [d for d in duplicates if len(d["splits"]) > 1],
+        "split_leaks": split_leaks(good),
+        "original_size": {
+            k: {"min": int(good[k].min()), "median": float(good[k].median()), "max": int(good[k].max())}
+            for k in ("width", "height")} if len(good) else {},
+    }
+
+
+def prepare_cache(cfg: ExperimentConfig, catalog: pd.DataFrame | None = None) -> PreparedCache:
+    """Build (or reuse) the decode-once cache for ``cfg.data.root``; starts Ray if needed.
+
+    Raises :class:`DataError` before any decoding for a malformed dataset, and after it
+    when more than ``data.max_bad_fraction`` of the images cannot be decoded (the bad files
+    and reasons are listed; the half-built cache is removed).
+    """
+    import ray
+
+    root = cfg.data.root
+    if catalog is None:
+        catalog = assign_splits(load_catalog(root), cfg.data)
+    fp = fingerprint(catalog, cfg)
+    uri = cache_uri(root, cfg, fp)
+    meta = _read_meta(uri)
+    if meta is not None:
+        log.info("[prepare] reusing cache %s (%d images)", uri, meta["n_images"])
+        return PreparedCache(uri, meta)
+    _delete(uri)  # an interrupted build leaves data without meta.json
+    size = cfg.data.resolved_cache_size
+    log.info("[prepare] decoding %d images at %dpx into %s", len(catalog), size, uri)
+    n_blocks = max(1, min(len(catalog) // 64, 512))
+    bounds = np.linspace(0, len(catalog), n_blocks + 1).astype(int)
+    parts = [catalog.iloc[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    ds = ray.data.from_pandas(parts).map_batches(
+        decode_batch, fn_kwargs={"size": size}, batch_format="pandas", batch_size=64)
+    ds.write_parquet(io.join(uri, "data"))
+    meta = summarize_cache(uri, size, fp, root)
+    if meta["n_bad"] > cfg.data.max_bad_fraction * meta["n_images"]:
+        _delete(uri)
+        listing = "\n".join(f"  {b['path']}: {b['error']}" for b in meta["bad_files"][:50])
+        raise DataError(
+            f"{meta['n_bad']} of {meta['n_images']} images could not be decoded, more than "
+            f"data.max_bad_fraction={cfg.data.max_bad_fraction}:\n{listing}")
+    io.write_bytes(io.join(uri, "meta.json"), json.dumps(meta, indent=1).encode())
+    return PreparedCache(uri, meta)
+
+
+def open_cache(uri: str) -> PreparedCache:
+    """Open a finished cache folder; :class:`DataError` when it is missing or unfinished."""
+    meta = _read_meta(uri)
+    if meta is None:
+        raise DataError(f"{uri!r} is not a finished cxr_ray cache (no meta.json); run cxr-ray prepare")
+    return PreparedCache(uri, meta)

@@ -1,0 +1,235 @@
+"""Find images, labels, patient ids and splits; carve a patient-grouped validation split.
+
+The catalog is a pandas DataFrame, one row per image, with columns:
+
+- ``path`` (str): absolute local path or URI of the image file
+- ``label`` (int): 0 = NORMAL, 1 = PNEUMONIA
+- ``patient`` (str): patient id parsed from the file name (the file stem when unknown)
+- ``source_split`` (str): the folder/manifest split it came from (train, val, test)
+- ``split`` (str): the split cxr_ray uses (after :func:`assign_splits`)
+- ``size_bytes`` (int), ``mtime_ns`` (int): for the cache fingerprint (0 when unknown)
+
+Everything here reads file names and listings only, never pixels, so it runs on the
+driver before Ray starts and fails fast on a malformed dataset.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import PurePosixPath
+
+import numpy as np
+import pandas as pd
+import pyarrow.fs as pafs
+
+from cxr_ray.config import DataConfig
+from cxr_ray.data import io
+
+log = logging.getLogger(__name__)
+
+CLASSES = ("NORMAL", "PNEUMONIA")  # index = label
+SPLITS = ("train", "val", "test")
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
+CATALOG_COLUMNS = ["path", "label", "patient", "source_split", "size_bytes", "mtime_ns"]
+
+_PERSON = re.compile(r"^(person\d+)_", re.IGNORECASE)
+_NORMAL = re.compile(r"^((?:NORMAL2-)?IM-\d+)-\d+$", re.IGNORECASE)
+
+
+class DataError(ValueError):
+    """The dataset, a manifest or an image is not what cxr_ray expects; names the path."""
+
+
+def patient_id(path: str) -> str:
+    """Patient id from a Kermany file name.
+
+    ``person12_bacteria_45.jpeg`` -> ``person12``; ``IM-0115-0001.jpeg`` -> ``IM-0115``;
+    ``NORMAL2-IM-0381-0001.jpeg`` -> ``NORMAL2-IM-0381``; anything else -> the file stem.
+    """
+    stem = PurePosixPath(path.replace("\\", "/")).stem
+    m = _PERSON.match(stem)
+    if m:
+        return m.group(1).lower()
+    m = _NORMAL.match(stem)
+    if m:
+        return m.group(1).upper()
+    return stem
+
+
+def label_from_name(name: object, where: str) -> int:
+    """Map ``NORMAL``/``PNEUMONIA`` (any case) or 0/1 to a label index."""
+    if isinstance(name, (int, np.integer)) and int(name) in (0, 1):
+        return int(name)
+    text = str(name).strip().upper()
+    if text in CLASSES:
+        return CLASSES.index(text)
+    if text in ("0", "1"):
+        return int(text)
+    raise DataError(f"{where}: unknown label {name!r}; expected one of {list(CLASSES)} or 0/1")
+
+
+def _list_dir(fs: pafs.FileSystem, path: str) -> list[pafs.FileInfo]:
+    return [i for i in fs.get_file_info(pafs.FileSelector(path)) if not i.base_name.startswith((".", "__"))]
+
+
+def _scan_class_folder(fs: pafs.FileSystem, folder: pafs.FileInfo, root: str) -> list[pafs.FileInfo]:
+    infos = fs.get_file_info(pafs.FileSelector(folder.path, recursive=True))
+    return [
+        i for i in infos
+        if i.type == pafs.FileType.File
+        and not i.base_name.startswith(".")
+        and i.base_name.lower().endswith(IMAGE_EXTENSIONS)
+    ]
+
+
+def scan_layout(root: str) -> pd.DataFrame:
+    """List ``ROOT/{train,val,test}/{NORMAL,PNEUMONIA}/*`` (class folders case-insensitive).
+
+    Raises :class:`DataError` naming the path for a missing root, no split folders, an
+    unknown class folder, a missing or empty class folder.
+    """
+    fs, base = io.resolve(root)
+    info = fs.get_file_info(base)
+    if info.type != pafs.FileType.Directory:
+        raise DataError(f"data root {root!r} does not exist or is not a folder")
+    splits = {i.base_name.lower(): i for i in _list_dir(fs, base) if i.type == pafs.FileType.Directory}
+    found = [s for s in SPLITS if s in splits]
+    if not found:
+        raise DataError(
+            f"data root {root!r} has no split folders; expected ROOT/{{train,val,test}}/"
+            f"{{NORMAL,PNEUMONIA}}/*.jpeg, found {sorted(splits) or 'nothing'}"
+        )
+    rows = []
+    for split in found:
+        classes = {}
+        for c in _list_dir(fs, splits[split].path):
+            if c.type != pafs.FileType.Directory:
+                continue
+            if c.base_name.upper() not in CLASSES:
+                raise DataError(
+                    f"unknown class folder {io.full_path(fs, c.path, root)!r}; expected {list(CLASSES)}"
+                )
+            classes[c.base_name.upper()] = c
+        for name in CLASSES:
+            where = io.join(root, splits[split].base_name, name)
+            if name not in classes:
+                raise DataError(f"missing class folder {where!r} (expected {list(CLASSES)} in each split)")
+            files = _scan_class_folder(fs, classes[name], root)
+            if not files:
+                raise DataError(f"class folder {where!r} has no {'/'.join(IMAGE_EXTENSIONS)} images")
+            for f in files:
+                rows.append((io.full_path(fs, f.path, root), CLASSES.index(name), split,
+                             f.size or 0, f.mtime_ns or 0))
+    df = pd.DataFrame(rows, columns=["path", "label", "source_split", "size_bytes", "mtime_ns"])
+    df["patient"] = df["path"].map(patient_id)
+    return df[CATALOG_COLUMNS].sort_values("path", ignore_index=True)
+
+
+def read_manifest(path: str) -> pd.DataFrame:
+    """Read a CSV/Parquet manifest with ``path``, ``label`` and optional ``split`` columns.
+
+    Relative image paths are taken relative to the manifest's folder. Rows without a split
+    are treated as ``train``.
+    """
+    if not io.exists(path):
+        raise DataError(f"manifest {path!r} does not exist")
+    if path.lower().endswith(".parquet"):
+        fs, p = io.resolve(path)
+        df = pd.read_parquet(p, filesystem=fs)
+    else:
+        fs, p = io.resolve(path)
+        with fs.open_input_stream(p) as f:
+            df = pd.read_csv(f)
+    missing = [c for c in ("path", "label") if c not in df.columns]
+    if missing:
+        raise DataError(f"manifest {path!r} lacks column(s) {missing}; found columns {list(df.columns)}")
+    base = path.rsplit("/", 1)[0] if io.is_uri(path) else os.path.dirname(os.path.abspath(path))
+    out = pd.DataFrame()
+    out["path"] = [
+        p if io.is_uri(p) or os.path.isabs(p) else io.join(base, p) for p in df["path"].astype(str)
+    ]
+    out["label"] = [label_from_name(v, f"manifest {path!r} row {i}") for i, v in enumerate(df["label"])]
+    splits = df["split"].fillna("train").astype(str).str.lower() if "split" in df else "train"
+    out["source_split"] = splits
+    bad = sorted(set(out["source_split"]) - set(SPLITS))
+    if bad:
+        raise DataError(f"manifest {path!r}: unknown split value(s) {bad}; expected {list(SPLITS)}")
+    out["patient"] = out["path"].map(patient_id)
+    out["size_bytes"] = 0
+    out["mtime_ns"] = 0
+    if out.empty:
+        raise DataError(f"manifest {path!r} lists no images")
+    return out[CATALOG_COLUMNS].sort_values("path", ignore_index=True)
+
+
+def load_catalog(root: str) -> pd.DataFrame:
+    """Catalog of a dataset folder or manifest file (see module docstring for columns)."""
+    if not root:
+        raise DataError("no dataset given: set data.root (or pass --data ROOT)")
+    if root.lower().endswith((".csv", ".parquet")):
+        return read_manifest(root)
+    return scan_layout(root)
+
+
+def _carve_val(df: pd.DataFrame, fraction: float, seed: int) -> pd.Series:
+    """Pick validation patients per class until ~fraction of that class's images is reached."""
+    rng = np.random.default_rng(seed)
+    per_patient = df.groupby("patient").agg(n=("path", "size"), label=("label", lambda s: s.mode().iat[0]))
+    val_patients: set[str] = set()
+    for label in sorted(per_patient["label"].unique()):
+        group = per_patient[per_patient["label"] == label]
+        target = fraction * group["n"].sum()
+        order = rng.permutation(np.array(sorted(group.index)))
+        taken = 0
+        for k, patient in enumerate(order):
+            if taken >= target or k >= len(order) - 1:  # keep >= 1 patient per class in train
+                break
+            val_patients.add(patient)
+            taken += int(group.at[patient, "n"])
+    return df["patient"].isin(val_patients)
+
+
+def assign_splits(catalog: pd.DataFrame, cfg: DataConfig) -> pd.DataFrame:
+    """Add the ``split`` column cxr_ray trains and reports on.
+
+    ``grouped`` (default): pool the source train and val images and carve a validation split
+    of ~``val_fraction`` of each class's images, whole patients at a time, seeded. The
+    official val split has only 16 images, too few to select models or thresholds on.
+    ``official``: keep the folders' splits. Test images always stay in ``test``.
+    """
+    df = catalog.copy()
+    if cfg.val_split == "official":
+        df["split"] = df["source_split"]
+        if not (df["split"] == "val").any():
+            raise DataError("data.val_split='official' but the dataset has no val images")
+    else:
+        pool = df["source_split"] != "test"
+        df["split"] = df["source_split"]
+        is_val = _carve_val(df[pool], cfg.val_fraction, cfg.seed)
+        df.loc[pool, "split"] = np.where(is_val, "val", "train")
+    if not (df["split"] == "train").any():
+        raise DataError("the dataset has no training images")
+    return df
+
+
+def split_leaks(df: pd.DataFrame) -> list[str]:
+    """Patients whose images sit in more than one split, as readable problem lines."""
+    spread = df.groupby("patient")["split"].agg(lambda s: sorted(set(s)))
+    return [f"patient {p!r} appears in splits {s}" for p, s in spread.items() if len(s) > 1]
+
+
+def summarize(df: pd.DataFrame) -> pd.DataFrame:
+    """Images and patients per split and class, for reports."""
+    table = df.assign(cls=df["label"].map(lambda i: CLASSES[i])).groupby(["split", "cls"]).agg(
+        images=("path", "size"), patients=("patient", "nunique")
+    )
+    order = [s for s in SPLITS if s in table.index.get_level_values(0)]
+    return table.reindex(order, level=0)
+
+
+def class_counts(df: pd.DataFrame, split: str) -> tuple[int, int]:
+    """(normal, pneumonia) image counts in one split."""
+    part = df[df["split"] == split]
+    return int((part["label"] == 0).sum()), int((part["label"] == 1).sum())

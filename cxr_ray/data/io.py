@@ -1,0 +1,57 @@
+"""Filesystem access for local paths and ``s3://`` / ``gs://`` URIs through pyarrow."""
+
+from __future__ import annotations
+
+import os
+
+import pyarrow.fs as pafs
+
+_URI_SCHEMES = ("s3://", "gs://", "gcs://", "hdfs://", "abfs://", "file://")
+
+
+def is_uri(path: str) -> bool:
+    """True for a remote/pyarrow URI such as ``s3://bucket/key``."""
+    return path.startswith(_URI_SCHEMES)
+
+
+def resolve(path: str) -> tuple[pafs.FileSystem, str]:
+    """Return the pyarrow filesystem and the path inside it for a local path or URI."""
+    if is_uri(path):
+        return pafs.FileSystem.from_uri(path)
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts under a local path or a URI."""
+    if is_uri(base):
+        return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]])
+    return os.path.join(base, *parts)
+
+
+def read_bytes(path: str) -> bytes:
+    """Read a whole file from a local path or URI."""
+    fs, p = resolve(path)
+    with fs.open_input_stream(p) as f:
+        return f.read()
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Write a whole file to a local path or URI, creating parent folders."""
+    fs, p = resolve(path)
+    fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(p) as f:
+        f.write(data)
+
+
+def exists(path: str) -> bool:
+    """True when a file or folder exists at the local path or URI."""
+    fs, p = resolve(path)
+    return fs.get_file_info(p).type != pafs.FileType.NotFound
+
+
+def full_path(fs: pafs.FileSystem, path: str, like: str) -> str:
+    """Turn a path inside ``fs`` back into the form of ``like`` (URI stays URI)."""
+    if is_uri(like):
+        scheme = like.split("://", 1)[0]
+        return f"{scheme}://{path}"
+    return path

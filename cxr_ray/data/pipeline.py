@@ -1,0 +1,67 @@
+"""Ray Data pipelines from the prepared cache to model-input batches.
+
+Each split is a Ray Dataset with columns ``image`` (uint8 ``(1, N, N)``), ``label``
+(float32) and ``key`` (int64; stable per-image id), plus ``path`` when asked for. Images
+stay uint8 through Ray's object store (4x smaller than float); augmentation and
+normalisation happen batched in :class:`cxr_ray.data.transforms.Collate`, which Ray Data
+runs in its prefetch threads on the consuming worker (on the GPU when training on one).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from cxr_ray.data.cache import PreparedCache
+from cxr_ray.data.catalog import SPLITS, DataError
+from cxr_ray.data.transforms import Collate, pixels_to_array, to_model_size
+
+try:  # Ray >= 2.47 wants collate functions to declare their input format
+    from ray.data.collate_fn import NumpyBatchCollateFn as _NumpyCollateBase
+except ImportError:  # pragma: no cover - older Ray
+    _NumpyCollateBase = object
+
+
+class TorchCollate(Collate, _NumpyCollateBase):
+    """:class:`~cxr_ray.data.transforms.Collate` as a Ray Data ``collate_fn`` for numpy batches."""
+
+
+def to_model_batch(batch: dict[str, Any], cache_size: int, image_size: int,
+                   with_paths: bool = False) -> dict[str, np.ndarray]:
+    """Ray Data UDF: cache rows -> ``{"image", "label", "key"[, "path"]}`` (see module doc)."""
+    images = to_model_size(pixels_to_array(batch["pixels"], cache_size), image_size)
+    out = {
+        "image": images,
+        "label": np.asarray(batch["label"], dtype=np.float32),
+        "key": np.asarray(batch["key"], dtype=np.int64),
+    }
+    if with_paths:
+        out["path"] = np.asarray(batch["path"], dtype=object)
+    return out
+
+
+def split_dataset(cache: PreparedCache, split: str, image_size: int, with_paths: bool = False,
+                  batch_size: int = 256):
+    """Ray Dataset of one split's decodable images, ready for ``iter_torch_batches``."""
+    import ray
+
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; expected one of {list(SPLITS)}")
+    if sum(cache.split_counts(split)) == 0:
+        raise DataError(f"cache {cache.uri!r} has no {split!r} images")
+    from ray.data.expressions import col
+
+    columns = ["pixels", "label", "key", "split", "error"] + (["path"] if with_paths else [])
+    ds = ray.data.read_parquet(cache.data_uri, columns=columns)
+    ds = ds.filter(expr=(col("split") == split) & col("error").is_null())  # pushed into the read
+    return ds.map_batches(
+        to_model_batch,
+        fn_kwargs={"cache_size": cache.size, "image_size": image_size, "with_paths": with_paths},
+        batch_size=batch_size, batch_format="numpy")
+
+
+def split_datasets(cache: PreparedCache, image_size: int, splits: tuple[str, ...] = ("train", "val")
+                   ) -> dict[str, Any]:
+    """``{split: Dataset}`` for the requested splits (e.g. the ``datasets`` of a TorchTrainer)."""
+    return {s: split_dataset(cache, s, image_size) for s in splits}

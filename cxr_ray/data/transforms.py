@@ -1,0 +1,123 @@
+"""Preprocessing, defined once: training, evaluation and scoring all go through here.
+
+The chain for every image is::
+
+    file --decode.decode_image--> uint8 (S, S)      # S = data.cache_size, done once and cached
+         --to_model_size-------> uint8 (1, N, N)    # N = data.image_size
+         --augment (train only)-> float [0, 1]
+         --normalize-----------> float, (x - GRAY_MEAN) / GRAY_STD
+
+One channel is normalised with a single mean/std (the averages of ImageNet's RGB
+statistics). Feeding that gray image to a network whose first convolution has its RGB
+weights summed is *exactly* equivalent to feeding the gray image replicated to 3 channels
+(see ``models.py``), at a third of the first layer's input work.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cxr_ray.config import AugmentConfig
+
+GRAY_MEAN = (0.485 + 0.456 + 0.406) / 3  # ImageNet RGB means, averaged
+GRAY_STD = (0.229 + 0.224 + 0.225) / 3
+
+
+def pixels_to_array(pixels: Any, size: int) -> np.ndarray:
+    """Cached ``pixels`` column (bytes of ``size*size`` uint8 each) -> uint8 ``(B, size, size)``."""
+    buf = b"".join(bytes(p) for p in pixels)
+    return np.frombuffer(buf, dtype=np.uint8).reshape(len(pixels), size, size)
+
+
+def to_model_size(images: np.ndarray, image_size: int) -> np.ndarray:
+    """uint8 ``(B, S, S)`` -> uint8 ``(B, 1, N, N)``, antialiased resize when S != N."""
+    x = images[:, None]
+    if images.shape[-1] == image_size:
+        return np.ascontiguousarray(x)
+    t = torch.from_numpy(np.ascontiguousarray(x)).float()
+    t = F.interpolate(t, size=(image_size, image_size), mode="bilinear", antialias=True,
+                      align_corners=False)
+    return t.round_().clamp_(0, 255).to(torch.uint8).numpy()
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """uint8 or [0, 1] float images -> the normalised float32 the model sees."""
+    if x.dtype == torch.uint8:
+        x = x.float().div_(255.0)
+    return (x - GRAY_MEAN) / GRAY_STD
+
+
+def batch_seed(seed: int, epoch: int, keys: np.ndarray) -> int:
+    """A seed for one batch that depends only on the run seed, epoch and the batch's images."""
+    digest = zlib.crc32(np.ascontiguousarray(keys).tobytes())
+    return (seed * 1_000_003 + epoch * 7_919 + digest) % (2**63)
+
+
+def augment(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
+    """Random flip, rotation, zoom-crop and brightness/contrast on a ``(B, 1, H, W)`` batch.
+
+    Input uint8 or float in [0, 1]; output float in [0, 1]. Flip, rotation and zoom are one
+    affine warp per image (a single batched ``grid_sample``); parameters come from
+    ``generator`` so a seeded generator gives the same result.
+    """
+    x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+    b = x.shape[0]
+    if not cfg.enabled or b == 0:
+        return x
+
+    def uniform(lo: float, hi: float) -> torch.Tensor:
+        return lo + (hi - lo) * torch.rand(b, generator=generator)
+
+    angle = uniform(-cfg.rotation_deg, cfg.rotation_deg) * (math.pi / 180.0)
+    scale = uniform(cfg.scale_min, 1.0)  # fraction of the side kept: a zoom-in crop
+    flip = torch.where(torch.rand(b, generator=generator) < cfg.hflip_p, -1.0, 1.0)
+    slack = 1.0 - scale  # room to move the crop window inside the image
+    tx, ty = uniform(-1, 1) * slack, uniform(-1, 1) * slack
+    cos, sin = torch.cos(angle) * scale, torch.sin(angle) * scale
+    theta = torch.stack([
+        torch.stack([cos * flip, -sin, tx], 1),
+        torch.stack([sin * flip, cos, ty], 1),
+    ], 1).to(x.device)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    brightness = uniform(-cfg.brightness, cfg.brightness).to(x.device).view(b, 1, 1, 1)
+    contrast = uniform(1 - cfg.contrast, 1 + cfg.contrast).to(x.device).view(b, 1, 1, 1)
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    return ((x - mean) * contrast + mean + brightness).clamp_(0.0, 1.0)
+
+
+class Collate:
+    """``iter_torch_batches`` collate_fn: model-input batch -> ``(images, labels)`` on ``device``.
+
+    Input columns: ``image`` uint8 ``(B, 1, N, N)``, ``label`` (B,), ``key`` int64 (B,) (a
+    stable per-image id). With ``augment`` set (training) each batch is augmented with a
+    generator seeded by (seed, epoch, the batch's keys), so a run is reproducible under a
+    seed however Ray Data's threads interleave batches. Evaluation passes ``augment=None``.
+    """
+
+    def __init__(self, device: torch.device | str = "cpu", augment: AugmentConfig | None = None,
+                 seed: int = 0, epoch: int = 0, channels_last: bool = False):
+        self.device = torch.device(device)
+        self.augment_cfg = augment
+        self.seed, self.epoch = seed, epoch
+        self.channels_last = channels_last
+
+    def __call__(self, batch: Mapping[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        images = np.asarray(batch["image"])
+        if not images.flags.writeable:  # Ray hands out read-only views of its object store
+            images = images.copy()
+        x = torch.from_numpy(images).to(self.device, non_blocking=True)
+        y = torch.tensor(np.asarray(batch["label"], dtype=np.float32), device=self.device)
+        if self.augment_cfg is not None and self.augment_cfg.enabled:
+            g = torch.Generator().manual_seed(batch_seed(self.seed, self.epoch, batch["key"]))
+            x = augment(x, self.augment_cfg, g)
+        x = normalize(x)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y

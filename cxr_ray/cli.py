@@ -38,6 +38,14 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
     return load_config(args.config, overrides)
 
 
+def shutdown_ray() -> None:
+    """Stop (or disconnect from) Ray so no late worker logs follow our final output."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
 def cmd_make_synthetic(args: argparse.Namespace) -> int:
     """Write a synthetic dataset in the Kermany layout."""
     from cxr_ray.data.synthetic import make_synthetic_dataset
@@ -94,6 +102,42 @@ def format_report(meta: dict) -> str:
     return "\n".join(lines)
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train on Ray Train; prints a summary and, last, the best checkpoint's path."""
+    from cxr_ray.metrics import SELECTION_METRIC
+    from cxr_ray.train import run_training
+
+    cfg, cache = _prepare(args)
+    result = run_training(cfg, cache)
+    if result.error is not None:
+        print(f"cxr-ray train: training failed: {result.error}", file=sys.stderr)
+        return 1
+    best = result.get_best_checkpoint(SELECTION_METRIC, "max")
+    m = result.metrics or {}
+    shutdown_ray()  # no worker log lines may arrive after the checkpoint path below
+    print(f"[train] {m.get('epoch', -1) + 1} epoch(s); last: roc_auc {m.get('roc_auc', float('nan')):.4f}, "
+          f"{SELECTION_METRIC} {m.get(SELECTION_METRIC, float('nan')):.4f}; "
+          f"best {SELECTION_METRIC} {m.get('best_' + SELECTION_METRIC, float('nan')):.4f}")
+    print(f"[train] run folder: {result.path}")
+    print(best.path)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Evaluate a checkpoint on a split with its own config and stored threshold."""
+    from cxr_ray.checkpoint import load_checkpoint
+    from cxr_ray.evaluate import evaluate_checkpoint, format_table
+    from cxr_ray.runtime import init_ray
+
+    ckpt = load_checkpoint(args.checkpoint)
+    root = args.data or ckpt.cfg.data.root
+    init_ray(args.address)
+    metrics = evaluate_checkpoint(ckpt, root, args.split, args.out, cache_dir=args.cache or "")
+    print(format_table(metrics, f"[evaluate] {args.split} split of {root}"))
+    print(args.out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse tree of every subcommand."""
     parser = argparse.ArgumentParser(prog="cxr-ray", description=__doc__.splitlines()[0])
@@ -110,6 +154,19 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_prepare)
 
+    p = sub.add_parser("train", help="train a model on Ray Train; last line: best checkpoint")
+    _common(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="metrics, predictions and plots of a checkpoint on a split")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder (from train or tune)")
+    p.add_argument("--data", help="dataset root (default: the one the checkpoint was trained on)")
+    p.add_argument("--cache", help="cache folder (default: the checkpoint config's)")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--address", help="Ray cluster address")
+    p.set_defaults(func=cmd_evaluate)
+
     p = sub.add_parser("inspect", help="counts per split/class, patients, sizes, problems")
     _common(p)
     p.set_defaults(func=cmd_inspect)
@@ -121,11 +178,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
+    from cxr_ray.checkpoint import CheckpointError
     from cxr_ray.data.catalog import DataError
+    from cxr_ray.models import WeightsError
 
     try:
         return func(args)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, CheckpointError, WeightsError) as e:
         print(f"cxr-ray {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -31,12 +31,12 @@ def chest_image(size: int, pneumonia: bool, rng: np.random.Generator) -> np.ndar
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
     body = _blob(yy, xx, 0.55, 0.5, 0.75, rng.uniform(0.38, 0.46)) > 0.35
     img = 0.08 + 0.55 * body
-    lung_y, lung_ry = rng.uniform(0.45, 0.52), rng.uniform(0.22, 0.28)
+    lung_y, lung_ry = rng.uniform(0.45, 0.52), rng.uniform(0.26, 0.32)
     lungs = np.zeros_like(img)
     for side in (-1, 1):
         cx = 0.5 + side * rng.uniform(0.17, 0.21)
-        lungs = np.maximum(lungs, _blob(yy, xx, lung_y, cx, lung_ry, rng.uniform(0.1, 0.13)))
-    img -= 0.38 * np.clip(lungs * 1.6, 0, 1)
+        lungs = np.maximum(lungs, _blob(yy, xx, lung_y, cx, lung_ry, rng.uniform(0.12, 0.15)))
+    img -= 0.45 * np.clip(lungs * 2.0, 0, 1)
     img += 0.25 * np.exp(-((xx - 0.5) / 0.035) ** 2) * body  # spine
     rib_phase = rng.uniform(0, np.pi)
     img += 0.05 * np.sin(yy * 40 + rib_phase + 6 * np.abs(xx - 0.5)) * lungs  # ribs
@@ -47,9 +47,9 @@ def chest_image(size: int, pneumonia: bool, rng: np.random.Generator) -> np.ndar
     if pneumonia:
         for _ in range(rng.integers(1, 5)):
             cy, cx = rng.uniform(0.35, 0.7), 0.5 + rng.choice([-1, 1]) * rng.uniform(0.12, 0.24)
-            ry, rx = rng.uniform(0.04, 0.1), rng.uniform(0.03, 0.08)
+            ry, rx = rng.uniform(0.05, 0.12), rng.uniform(0.04, 0.09)
             patch = _blob(yy, xx, cy, cx, ry, rx) * (0.6 + 0.4 * rng.random((size, size)))
-            img += rng.uniform(0.12, 0.3) * patch * lungs
+            img += rng.uniform(0.05, 0.35) * patch * np.clip(lungs * 2.0, 0, 1)
     img = (img - img.mean()) * rng.uniform(0.8, 1.2) + img.mean() + rng.uniform(-0.08, 0.08)
     img += rng.normal(0, 0.035, img.shape)
     return (np.clip(img, 0, 1) * 255).astype(np.uint8)

@@ -40,7 +40,7 @@ def to_model_size(images: np.ndarray, image_size: int) -> np.ndarray:
     x = images[:, None]
     if images.shape[-1] == image_size:
         return np.ascontiguousarray(x)
-    t = torch.from_numpy(np.ascontiguousarray(x)).float()
+    t = torch.tensor(x, dtype=torch.float32)  # copies: Ray batches are read-only
     t = F.interpolate(t, size=(image_size, image_size), mode="bilinear", antialias=True,
                       align_corners=False)
     return t.round_().clamp_(0, 255).to(torch.uint8).numpy()

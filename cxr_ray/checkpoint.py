@@ -1,0 +1,129 @@
+"""Checkpoints: a folder with the weights, the full config, the threshold and provenance.
+
+Layout::
+
+    model.pt          state dict of the (unwrapped) model, loaded with weights_only=True
+    config.yaml       the full ExperimentConfig the model was trained with
+    checkpoint.json   threshold, class map, metrics, epoch, versions of torch/torchvision/ray/cxr_ray
+    train_state.pt    optimizer, scheduler, early stopping, epoch (resuming training only)
+
+Inference rebuilds the model *and the preprocessing* from ``config.yaml``, never from flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import yaml
+
+import cxr_ray
+from cxr_ray.config import ExperimentConfig
+from cxr_ray.data.catalog import CLASSES
+
+MODEL_FILE, CONFIG_FILE, META_FILE, STATE_FILE = "model.pt", "config.yaml", "checkpoint.json", "train_state.pt"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint folder is missing, incomplete or unsafe to load; names the path."""
+
+
+def versions() -> dict[str, str]:
+    """Versions recorded in every checkpoint."""
+    import torchvision
+
+    try:
+        import ray
+
+        ray_version = ray.__version__
+    except ImportError:  # scoring/evaluation can run without Ray in the process
+        ray_version = "absent"
+    return {"torch": torch.__version__, "torchvision": torchvision.__version__, "ray": ray_version,
+            "cxr_ray": cxr_ray.__version__}
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DDP/compile wrappers."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or getattr(model, "_orig_mod")
+    return model
+
+
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, cfg: ExperimentConfig, threshold: float,
+                    metrics: dict[str, Any], epoch: int, train_state: dict[str, Any] | None = None) -> Path:
+    """Write a checkpoint folder (see module doc) and return its path."""
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
+    torch.save(state, out / MODEL_FILE)
+    cfg.to_yaml(out / CONFIG_FILE)
+    meta = {"threshold": float(threshold), "class_map": {str(i): c for i, c in enumerate(CLASSES)},
+            "positive_class": CLASSES[1], "epoch": int(epoch), "metrics": _jsonable(metrics),
+            "versions": versions()}
+    (out / META_FILE).write_text(json.dumps(meta, indent=1))
+    if train_state is not None:
+        torch.save(train_state, out / STATE_FILE)
+    return out
+
+
+def _jsonable(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v)
+            for k, v in metrics.items()}
+
+
+def safe_load(path: str | os.PathLike) -> Any:
+    """``torch.load(weights_only=True)``; a file that would run code on load is refused."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path}: refused to load, the file holds more than tensors and plain "
+                              f"data (it could run code on load): {e}") from e
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A model ready for inference with the config and threshold it was trained with."""
+
+    path: str
+    model: nn.Module
+    cfg: ExperimentConfig
+    threshold: float
+    meta: dict[str, Any]
+
+    @property
+    def model_id(self) -> str:
+        """A short stable id of the checkpoint (folder name + epoch)."""
+        return f"{Path(self.path).resolve().parent.name}/{Path(self.path).name}@epoch{self.meta.get('epoch')}"
+
+
+def load_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
+    """Rebuild the model from a checkpoint folder (no pretrained download: weights come from it)."""
+    from cxr_ray.models import build_model
+
+    folder = Path(path)
+    for name in (MODEL_FILE, CONFIG_FILE, META_FILE):
+        if not (folder / name).is_file():
+            raise CheckpointError(f"{folder} is not a cxr_ray checkpoint: {name} is missing")
+    cfg = ExperimentConfig.from_dict(yaml.safe_load((folder / CONFIG_FILE).read_text()))
+    meta = json.loads((folder / META_FILE).read_text())
+    model = build_model(dataclasses.replace(cfg.model, weights="none"))
+    state = safe_load(folder / MODEL_FILE)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"{folder / MODEL_FILE} does not match model {cfg.model.name!r}: {e}") from e
+    model.eval()
+    return LoadedCheckpoint(str(folder), model, cfg, float(meta["threshold"]), meta)
+
+
+def load_train_state(path: str | os.PathLike) -> dict[str, Any] | None:
+    """Optimizer/scheduler/early-stopping state for resuming, or None when absent."""
+    f = Path(path) / STATE_FILE
+    return safe_load(f) if f.is_file() else None

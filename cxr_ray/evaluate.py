@@ -1,0 +1,135 @@
+"""Evaluate a checkpoint on one split: metrics.json, predictions.parquet, plots, a table.
+
+The checkpoint's own config rebuilds the preprocessing and the split; its stored threshold
+(chosen on validation) is applied as is, never re-tuned on the split being reported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from cxr_ray.checkpoint import LoadedCheckpoint
+from cxr_ray.data.catalog import CLASSES
+from cxr_ray.data.transforms import Collate
+from cxr_ray.engine import predict
+from cxr_ray.metrics import binary_metrics, bootstrap_ci
+
+log = logging.getLogger(__name__)
+
+TABLE_METRICS = ("accuracy", "precision", "recall", "f1", "roc_auc", "specificity")
+
+
+def predict_split(ckpt: LoadedCheckpoint, cache: Any, split: str, batch_size: int = 64
+                  ) -> pd.DataFrame:
+    """``path, label, probability`` for every decodable image of ``split`` (driver process)."""
+    from cxr_ray.data.pipeline import split_dataset
+
+    ds = split_dataset(cache, split, ckpt.cfg.data.image_size, with_paths=True)
+    collate = Collate("cpu")
+    paths: list[str] = []
+
+    def batches():
+        for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
+            paths.extend(batch["path"].tolist())
+            yield collate(batch)
+
+    probs, labels, _ = predict(ckpt.model, batches(), torch.device("cpu"))
+    return pd.DataFrame({"path": paths, "label": labels.astype(np.int64),
+                         "probability": probs.astype(np.float32)})
+
+
+def metrics_report(preds: pd.DataFrame, threshold: float, n_boot: int = 1000) -> dict[str, Any]:
+    """metrics.json content: top-level numbers, the confusion matrix and ``ci`` (95%)."""
+    y, p = preds["label"].to_numpy(), preds["probability"].to_numpy()
+    metrics = binary_metrics(y, p, threshold)
+    metrics["ci"] = {k: list(v) for k, v in bootstrap_ci(y, p, threshold, n_boot=n_boot).items()}
+    return metrics
+
+
+def write_plots(preds: pd.DataFrame, metrics: dict[str, Any], out: Path) -> list[Path]:
+    """Confusion matrix, ROC and precision-recall curves as PNGs in ``out``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import precision_recall_curve, roc_curve
+
+    y, p = preds["label"].to_numpy(), preds["probability"].to_numpy()
+    files = []
+    fig, ax = plt.subplots(figsize=(4, 4))
+    cm = np.array(metrics["confusion_matrix"])
+    ax.imshow(cm, cmap="Blues")
+    for (i, j), v in np.ndenumerate(cm):
+        ax.text(j, i, str(v), ha="center", va="center", color="black", fontsize=14)
+    ax.set_xticks([0, 1], CLASSES)
+    ax.set_yticks([0, 1], CLASSES)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"threshold {metrics['threshold']:.3f}")
+    files.append(_save(fig, out / "confusion_matrix.png"))
+    if 0 < y.sum() < len(y):
+        fpr, tpr, _ = roc_curve(y, p)
+        fig, ax = plt.subplots(figsize=(4, 4))
+        ax.plot(fpr, tpr, label=f"AUC {metrics['roc_auc']:.3f}")
+        ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+        ax.set_xlabel("1 - specificity")
+        ax.set_ylabel("recall (sensitivity)")
+        ax.legend(loc="lower right")
+        files.append(_save(fig, out / "roc_curve.png"))
+        prec, rec, _ = precision_recall_curve(y, p)
+        fig, ax = plt.subplots(figsize=(4, 4))
+        ax.plot(rec, prec, label=f"AP {metrics['pr_auc']:.3f}")
+        ax.set_xlabel("recall")
+        ax.set_ylabel("precision")
+        ax.legend(loc="lower left")
+        files.append(_save(fig, out / "pr_curve.png"))
+    return files
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def format_table(metrics: dict[str, Any], title: str) -> str:
+    """The results table people compare against, plus specificity and 95% CIs."""
+    lines = [title, f"{'metric':<12}{'value':>8}   95% CI"]
+    for k in TABLE_METRICS:
+        lo, hi = metrics["ci"].get(k, (float("nan"), float("nan")))
+        lines.append(f"{k:<12}{metrics[k]:>8.4f}   [{lo:.4f}, {hi:.4f}]")
+    lines.append(f"threshold {metrics['threshold']:.4f} (from validation); n = {metrics['n']}; "
+                 f"confusion [[TN, FP], [FN, TP]] = {metrics['confusion_matrix']}")
+    return "\n".join(lines)
+
+
+def evaluate_checkpoint(ckpt: LoadedCheckpoint, data_root: str, split: str, out_dir: str,
+                        cache_dir: str = "") -> dict[str, Any]:
+    """Run the full evaluation; writes metrics.json, predictions.parquet and plots to ``out_dir``."""
+    from cxr_ray.data.cache import prepare_cache
+
+    data_cfg = dataclasses.replace(ckpt.cfg.data, root=data_root,
+                                   cache_dir=cache_dir or ckpt.cfg.data.cache_dir)
+    cfg = dataclasses.replace(ckpt.cfg, data=data_cfg)
+    cache = prepare_cache(cfg)
+    preds = predict_split(ckpt, cache, split)
+    preds["prediction"] = np.where(preds["probability"] >= ckpt.threshold, CLASSES[1], CLASSES[0])
+    metrics = metrics_report(preds, ckpt.threshold)
+    metrics.update(split=split, checkpoint=ckpt.path, data=data_root)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    preds.to_parquet(out / "predictions.parquet", index=False)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    write_plots(preds, metrics, out)
+    return metrics

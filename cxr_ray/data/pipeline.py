@@ -53,7 +53,7 @@ def split_dataset(cache: PreparedCache, split: str, image_size: int, with_paths:
     from ray.data.expressions import col
 
     columns = ["pixels", "label", "key", "split", "error"] + (["path"] if with_paths else [])
-    ds = ray.data.read_parquet(cache.data_uri, columns=columns)
+    ds = ray.data.read_parquet(cache.data_uri).select_columns(columns)
     ds = ds.filter(expr=(col("split") == split) & col("error").is_null())  # pushed into the read
     return ds.map_batches(
         to_model_batch,

@@ -1,0 +1,134 @@
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from cxr_ray.config import DataConfig
+from cxr_ray.data.catalog import (DataError, assign_splits, load_catalog, patient_id, read_manifest,
+                                  scan_layout, split_leaks)
+
+
+@pytest.mark.parametrize("name, patient", [
+    ("person12_bacteria_45.jpeg", "person12"), ("person1_virus_6.jpeg", "person1"),
+    ("IM-0115-0001.jpeg", "IM-0115"), ("NORMAL2-IM-0381-0001.jpeg", "NORMAL2-IM-0381"),
+    ("/a/b/scan_77.png", "scan_77"), ("s3://bucket/x/IM-0001-0002.jpg", "IM-0001"),
+])
+def test_patient_id(name, patient):
+    assert patient_id(name) == patient
+
+
+def _img(path, size=32):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((size, size), 128, np.uint8)).save(path)
+
+
+def _layout(root, splits=("train", "val"), n=3):
+    for s in splits:
+        for c in ("NORMAL", "PNEUMONIA"):
+            for i in range(n):
+                name = f"IM-{i:04d}-0001.jpeg" if c == "NORMAL" else f"person{i}_virus_{i}.jpeg"
+                _img(root / s / c / f"{s}{name}" if s != "train" else root / s / c / name)
+    return root
+
+
+def test_scan_layout_labels_and_splits(tmp_path):
+    root = _layout(tmp_path / "d", splits=("train", "val", "test"))
+    (root / "train" / "NORMAL" / "notes.txt").write_text("ignored")
+    df = scan_layout(str(root))
+    assert len(df) == 18
+    assert set(df["source_split"]) == {"train", "val", "test"}
+    normal = df[df["path"].str.contains("/NORMAL/")]
+    assert (normal["label"] == 0).all() and (df.loc[~df.index.isin(normal.index), "label"] == 1).all()
+
+
+def test_class_folders_case_insensitive(tmp_path):
+    _img(tmp_path / "train" / "normal" / "IM-0001-0001.png")
+    _img(tmp_path / "train" / "Pneumonia" / "person1_virus_1.jpg")
+    df = scan_layout(str(tmp_path))
+    assert sorted(df["label"]) == [0, 1]
+
+
+def test_missing_root(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_catalog(str(tmp_path / "nope"))
+
+
+def test_root_without_splits(tmp_path):
+    _img(tmp_path / "x.jpeg")
+    with pytest.raises(DataError, match="no split folders"):
+        load_catalog(str(tmp_path))
+
+
+def test_unknown_class_folder_named(tmp_path):
+    root = _layout(tmp_path)
+    _img(root / "train" / "COVID" / "a.jpeg")
+    with pytest.raises(DataError, match=r"train/COVID"):
+        scan_layout(str(root))
+
+
+def test_missing_class_folder_named(tmp_path):
+    _img(tmp_path / "train" / "NORMAL" / "IM-0001-0001.jpeg")
+    with pytest.raises(DataError, match=r"missing class folder .*train/PNEUMONIA"):
+        scan_layout(str(tmp_path))
+
+
+def test_empty_class_folder_named(tmp_path):
+    root = _layout(tmp_path)
+    for f in (root / "val" / "PNEUMONIA").iterdir():
+        f.unlink()
+    with pytest.raises(DataError, match=r"val/PNEUMONIA.*no"):
+        scan_layout(str(root))
+
+
+def test_manifest_csv_and_missing_column(tmp_path):
+    _img(tmp_path / "imgs" / "a.png")
+    _img(tmp_path / "imgs" / "person3_virus_1.png")
+    pd.DataFrame({"path": ["imgs/a.png", "imgs/person3_virus_1.png"], "label": ["normal", 1],
+                  "split": ["train", "test"]}).to_csv(tmp_path / "m.csv", index=False)
+    df = read_manifest(str(tmp_path / "m.csv"))
+    assert list(df["label"]) == [0, 1] and list(df["source_split"]) == ["train", "test"]
+    assert df["path"].iloc[0] == str(tmp_path / "imgs" / "a.png")
+    pd.DataFrame({"path": ["imgs/a.png"]}).to_parquet(tmp_path / "bad.parquet")
+    with pytest.raises(DataError, match=r"bad.parquet.*lacks column.*label"):
+        load_catalog(str(tmp_path / "bad.parquet"))
+
+
+def test_manifest_bad_label(tmp_path):
+    pd.DataFrame({"path": ["a.png"], "label": ["covid"]}).to_csv(tmp_path / "m.csv", index=False)
+    with pytest.raises(DataError, match="unknown label 'covid'"):
+        read_manifest(str(tmp_path / "m.csv"))
+
+
+def _patients_catalog(n_patients=200, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for p in range(n_patients):
+        label = int(rng.random() < 0.7)
+        for k in range(int(rng.integers(1, 4))):
+            name = f"person{p}_virus_{k}.jpeg" if label else f"IM-{p:04d}-{k:04d}.jpeg"
+            rows.append({"path": f"/d/train/x/{name}", "label": label, "source_split": "train",
+                         "size_bytes": 1, "mtime_ns": 1})
+    rows.append({"path": "/d/test/x/IM-9999-0001.jpeg", "label": 0, "source_split": "test",
+                 "size_bytes": 1, "mtime_ns": 1})
+    df = pd.DataFrame(rows)
+    df["patient"] = df["path"].map(patient_id)
+    return df
+
+
+def test_grouped_split_no_leak_stratified_seeded():
+    df = _patients_catalog()
+    a = assign_splits(df, DataConfig(val_fraction=0.2, seed=1))
+    assert split_leaks(a) == []
+    assert a.loc[a["source_split"] == "test", "split"].eq("test").all()  # test never touched
+    for label in (0, 1):
+        part = a[(a["label"] == label) & (a["source_split"] == "train")]
+        share = (part["split"] == "val").mean()
+        assert 0.15 <= share <= 0.3, (label, share)
+    assert a["split"].tolist() == assign_splits(df, DataConfig(val_fraction=0.2, seed=1))["split"].tolist()
+    assert a["split"].tolist() != assign_splits(df, DataConfig(val_fraction=0.2, seed=2))["split"].tolist()
+
+
+def test_official_split_keeps_folders(tmp_path):
+    root = _layout(tmp_path)
+    df = assign_splits(load_catalog(str(root)), DataConfig(val_split="official"))
+    assert (df["split"] == df["source_split"]).all()

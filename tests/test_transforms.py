@@ -1,0 +1,67 @@
+import numpy as np
+import pytest
+import torch
+
+from cxr_ray.config import AugmentConfig
+from cxr_ray.data.transforms import GRAY_MEAN, GRAY_STD, Collate, augment, normalize, to_model_size
+
+
+def _batch(b=4, n=32, seed=0):
+    rng = np.random.default_rng(seed)
+    return {"image": rng.integers(0, 256, (b, 1, n, n), dtype=np.uint8),
+            "label": np.array([0, 1] * (b // 2), np.float32), "key": np.arange(b, dtype=np.int64)}
+
+
+def test_normalize_uses_one_mean_and_std():
+    x = torch.full((1, 1, 2, 2), 255, dtype=torch.uint8)
+    assert torch.allclose(normalize(x), torch.full((1, 1, 2, 2), (1 - GRAY_MEAN) / GRAY_STD))
+
+
+def test_eval_collate_applies_no_augmentation():
+    batch = _batch()
+    x, y = Collate("cpu")(batch)
+    assert torch.allclose(x, normalize(torch.from_numpy(batch["image"])))
+    assert y.tolist() == [0.0, 1.0, 0.0, 1.0]
+
+
+def test_augmentation_is_reproducible_under_a_seed_and_varies_by_epoch():
+    batch, cfg = _batch(), AugmentConfig()
+    a, _ = Collate("cpu", cfg, seed=3, epoch=1)(batch)
+    b, _ = Collate("cpu", cfg, seed=3, epoch=1)(batch)
+    c, _ = Collate("cpu", cfg, seed=3, epoch=2)(batch)
+    d, _ = Collate("cpu", cfg, seed=4, epoch=1)(batch)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c) and not torch.equal(a, d)
+
+
+def test_disabled_augmentation_is_identity():
+    x = torch.from_numpy(_batch()["image"])
+    out = augment(x, AugmentConfig(enabled=False), torch.Generator().manual_seed(0))
+    assert torch.allclose(out, x.float() / 255)
+
+
+def test_each_augmentation_switches_off():
+    x = torch.from_numpy(_batch()["image"])
+    off = AugmentConfig(hflip_p=0, rotation_deg=0, scale_min=1.0, brightness=0, contrast=0)
+    out = augment(x, off, torch.Generator().manual_seed(0))
+    assert torch.allclose(out, x.float() / 255, atol=1e-5)
+
+
+def test_flip_alone_mirrors_the_image():
+    x = torch.arange(16, dtype=torch.float32).view(1, 1, 4, 4) / 16
+    cfg = AugmentConfig(hflip_p=1.0, rotation_deg=0, scale_min=1.0, brightness=0, contrast=0)
+    out = augment(x, cfg, torch.Generator().manual_seed(0))
+    assert torch.allclose(out, x.flip(-1), atol=1e-5)
+
+
+def test_brightness_contrast_stay_in_range():
+    x = torch.from_numpy(_batch(8)["image"])
+    out = augment(x, AugmentConfig(brightness=0.5, contrast=0.5), torch.Generator().manual_seed(1))
+    assert out.min() >= 0 and out.max() <= 1
+
+
+@pytest.mark.parametrize("src, dst", [(64, 32), (32, 32)])
+def test_to_model_size(src, dst):
+    imgs = np.full((3, src, src), 200, np.uint8)
+    out = to_model_size(imgs, dst)
+    assert out.shape == (3, 1, dst, dst) and out.dtype == np.uint8 and (out == 200).all()

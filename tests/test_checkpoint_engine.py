@@ -1,0 +1,104 @@
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from cxr_ray.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from cxr_ray.config import ExperimentConfig, TrainConfig
+from cxr_ray.engine import (EarlyStopping, make_optimizer, make_scheduler, pos_weight_from_counts, predict,
+                            train_one_epoch)
+from cxr_ray.models import build_model
+
+
+def _cfg():
+    return ExperimentConfig().replace(**{"model.name": "simple_cnn", "model.width": 8,
+                                         "data.image_size": 32})
+
+
+def test_checkpoint_round_trip(tmp_path):
+    cfg = _cfg()
+    model = build_model(cfg.model).eval()
+    save_checkpoint(tmp_path / "ck", model, cfg, 0.37, {"roc_auc": 0.9}, epoch=4)
+    loaded = load_checkpoint(tmp_path / "ck")
+    x = torch.randn(2, 1, 32, 32)
+    assert torch.equal(model(x), loaded.model(x))
+    assert loaded.cfg == cfg and loaded.threshold == pytest.approx(0.37)
+    assert loaded.meta["class_map"] == {"0": "NORMAL", "1": "PNEUMONIA"}
+    assert set(loaded.meta["versions"]) == {"torch", "torchvision", "ray", "cxr_ray"}
+    assert loaded.meta["epoch"] == 4
+
+
+def test_checkpoint_of_frozen_resnet_round_trips(tmp_path):
+    cfg = ExperimentConfig().replace(**{"model.weights": "none", "model.unfreeze_depth": 2})
+    model = build_model(cfg.model).eval()
+    save_checkpoint(tmp_path / "ck", model, cfg, 0.5, {}, epoch=0)
+    x = torch.randn(1, 1, 64, 64)
+    assert torch.allclose(model(x), load_checkpoint(tmp_path / "ck").model(x))
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_code_running_weights_are_refused(tmp_path):
+    cfg = _cfg()
+    save_checkpoint(tmp_path / "ck", build_model(cfg.model), cfg, 0.5, {}, epoch=0)
+    with open(tmp_path / "ck" / "model.pt", "wb") as f:
+        pickle.dump({"conv.weight": _Evil()}, f)
+    with pytest.raises(CheckpointError, match="refused"):
+        load_checkpoint(tmp_path / "ck")
+
+
+def test_missing_files_named(tmp_path):
+    (tmp_path / "ck").mkdir()
+    with pytest.raises(CheckpointError, match="model.pt is missing"):
+        load_checkpoint(tmp_path / "ck")
+
+
+def test_engine_learns_a_separable_toy_problem():
+    torch.manual_seed(0)
+    x = torch.randn(256, 1, 16, 16)
+    y = (x[:, 0, :8].mean(dim=(1, 2)) > x[:, 0, 8:].mean(dim=(1, 2))).float()
+    model = build_model(_cfg().model.__class__(name="simple_cnn", width=8, dropout=0.0))
+    opt = make_optimizer(model, TrainConfig(lr=3e-3))
+    sched = make_scheduler(opt, 4, 80)
+    batches = [(x[i:i + 32], y[i:i + 32]) for i in range(0, 256, 32)]
+    loss_fn = nn.BCEWithLogitsLoss()
+    first = train_one_epoch(model, batches, opt, sched, loss_fn, torch.device("cpu"))
+    for _ in range(9):
+        last = train_one_epoch(model, batches, opt, sched, loss_fn, torch.device("cpu"))
+    assert last.loss < first.loss * 0.7 and last.images == 256
+    probs, labels, val_loss = predict(model, batches, torch.device("cpu"), loss_fn=loss_fn)
+    assert probs.shape == (256,) and np.array_equal(labels, y.numpy()) and val_loss < first.loss
+
+
+def test_scheduler_warmup_then_cosine():
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = make_scheduler(opt, warmup_steps=4, total_steps=14)
+    lrs = []
+    for _ in range(14):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert lrs[4] == pytest.approx(1.0) and lrs[-1] < 0.05
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
+
+
+def test_early_stopping_patience_and_state():
+    es = EarlyStopping(patience=2, min_delta=0.01)
+    assert es.update(0.5, 0) and not es.update(0.505, 1) and not es.should_stop
+    assert not es.update(0.4, 2) and es.should_stop and es.best_epoch == 0
+    clone = EarlyStopping(patience=2)
+    clone.load_state_dict(es.state_dict())
+    assert clone.should_stop and clone.best == 0.5
+
+
+def test_pos_weight():
+    assert pos_weight_from_counts(300, 900) == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="both classes"):
+        pos_weight_from_counts(0, 10)

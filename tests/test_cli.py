@@ -1,0 +1,39 @@
+"""The cxr-ray command as a user runs it."""
+
+import subprocess
+import sys
+
+import pytest
+
+
+def cxr_ray(*args):
+    return subprocess.run([sys.executable, "-m", "cxr_ray.cli", *args], capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_make_synthetic_then_inspect(tmp_path):
+    out = tmp_path / "syn"
+    r = cxr_ray("make-synthetic", str(out), "--n", "60", "--size", "48")
+    assert r.returncode == 0 and "SYNTHETIC" in r.stdout
+    assert len(list(out.glob("*/*/*.jpeg"))) >= 60
+    (out / "train" / "NORMAL" / "IM-7777-0001.jpeg").write_bytes(b"")
+    r = cxr_ray("inspect", "--data", str(out), "--cache", str(tmp_path / "c"), "--size", "32",
+                "--set", "data.max_bad_fraction=0.1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "NORMAL" in r.stdout and "patients" in r.stdout
+    assert "unreadable:" in r.stdout and "IM-7777-0001.jpeg: empty file" in r.stdout
+    r = cxr_ray("prepare", "--data", str(out), "--cache", str(tmp_path / "c"), "--size", "32",
+                "--set", "data.max_bad_fraction=0.1")
+    assert r.returncode == 0 and r.stdout.strip().splitlines()[-1].startswith(str(tmp_path / "c"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["inspect", "--data", "/nonexistent/cxr"], "/nonexistent/cxr' does not exist"),
+    (["prepare", "--data", ".", "--set", "model.nam=x"], "unknown config key 'model.nam'"),
+    (["train", "--data", ".", "--set", "model.name=vgg"], "model.name: expected one of"),
+    (["evaluate", "--checkpoint", "/nonexistent/ck", "--out", "/tmp/x"], "not a cxr_ray checkpoint"),
+])
+def test_bad_input_fails_fast_with_named_cause(args, message):
+    r = cxr_ray(*args)
+    assert r.returncode == 2 and message in r.stderr
+    assert "Started a local Ray instance" not in r.stderr  # failed before Ray started

@@ -1,0 +1,52 @@
+import numpy as np
+import pytest
+
+from cxr_ray.metrics import (SELECTION_METRIC, binary_metrics, bootstrap_ci, threshold_for_specificity,
+                             validation_metrics)
+
+
+def test_binary_metrics_hand_computed():
+    y = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 1])
+    p = np.array([0.1, 0.2, 0.6, 0.3, 0.9, 0.8, 0.4, 0.7, 0.95, 0.55])
+    m = binary_metrics(y, p, 0.5)
+    # TN=3 FP=1 FN=1 TP=5
+    assert m["confusion_matrix"] == [[3, 1], [1, 5]]
+    assert m["accuracy"] == pytest.approx(0.8)
+    assert m["precision"] == pytest.approx(5 / 6)
+    assert m["recall"] == pytest.approx(5 / 6)
+    assert m["specificity"] == pytest.approx(0.75)
+    assert m["f1"] == pytest.approx(5 / 6)
+    # AUC: pairs (pos > neg) out of 24; only 0.6 beats 0.4 and 0.55 -> 22/24
+    assert m["roc_auc"] == pytest.approx(22 / 24)
+
+
+def test_threshold_for_specificity():
+    y = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 1])
+    p = np.array([0.1, 0.2, 0.6, 0.3, 0.9, 0.8, 0.4, 0.7, 0.95, 0.55])
+    recall, thr = threshold_for_specificity(y, p, 0.75)  # one FP allowed: threshold 0.4 -> all 6
+    assert recall == pytest.approx(1.0) and thr == pytest.approx(0.4)
+    recall, thr = threshold_for_specificity(y, p, 1.0 - 1e-9)  # no FP: must stay above 0.6
+    assert recall == pytest.approx(4 / 6) and thr == pytest.approx(0.7)
+    m = binary_metrics(y, p, thr)
+    assert m["specificity"] == 1.0 and m["recall"] == pytest.approx(4 / 6)
+
+
+def test_everything_is_pneumonia_model_cannot_win():
+    y = np.array([0] * 30 + [1] * 70)
+    constant = np.full(100, 0.99)
+    assert binary_metrics(y, constant, 0.5)["recall"] == 1.0  # plain recall is fooled
+    assert validation_metrics(y, constant, 0.9)[SELECTION_METRIC] == 0.0
+    rng = np.random.default_rng(0)
+    decent = np.clip(y * 0.5 + rng.normal(0.25, 0.15, 100), 0, 1)
+    assert validation_metrics(y, decent, 0.9)[SELECTION_METRIC] > 0.5
+
+
+def test_bootstrap_ci_contains_point_estimate():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 300)
+    p = np.clip(y * 0.4 + rng.random(300) * 0.6, 0, 1)
+    ci = bootstrap_ci(y, p, 0.5, n_boot=200)
+    m = binary_metrics(y, p, 0.5)
+    for k in ("accuracy", "recall", "specificity", "roc_auc"):
+        lo, hi = ci[k]
+        assert lo <= m[k] <= hi and hi - lo < 0.2

@@ -162,6 +162,45 @@ class MetricConfig:
                self.min_specificity)
 
 
+def default_search_space() -> dict[str, dict[str, Any]]:
+    """The issue's default search: unfreeze depth, dropout and learning rate."""
+    return {
+        "model.unfreeze_depth": {"type": "choice", "values": [0, 1, 2, 3, 4]},
+        "model.dropout": {"type": "uniform", "low": 0.0, "high": 0.6},
+        "train.lr": {"type": "loguniform", "low": 1e-5, "high": 3e-3},
+    }
+
+
+SEARCHERS = ("optuna", "random")
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """Ray Tune search over any dotted config keys (``search_space``), scheduled by ASHA."""
+
+    num_samples: int = 16  # trials
+    searcher: str = "optuna"  # "optuna" (TPE) or "random"
+    # {dotted key: {"type": choice|uniform|loguniform|randint, "values" or "low"/"high"}}
+    search_space: dict[str, Any] = field(default_factory=default_search_space)
+    metric: str = "recall_at_specificity"  # any metric the trials report; higher is better
+    grace_period: int = 1  # ASHA: epochs every trial gets before it can be stopped
+    reduction_factor: int = 3  # ASHA: keep the top 1/reduction_factor at each rung
+    max_concurrent_trials: int = 0  # 0 -> as many as the cluster's CPUs/GPUs allow
+    data_cpus: float = 1.0  # CPUs kept free for Ray Data while trials run
+    name: str = ""  # experiment name under train.storage_path; "" -> generated
+    seed: int = 0  # searcher seed
+
+    def __post_init__(self) -> None:
+        _check(self.num_samples >= 1, "tune.num_samples", "an int >= 1", self.num_samples)
+        _check(self.searcher in SEARCHERS, "tune.searcher", f"one of {list(SEARCHERS)}", self.searcher)
+        _check(bool(self.search_space), "tune.search_space", "at least one parameter", self.search_space)
+        _check(self.grace_period >= 1, "tune.grace_period", "an int >= 1", self.grace_period)
+        _check(self.reduction_factor >= 2, "tune.reduction_factor", "an int >= 2", self.reduction_factor)
+        _check(self.max_concurrent_trials >= 0, "tune.max_concurrent_trials", "an int >= 0",
+               self.max_concurrent_trials)
+        _check(self.data_cpus >= 0, "tune.data_cpus", "a float >= 0", self.data_cpus)
+
+
 @dataclass(frozen=True)
 class ExperimentConfig:
     """Every knob of a cxr_ray job, grouped by section."""
@@ -171,6 +210,7 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     metric: MetricConfig = field(default_factory=MetricConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (YAML/JSON safe) that :meth:`from_dict` turns back into this object."""

@@ -174,6 +174,8 @@ class TrainingInputs:
 
 def training_inputs(cfg: ExperimentConfig, cache: Any) -> TrainingInputs:
     """Datasets and the loop config (class weight from the train counts) for ``cfg``."""
+    # Per-epoch shard reads would print progress bars per epoch and worker; epochs are logged.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     n_normal, n_pneu = cache.split_counts("train")
     pos_weight = cfg.train.pos_weight or pos_weight_from_counts(n_normal, n_pneu)
     return TrainingInputs(
@@ -182,8 +184,11 @@ def training_inputs(cfg: ExperimentConfig, cache: Any) -> TrainingInputs:
 
 
 def build_trainer(cfg: ExperimentConfig, inputs: TrainingInputs, name: str, storage_path: str,
-                  callbacks: list | None = None):
-    """A Ray Train V2 ``TorchTrainer`` for ``cfg`` (scale, checkpoints, failures from config)."""
+                  callbacks: list | None = None, score_attribute: str = SELECTION_METRIC):
+    """A Ray Train V2 ``TorchTrainer`` for ``cfg`` (scale, checkpoints, failures from config).
+
+    The best ``train.keep_checkpoints`` checkpoints by ``score_attribute`` are kept.
+    """
     t = cfg.train
     resources = {"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if t.use_gpu else {})}
     return TorchTrainer(
@@ -194,7 +199,7 @@ def build_trainer(cfg: ExperimentConfig, inputs: TrainingInputs, name: str, stor
         run_config=RunConfig(
             name=name, storage_path=storage_path, callbacks=callbacks,
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints,
-                                               checkpoint_score_attribute=SELECTION_METRIC,
+                                               checkpoint_score_attribute=score_attribute,
                                                checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=t.max_failures)),
         datasets=inputs.datasets,
@@ -227,8 +232,6 @@ def check_resources(cfg: ExperimentConfig, trials: int = 1, data_cpus: float = 1
 def run_training(cfg: ExperimentConfig, cache: Any):
     """Train ``cfg`` on a prepared cache; writes ``config.yaml`` next to the run. Returns the Result."""
     check_resources(cfg)
-    # Per-epoch shard reads would print a progress bar per epoch per worker; epochs are logged.
-    ray.data.DataContext.get_current().enable_progress_bars = False
     name = run_name(cfg)
     storage = storage_uri(cfg.train.storage_path)
     io.write_bytes(io.join(storage, name, "config.yaml"),

@@ -1,0 +1,300 @@
+"""Ray Tune wiring: search space, ASHA scheduler, searcher, trial driver, best-trial export.
+
+Each trial is a Ray Train run of the same training code (``train.build_trainer``), started
+by a driver function with ``TuneReportCallback`` -- the Train V2 way; no ``Tuner(trainer)``.
+All trials read one prepared cache. An experiment folder holds Tune's own results, the
+resolved ``experiment_config.yaml``, ``trials.csv``, ``best/`` and, when the dataset has a
+test split, ``best_test_report/``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import pandas as pd
+import pyarrow.fs as pafs
+import ray
+import ray.tune
+import yaml
+
+from cxr_ray.config import ConfigError, ExperimentConfig, valid_keys
+from cxr_ray.data import io
+from cxr_ray.data.cache import open_cache
+from cxr_ray.metrics import SELECTION_METRIC
+from cxr_ray.train import build_trainer, check_resources, storage_uri, training_inputs
+
+log = logging.getLogger(__name__)
+
+SPACE_TYPES = ("choice", "uniform", "loguniform", "randint")
+TUNABLE_METRICS = (SELECTION_METRIC, "roc_auc", "pr_auc", "accuracy", "f1", "recall", "specificity",
+                   "precision")
+EXPERIMENT_CONFIG = "experiment_config.yaml"
+DRIVER_CPUS = 0.01
+
+
+def _space_error(key: str, msg: str) -> ConfigError:
+    return ConfigError(f"tune.search_space[{key!r}]: {msg}")
+
+
+def _probe(cfg: ExperimentConfig, key: str, value: Any) -> None:
+    """Check that ``value`` is a legal setting of ``key`` (so every sample is a valid config)."""
+    try:
+        cfg.replace(**{key: value})
+    except ConfigError as e:
+        raise _space_error(key, f"value {value!r} is impossible: {e}") from e
+
+
+def validate_search_space(cfg: ExperimentConfig) -> None:
+    """Unknown parameters, bad types, impossible ranges and unreported metrics, before any trial."""
+    keys = valid_keys()
+    for key, spec in cfg.tune.search_space.items():
+        if key not in keys or key.startswith("tune."):
+            raise _space_error(key, f"unknown parameter; valid keys: {[k for k in keys if not k.startswith('tune.')]}")
+        if not isinstance(spec, Mapping) or spec.get("type") not in SPACE_TYPES:
+            raise _space_error(key, f"expected a mapping with type one of {list(SPACE_TYPES)}, got {spec!r}")
+        kind = spec["type"]
+        if kind == "choice":
+            values = spec.get("values")
+            if not isinstance(values, list) or not values:
+                raise _space_error(key, f"choice needs a non-empty list 'values', got {values!r}")
+            for v in values:
+                _probe(cfg, key, v)
+            continue
+        low, high = spec.get("low"), spec.get("high")
+        if not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in (low, high)):
+            raise _space_error(key, f"{kind} needs numeric 'low' and 'high', got {low!r}, {high!r}")
+        if not low < high:
+            raise _space_error(key, f"impossible range: low {low} must be < high {high}")
+        if kind == "loguniform" and low <= 0:
+            raise _space_error(key, f"loguniform needs low > 0, got {low}")
+        if kind == "randint" and not (isinstance(low, int) and isinstance(high, int)):
+            raise _space_error(key, f"randint needs int bounds, got {low!r}, {high!r}")
+        _probe(cfg, key, low)
+        _probe(cfg, key, high - 1 if kind == "randint" else high)
+    if cfg.tune.metric not in TUNABLE_METRICS:
+        raise ConfigError(f"tune.metric: no trial reports {cfg.tune.metric!r}; choose one of {list(TUNABLE_METRICS)}")
+    if cfg.tune.metric in ("recall", "precision", "specificity"):
+        log.warning("[tune] tune.metric=%s can be won by a trivial model; %s is the safe choice",
+                    cfg.tune.metric, SELECTION_METRIC)
+
+
+def param_space(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Tune sampling domains, keyed by dotted config key."""
+    domains = {}
+    for key, spec in cfg.tune.search_space.items():
+        kind = spec["type"]
+        if kind == "choice":
+            domains[key] = ray.tune.choice(spec["values"])
+        elif kind == "uniform":
+            domains[key] = ray.tune.uniform(spec["low"], spec["high"])
+        elif kind == "loguniform":
+            domains[key] = ray.tune.loguniform(spec["low"], spec["high"])
+        else:
+            domains[key] = ray.tune.randint(spec["low"], spec["high"])
+    return domains
+
+
+def max_concurrent_trials(cfg: ExperimentConfig) -> int:
+    """Trials that fit the cluster at once, leaving ``tune.data_cpus`` CPUs for Ray Data."""
+    res = ray.cluster_resources()
+    t = cfg.train
+    workers = max(1, t.num_workers)
+    trial_cpus = workers * t.cpus_per_worker + DRIVER_CPUS
+    fit = math.floor((float(res.get("CPU", 0)) - cfg.tune.data_cpus) / trial_cpus + 1e-9)
+    if fit < 1:
+        raise ConfigError(
+            f"one trial needs {trial_cpus:g} CPUs (train.num_workers x train.cpus_per_worker + driver) "
+            f"plus tune.data_cpus={cfg.tune.data_cpus:g} for Ray Data, more than the cluster's "
+            f"{res.get('CPU', 0):g}; lower train.cpus_per_worker or train.num_workers")
+    if t.use_gpu:
+        fit = min(fit, math.floor(float(res.get("GPU", 0)) / (workers * t.gpus_per_worker) + 1e-9))
+    if cfg.tune.max_concurrent_trials:
+        fit = min(fit, cfg.tune.max_concurrent_trials)
+    return max(1, min(fit, cfg.tune.num_samples))
+
+
+def train_driver_fn(params: dict[str, Any], base: dict[str, Any], cache_uri: str, runs_uri: str) -> None:
+    """One Tune trial: a full Ray Train run of ``base`` with the sampled ``params`` applied.
+
+    The run is named after the trial id, so a restored experiment's unfinished trial
+    continues from its own latest Train checkpoint instead of starting over.
+    """
+    cfg = ExperimentConfig.from_dict(base).replace(**params)
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    trainer = build_trainer(cfg, training_inputs(cfg, open_cache(cache_uri)), name=trial_id,
+                            storage_path=runs_uri, callbacks=[TuneReportCallback()],
+                            score_attribute=cfg.tune.metric)
+    trainer.fit()
+
+
+def _searcher(cfg: ExperimentConfig):
+    if cfg.tune.searcher == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(metric=cfg.tune.metric, mode="max", seed=cfg.tune.seed)
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=cfg.tune.seed)
+
+
+def _trainable(cfg: ExperimentConfig, cache_uri: str, exp_uri: str):
+    fn = ray.tune.with_parameters(train_driver_fn, base=cfg.to_dict(), cache_uri=cache_uri,
+                                  runs_uri=io.join(exp_uri, "train_runs"))
+    # The driver only waits on its TorchTrainer, whose workers reserve the CPUs/GPUs; Tune
+    # refuses an empty reservation, so the driver holds a token share instead of a whole CPU.
+    return ray.tune.with_resources(fn, {"CPU": DRIVER_CPUS})
+
+
+def build_tuner(cfg: ExperimentConfig, cache_uri: str, storage: str, name: str, callbacks: list):
+    """A ``Tuner`` over ``train_driver_fn`` with ASHA on epochs and the configured searcher."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=cfg.train.epochs,
+                              grace_period=min(cfg.tune.grace_period, cfg.train.epochs),
+                              reduction_factor=cfg.tune.reduction_factor)
+    return ray.tune.Tuner(
+        _trainable(cfg, cache_uri, io.join(storage, name)),
+        param_space=param_space(cfg),
+        tune_config=ray.tune.TuneConfig(
+            metric=cfg.tune.metric, mode="max", num_samples=cfg.tune.num_samples,
+            search_alg=_searcher(cfg), scheduler=scheduler,
+            max_concurrent_trials=max_concurrent_trials(cfg)),
+        run_config=ray.tune.RunConfig(name=name, storage_path=storage, callbacks=callbacks,
+                                      failure_config=ray.tune.FailureConfig(max_failures=0)),
+    )
+
+
+@dataclass
+class TuneOutcome:
+    """What an experiment left: its folder, the trials table and the best checkpoint."""
+
+    experiment_uri: str
+    trials: pd.DataFrame
+    best_checkpoint: str | None
+    n_failed: int
+
+
+def _stop_reason(metrics: pd.DataFrame, error: Any, epochs: int) -> str:
+    if error is not None:
+        return "failed"
+    if metrics.empty:
+        return "not started"
+    if len(metrics) >= epochs:
+        return "completed"
+    if bool(metrics["stop"].iloc[-1]):
+        return "early_stopping"
+    return "asha"
+
+
+def _best_row(df: pd.DataFrame, metric: str) -> pd.Series | None:
+    """The best epoch of a trial whose checkpoint still exists (Train keeps the newest of ties)."""
+    if metric not in df or not df[metric].notna().any():
+        return None
+    ranked = df.sort_values([metric, "epoch"], ascending=[False, False])
+    for _, row in ranked.iterrows():
+        path = row.get("checkpoint_path")
+        if isinstance(path, str) and io.exists(path):
+            return row
+    return ranked.iloc[0]
+
+
+def trials_table(grid: Any, cfg: ExperimentConfig) -> pd.DataFrame:
+    """One row per trial: parameters, epochs run, stop reason, best metric (and its AUC, checkpoint)."""
+    rows = []
+    metric = cfg.tune.metric
+    for result in grid:
+        df = result.metrics_dataframe if result.metrics_dataframe is not None else pd.DataFrame()
+        row: dict[str, Any] = {"trial_id": (result.metrics or {}).get("trial_id") or Path(result.path).name}
+        row.update({k: result.config.get(k) for k in cfg.tune.search_space})
+        row["epochs_run"] = int(len(df))
+        row["stop_reason"] = _stop_reason(df, result.error, cfg.train.epochs)
+        best = _best_row(df, metric)
+        row["best_" + metric] = float(best[metric]) if best is not None else float("nan")
+        row["roc_auc"] = float(best["roc_auc"]) if best is not None else float("nan")
+        row["best_epoch"] = int(best["epoch"]) if best is not None else -1
+        row["checkpoint_path"] = best.get("checkpoint_path") if best is not None else None
+        row["error"] = str(result.error).strip().splitlines()[0][:500] if result.error else ""
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    return table.sort_values("best_" + metric, ascending=False, na_position="last", ignore_index=True)
+
+
+def export_best(table: pd.DataFrame, exp_uri: str) -> str | None:
+    """Copy the best trial's best-epoch checkpoint to ``<experiment>/best``; returns its path."""
+    ok = table[table["checkpoint_path"].notna() & (table["stop_reason"] != "failed")]
+    if ok.empty:
+        return None
+    src = ok.iloc[0]["checkpoint_path"]
+    dst = io.join(exp_uri, "best")
+    fs, dst_path = io.resolve(dst)
+    src_fs, src_path = io.resolve(src)
+    if fs.get_file_info(dst_path).type != pafs.FileType.NotFound:
+        fs.delete_dir(dst_path)
+    fs.create_dir(dst_path, recursive=True)
+    pafs.copy_files(src_path, dst_path, source_filesystem=src_fs, destination_filesystem=fs)
+    return dst
+
+
+def write_experiment_config(cfg: ExperimentConfig, cache_uri: str, exp_uri: str) -> None:
+    """Save the resolved config and cache location so ``--resume`` needs nothing else."""
+    doc = {"config": cfg.to_dict(), "cache_uri": cache_uri}
+    io.write_bytes(io.join(exp_uri, EXPERIMENT_CONFIG), yaml.safe_dump(doc, sort_keys=False).encode())
+
+
+def read_experiment_config(exp_uri: str) -> tuple[ExperimentConfig, str]:
+    """The config and cache of an experiment folder (for ``--resume``)."""
+    path = io.join(exp_uri, EXPERIMENT_CONFIG)
+    if not io.exists(path):
+        raise ConfigError(f"--resume {exp_uri!r}: not a cxr_ray tune experiment ({EXPERIMENT_CONFIG} missing)")
+    doc = yaml.safe_load(io.read_bytes(path))
+    return ExperimentConfig.from_dict(doc["config"]), doc["cache_uri"]
+
+
+def tracking_callbacks(mlflow_uri: str | None, name: str) -> list:
+    """Extra experiment tracking; Ray's CSV/JSON/TensorBoard loggers are on by default."""
+    if not mlflow_uri:
+        return []
+    try:
+        from ray.air.integrations.mlflow import MLflowLoggerCallback  # Ray's own MLflow integration
+    except ImportError as e:  # pragma: no cover - depends on the optional extra
+        raise ConfigError("--mlflow needs the mlflow extra: pip install 'cxr_ray[mlflow]'") from e
+    return [MLflowLoggerCallback(tracking_uri=mlflow_uri, experiment_name=name, save_artifact=False)]
+
+
+def run_tune(cfg: ExperimentConfig, cache_uri: str, name: str, resume: bool = False,
+             mlflow_uri: str | None = None) -> TuneOutcome:
+    """Run (or resume) the experiment ``name`` and write trials.csv and best/."""
+    validate_search_space(cfg)
+    storage = storage_uri(cfg.train.storage_path)
+    exp_uri = io.join(storage, name)
+    check_resources(cfg, trials=1, data_cpus=cfg.tune.data_cpus)
+    concurrent = max_concurrent_trials(cfg)  # raises when not even one trial fits
+    callbacks = tracking_callbacks(mlflow_uri, name)
+    if resume:
+        tuner = ray.tune.Tuner.restore(exp_uri, trainable=_trainable(cfg, cache_uri, exp_uri),
+                                       resume_unfinished=True, resume_errored=False)
+    else:
+        write_experiment_config(cfg, cache_uri, exp_uri)
+        tuner = build_tuner(cfg, cache_uri, storage, name, callbacks)
+    log.info("[tune] experiment %s: %d trials, up to %d at once", exp_uri, cfg.tune.num_samples, concurrent)
+    grid = tuner.fit()
+    table = trials_table(grid, cfg)
+    io.write_bytes(io.join(exp_uri, "trials.csv"), table.to_csv(index=False).encode())
+    best = export_best(table, exp_uri)
+    return TuneOutcome(exp_uri, table, best, int((table["stop_reason"] == "failed").sum()))
+
+
+def format_trials(table: pd.DataFrame, metric: str, limit: int = 20) -> str:
+    """A short ranked table of trials for the terminal."""
+    cols = [c for c in table.columns if c not in ("checkpoint_path", "error")]
+    shown = table[cols].head(limit).copy()
+    for c in shown.columns:
+        if shown[c].dtype.kind == "f":
+            shown[c] = shown[c].map(lambda v: f"{v:.4g}")
+    return shown.to_string(index=False)

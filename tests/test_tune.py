@@ -103,7 +103,7 @@ def test_resume_after_killed_driver_keeps_finished_trials(synthetic_root, tmp_pa
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    subprocess.run(["ray", "stop", "--force"], capture_output=True)
+    subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True)
     assert not (runs / "res" / "trials.csv").exists()
     r = cxr_ray("tune", "--resume", str(runs / "res"))
     assert r.returncode == 0, r.stderr[-4000:]

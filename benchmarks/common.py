@@ -25,8 +25,9 @@ def upscaled_copy(src: Path, dst: Path, size: tuple[int, int] = (2000, 1600), li
     """Copy the dataset layout with every image upscaled to ``size`` as a grayscale JPEG,
     like the original dataset's large X-rays. Reuses ``dst`` when already complete."""
     files = sorted(p for p in src.glob("*/*/*") if p.suffix.lower() in (".jpeg", ".jpg", ".png"))
-    if limit:
-        files = files[:: max(1, len(files) // limit)][:limit]
+    if limit and limit < len(files):  # every k-th file, so each split/class folder keeps its share
+        step = len(files) / limit
+        files = [files[int(i * step)] for i in range(limit)]
     done = dst / ".complete"
     if done.exists() and done.read_text() == f"{len(files)} {size}":
         return dst

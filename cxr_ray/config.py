@@ -42,6 +42,7 @@ class DataConfig:
     val_fraction: float = 0.1  # share of patients in the carved validation split
     seed: int = 0  # seeds the patient split
     max_bad_fraction: float = 0.01  # fail when more than this share of images cannot be decoded
+    materialize_gb: float = 2.0  # keep a split's decoded pixels in Ray's object store up to this size
 
     def __post_init__(self) -> None:
         _check(16 <= self.image_size <= 4096, "data.image_size", "an int in [16, 4096]", self.image_size)
@@ -52,6 +53,7 @@ class DataConfig:
         _check(self.val_split in ("grouped", "official"), "data.val_split",
                "one of 'grouped', 'official'", self.val_split)
         _check(0.0 < self.val_fraction < 1.0, "data.val_fraction", "a float in (0, 1)", self.val_fraction)
+        _check(self.materialize_gb >= 0.0, "data.materialize_gb", "a float >= 0", self.materialize_gb)
         _check(0.0 <= self.max_bad_fraction <= 1.0, "data.max_bad_fraction", "a float in [0, 1]",
                self.max_bad_fraction)
 

@@ -179,7 +179,7 @@ def training_inputs(cfg: ExperimentConfig, cache: Any) -> TrainingInputs:
     n_normal, n_pneu = cache.split_counts("train")
     pos_weight = cfg.train.pos_weight or pos_weight_from_counts(n_normal, n_pneu)
     return TrainingInputs(
-        datasets=split_datasets(cache, cfg.data.image_size),
+        datasets=split_datasets(cache, cfg.data.image_size, materialize_gb=cfg.data.materialize_gb),
         loop_config={"cfg": cfg.to_dict(), "pos_weight": float(pos_weight), "n_train": n_normal + n_pneu})
 
 

@@ -61,7 +61,18 @@ def split_dataset(cache: PreparedCache, split: str, image_size: int, with_paths:
         batch_size=batch_size, batch_format="numpy")
 
 
-def split_datasets(cache: PreparedCache, image_size: int, splits: tuple[str, ...] = ("train", "val")
-                   ) -> dict[str, Any]:
-    """``{split: Dataset}`` for the requested splits (e.g. the ``datasets`` of a TorchTrainer)."""
-    return {s: split_dataset(cache, s, image_size) for s in splits}
+def split_datasets(cache: PreparedCache, image_size: int, splits: tuple[str, ...] = ("train", "val"),
+                   materialize_gb: float = 0.0) -> dict[str, Any]:
+    """``{split: Dataset}`` for the requested splits (e.g. the ``datasets`` of a TorchTrainer).
+
+    A split whose model-size pixels fit in ``materialize_gb`` is materialised once in Ray's
+    object store: later epochs stream its blocks instead of re-reading Parquet (augmentation
+    happens after, per batch, so every epoch still sees new random transforms).
+    """
+    out = {}
+    for s in splits:
+        ds = split_dataset(cache, s, image_size)
+        if sum(cache.split_counts(s)) * image_size**2 <= materialize_gb * 1e9:
+            ds = ds.materialize()
+        out[s] = ds
+    return out

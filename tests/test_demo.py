@@ -1,0 +1,26 @@
+"""The README's main-job command, exactly as a user runs it (in a temporary cache and run folder)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_tune_demo(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "experiments" / "tune.py"), "--demo",
+                        "--cache", str(tmp_path / "cache"), "--set", f"train.storage_path={tmp_path / 'runs'}"],
+                       capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-4000:]
+    best = Path(r.stdout.strip().splitlines()[-1])
+    assert best.name == "best" and (best / "model.pt").is_file()
+    trials = pd.read_csv(best.parent / "trials.csv")
+    assert len(trials) == 4 and (trials["stop_reason"] != "failed").all()
+    assert "asha" in set(trials["stop_reason"]) or trials["epochs_run"].max() == 4
+    assert (best.parent / "best_test_report" / "metrics.json").is_file()
+    assert "SYNTHETIC" not in r.stderr  # generated silently into the cache, documented in README
+    assert (tmp_path / "cache" / "demo-synthetic-300" / "test").is_dir()

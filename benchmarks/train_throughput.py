@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -114,7 +113,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(threads)
     ray_rate = ray_epochs(cfg, cache, args.epochs)
     ray.shutdown()
-    print(f"\n| model | images/epoch | plain PyTorch img/s | Ray Train (1 worker) img/s | ratio | overhead |")
+    print("\n| model | images/epoch | plain PyTorch img/s | Ray Train (1 worker) img/s | ratio | overhead |")
     print("|---|---|---|---|---|---|")
     print(f"| {args.model} {args.size}px b{args.batch_size} | {len(arrays[1])} | {plain:.1f} | {ray_rate:.1f} | "
           f"{ray_rate / plain:.2f} | {100 * (1 - ray_rate / plain):.1f}% |")

@@ -52,7 +52,7 @@ def versions() -> dict[str, str]:
 def unwrap(model: nn.Module) -> nn.Module:
     """The model inside DDP/compile wrappers."""
     while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or getattr(model, "_orig_mod")
+        model = getattr(model, "module", None) or model._orig_mod
     return model
 
 

@@ -14,18 +14,16 @@ from typing import Callable, Sequence
 
 from cxr_ray.config import ConfigError, ExperimentConfig, load_config, parse_override
 
-log = logging.getLogger("cxr_ray")
 
 
-def _common(p: argparse.ArgumentParser, data: bool = True) -> None:
+def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config file (see configs/)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set data.image_size=224 (repeatable)")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else local Ray)")
-    if data:
-        p.add_argument("--data", help="dataset root or CSV/Parquet manifest (sets data.root)")
-        p.add_argument("--cache", help="cache folder or URI (sets data.cache_dir)")
-        p.add_argument("--size", type=int, help="image side in pixels (sets data.image_size)")
+    p.add_argument("--data", help="dataset root or CSV/Parquet manifest (sets data.root)")
+    p.add_argument("--cache", help="cache folder or URI (sets data.cache_dir)")
+    p.add_argument("--size", type=int, help="image side in pixels (sets data.image_size)")
 
 
 def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
@@ -189,7 +187,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from cxr_ray.evaluate import evaluate_checkpoint, format_table
     from cxr_ray.checkpoint import load_checkpoint
     from cxr_ray.runtime import init_ray
-    from cxr_ray.train import run_name, storage_uri
+    from cxr_ray.train import run_name
     from cxr_ray.tune import format_trials, run_tune, validate_search_space
 
     cfg, cache_uri = tune_config_from_args(args)

@@ -110,8 +110,9 @@ class TrainLoopRunner:
                                  self.scheduler, self.loss_fn, self.device, amp=self.gpu)
         probs, labels, val_loss = predict(self.model, self.batches("val", epoch), self.device,
                                           amp=self.gpu, loss_fn=self.loss_fn)
+        local_loss_sum = val_loss * len(probs) if len(probs) else 0.0  # a shard may be empty
         probs, labels = _gather(probs), _gather(labels)
-        val_loss = float(_gather(np.array([val_loss * len(probs)])).sum() / max(len(labels), 1))
+        val_loss = float(_gather(np.array([local_loss_sum])).sum() / max(len(labels), 1))
         metrics = validation_metrics(labels, probs, self.cfg.metric.min_specificity)
         self.stopper.update(metrics[SELECTION_METRIC], epoch)
         metrics.update(epoch=epoch, train_loss=result.loss, val_loss=val_loss,

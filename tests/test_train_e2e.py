@@ -55,10 +55,10 @@ def _worker_pids() -> list[int]:
 
 def test_killed_worker_resumes_from_checkpoint(synthetic_root, tmp_path):
     runs = tmp_path / "runs"
-    epochs = 5
+    epochs = 8  # long enough that the kill below lands mid-run even on a fast machine
     proc = subprocess.Popen(
         [sys.executable, "-m", "cxr_ray.cli", "train", "--data", str(synthetic_root), "--cache",
-         str(tmp_path / "cache"), *TRAIN_ARGS, "--set", f"train.epochs={epochs}",
+         str(tmp_path / "cache"), *TRAIN_ARGS, "--size", "96", "--set", f"train.epochs={epochs}",
          "--set", "train.max_failures=1", "--set", "train.patience=100", "--set", "train.keep_checkpoints=10",
          "--set", f"train.storage_path={runs}", "--set", "train.name=ft"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -68,9 +68,13 @@ def test_killed_worker_resumes_from_checkpoint(synthetic_root, tmp_path):
         while time.time() < deadline and len(list((runs / "ft").glob("checkpoint_*/model.pt"))) < 2:
             assert proc.poll() is None, proc.stdout.read()[-3000:]
             time.sleep(0.5)
+        # Ray Train's controller collects reports on its health-check poll (every 2 s); give it
+        # time to register the first checkpoint before the crash.
+        time.sleep(5)
         pids = _worker_pids()
         assert pids, "no Ray Train worker process found"
         os.kill(pids[-1], signal.SIGKILL)
+        assert proc.poll() is None, "training ended before the worker could be killed"
         output, _ = proc.communicate(timeout=600)
     finally:
         if proc.poll() is None:

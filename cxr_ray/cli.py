@@ -182,20 +182,24 @@ def tune_config_from_args(args: argparse.Namespace) -> tuple[ExperimentConfig, s
 
 def cmd_tune(args: argparse.Namespace) -> int:
     """Ray Tune search; prints the ranked trials and, last, the best checkpoint's path."""
+    from cxr_ray.checkpoint import load_checkpoint
+    from cxr_ray.data import io
     from cxr_ray.data.cache import open_cache, prepare_cache
     from cxr_ray.data.catalog import assign_splits, load_catalog
     from cxr_ray.evaluate import evaluate_checkpoint, format_table
-    from cxr_ray.checkpoint import load_checkpoint
     from cxr_ray.runtime import init_ray
     from cxr_ray.train import run_name
     from cxr_ray.tune import format_trials, run_tune, validate_search_space
 
     cfg, cache_uri = tune_config_from_args(args)
     validate_search_space(cfg)
-    if cache_uri is None:
+    if cache_uri:  # --resume: the experiment's own cache
+        init_ray(args.address)
+        cache = open_cache(cache_uri)
+    else:
         catalog = assign_splits(load_catalog(cfg.data.root), cfg.data)  # fail fast, before Ray
-    init_ray(args.address)
-    cache = open_cache(cache_uri) if cache_uri else prepare_cache(cfg, catalog)
+        init_ray(args.address)
+        cache = prepare_cache(cfg, catalog)
     name = Path(args.resume.rstrip("/")).name if args.resume else (cfg.tune.name or run_name(cfg, "tune"))
     if args.resume:
         cfg = cfg.replace(**{"train.storage_path": str(Path(args.resume.rstrip("/")).parent)})
@@ -206,7 +210,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         print("[tune] no trial produced a checkpoint", file=sys.stderr)
         return 1
     if sum(cache.split_counts("test")):
-        report = str(Path(outcome.experiment_uri) / "best_test_report")
+        report = io.join(outcome.experiment_uri, "best_test_report")
         metrics = evaluate_checkpoint(load_checkpoint(outcome.best_checkpoint), cfg.data.root, "test", report,
                                       cache_dir=cfg.data.cache_dir)
         print(format_table(metrics, f"[tune] best model on the test split (report: {report})"))

@@ -80,14 +80,20 @@ def test_tune_search_runs_trials_and_exports_best(synthetic_root, tmp_path):
     assert r.stdout.strip().splitlines()[-1] == str(exp / "best")
 
 
+def _ray_stop() -> None:
+    subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True)
+
+
 @pytest.mark.slow
 def test_resume_after_killed_driver_keeps_finished_trials(synthetic_root, tmp_path):
     runs = tmp_path / "runs"
     args = ["tune", "--data", str(synthetic_root), "--cache", str(tmp_path / "cache"), *TUNE_ARGS,
             "--set", "tune.num_samples=3", "--set", "tune.max_concurrent_trials=1", "--set", "tune.name=res",
             "--set", f"train.storage_path={runs}"]
-    proc = subprocess.Popen([sys.executable, "-m", "cxr_ray.cli", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    _ray_stop()  # no half-stopped local Ray from an earlier test may be joined or collide on ports
+    log = open(tmp_path / "first_run.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "cxr_ray.cli", *args], stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 400
         # Interrupt once the first trial has finished and the second one has started.
@@ -95,17 +101,20 @@ def test_resume_after_killed_driver_keeps_finished_trials(synthetic_root, tmp_pa
             done = [p for p in (runs / "res").glob("*/result.json") if p.read_text().count("\n") >= 1]
             if len(list((runs / "res").glob("train_driver_fn*"))) >= 2 and done:
                 break
-            assert proc.poll() is None, "tune finished before it could be interrupted"
+            assert proc.poll() is None, ("tune ended before it could be interrupted:\n"
+                                         + (tmp_path / "first_run.log").read_text()[-4000:])
             time.sleep(0.5)
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
         proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True)
+    log.close()
+    _ray_stop()
     assert not (runs / "res" / "trials.csv").exists()
     r = cxr_ray("tune", "--resume", str(runs / "res"))
     assert r.returncode == 0, r.stderr[-4000:]
+    print(r.stdout[-3000:])  # the ranked table, shown by pytest when an assertion below fails
     trials = pd.read_csv(runs / "res" / "trials.csv")
     assert len(trials) == 3 and trials["trial_id"].is_unique  # none duplicated, none lost
     assert (trials["epochs_run"] >= 1).all()

@@ -26,7 +26,7 @@ import yaml
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from cxr_ray.checkpoint import load_train_state, save_checkpoint, unwrap
+from cxr_ray.checkpoint import MODEL_FILE, load_train_state, safe_load, save_checkpoint, unwrap
 from cxr_ray.config import ExperimentConfig
 from cxr_ray.data import io
 from cxr_ray.data.pipeline import TorchCollate, split_datasets
@@ -83,7 +83,7 @@ class TrainLoopRunner:
             return
         with ckpt.as_directory() as d:
             state = load_train_state(d)
-            weights = torch.load(Path(d) / "model.pt", map_location=self.device, weights_only=True)
+            weights = safe_load(Path(d) / MODEL_FILE)
         unwrap(self.model).load_state_dict(weights)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

@@ -74,7 +74,7 @@ def _list_dir(fs: pafs.FileSystem, path: str) -> list[pafs.FileInfo]:
     return [i for i in fs.get_file_info(pafs.FileSelector(path)) if not i.base_name.startswith((".", "__"))]
 
 
-def _scan_class_folder(fs: pafs.FileSystem, folder: pafs.FileInfo, root: str) -> list[pafs.FileInfo]:
+def _scan_class_folder(fs: pafs.FileSystem, folder: pafs.FileInfo) -> list[pafs.FileInfo]:
     infos = fs.get_file_info(pafs.FileSelector(folder.path, recursive=True))
     return [
         i for i in infos
@@ -116,7 +116,7 @@ def scan_layout(root: str) -> pd.DataFrame:
             where = io.join(root, splits[split].base_name, name)
             if name not in classes:
                 raise DataError(f"missing class folder {where!r} (expected {list(CLASSES)} in each split)")
-            files = _scan_class_folder(fs, classes[name], root)
+            files = _scan_class_folder(fs, classes[name])
             if not files:
                 raise DataError(f"class folder {where!r} has no {'/'.join(IMAGE_EXTENSIONS)} images")
             for f in files:
@@ -218,18 +218,3 @@ def split_leaks(df: pd.DataFrame) -> list[str]:
     """Patients whose images sit in more than one split, as readable problem lines."""
     spread = df.groupby("patient")["split"].agg(lambda s: sorted(set(s)))
     return [f"patient {p!r} appears in splits {s}" for p, s in spread.items() if len(s) > 1]
-
-
-def summarize(df: pd.DataFrame) -> pd.DataFrame:
-    """Images and patients per split and class, for reports."""
-    table = df.assign(cls=df["label"].map(lambda i: CLASSES[i])).groupby(["split", "cls"]).agg(
-        images=("path", "size"), patients=("patient", "nunique")
-    )
-    order = [s for s in SPLITS if s in table.index.get_level_values(0)]
-    return table.reindex(order, level=0)
-
-
-def class_counts(df: pd.DataFrame, split: str) -> tuple[int, int]:
-    """(normal, pneumonia) image counts in one split."""
-    part = df[df["split"] == split]
-    return int((part["label"] == 0).sum()), int((part["label"] == 1).sum())

@@ -137,6 +137,42 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_score(args: argparse.Namespace) -> int:
+    """Score image folders/globs/manifests into a Parquet dataset; last line: the output folder."""
+    from cxr_ray.checkpoint import load_checkpoint
+    from cxr_ray.data.listing import list_inputs
+    from cxr_ray.evaluate import format_table
+    from cxr_ray.runtime import init_ray
+    from cxr_ray.score import run_score
+
+    cfg = load_config(args.config, args.set)
+    load_checkpoint(args.checkpoint)  # a bad checkpoint fails here, before listing and Ray
+    listing = list_inputs(args.input)  # fails fast on a missing input, before Ray
+    if args.with_labels and (listing["label"] < 0).all():
+        raise ConfigError("--with-labels: no input file sits in a NORMAL/PNEUMONIA folder and no "
+                          "manifest has a 'label' column")
+    init_ray(args.address)
+    try:
+        summary = run_score(args.checkpoint, args.input, args.output, cfg.score, listing,
+                            resume=args.resume, with_labels=args.with_labels)
+    except KeyboardInterrupt:
+        print(f"cxr-ray score: interrupted; finished rows are committed in {args.output}. "
+              f"Re-run with --resume to score the rest.", file=sys.stderr)
+        return 130
+    shutdown_ray()
+    if summary.failures:
+        print(f"[score] {len(summary.failures)} file(s) could not be scored (error column set):")
+        for path, err in summary.failures[:20]:
+            print(f"  - {path}: {err}")
+        if len(summary.failures) > 20:
+            print(f"  ... and {len(summary.failures) - 20} more")
+    if summary.metrics is not None:
+        print(format_table(summary.metrics, f"[score] metrics over the labelled rows of {args.output}"))
+    print(summary.format())
+    print(args.output)
+    return 0
+
+
 DEMO_OVERRIDES = {
     # Small enough for a 2-core laptop in a few minutes, and it learns: the from-scratch CNN on
     # 64 px synthetic images (ResNet-50 from random weights learns nothing in 3 CPU epochs).
@@ -256,6 +292,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--address", help="Ray cluster address")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("score", help="score image folders/globs/manifests to Parquet (Ray Data)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder (from train or tune)")
+    p.add_argument("--input", action="append", required=True, metavar="PATH_OR_URI",
+                   help="folder (recursive), glob, or CSV/Parquet manifest with a 'path' column; "
+                        "local or s3:// / gs:// (repeatable)")
+    p.add_argument("--output", required=True, help="output folder or URI for the Parquet dataset")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted job: score only files not yet in --output")
+    p.add_argument("--with-labels", action="store_true",
+                   help="add the true label from NORMAL/PNEUMONIA folders and print metrics")
+    p.add_argument("--config", help="YAML config file (its score: section sets the scale)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set score.num_actors=4")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else local Ray)")
+    p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("inspect", help="counts per split/class, patients, sizes, problems")
     _common(p)

@@ -204,6 +204,40 @@ class TuneConfig:
 
 
 @dataclass(frozen=True)
+class ScoreConfig:
+    """Batch scoring (``cxr-ray score``): scale and output settings; the model's own
+    preprocessing always comes from the checkpoint's config."""
+
+    batch_size: int = 64  # images per model forward
+    num_actors: int = 1  # predictor actors, each loading the model once (min when max_actors > 0)
+    max_actors: int = 0  # > num_actors: autoscale the predictor pool between the two
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0  # > 0 runs the model on CUDA; fractions share a GPU between actors
+    torch_threads: int = 0  # intra-op threads per CPU actor; 0 -> ceil(cpus_per_actor)
+    memory_per_actor_gb: float = 1.0  # heap memory reserved per predictor actor (Ray "memory")
+    decode_cpus: float = 1.0  # CPUs reserved by each read+decode task
+    decode_batch_size: int = 32  # files per read+decode task call
+    amp: bool = True  # bf16 autocast + channels_last on CUDA (ignored on CPU)
+    compile: bool = False  # torch.compile the model in each actor
+    rows_per_file: int = 10_000  # rows per output Parquet file (a committed unit for --resume)
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size >= 1, "score.batch_size", "an int >= 1", self.batch_size)
+        _check(self.num_actors >= 1, "score.num_actors", "an int >= 1", self.num_actors)
+        _check(self.max_actors == 0 or self.max_actors >= self.num_actors, "score.max_actors",
+               f"0 or an int >= score.num_actors ({self.num_actors})", self.max_actors)
+        _check(self.cpus_per_actor > 0, "score.cpus_per_actor", "a float > 0", self.cpus_per_actor)
+        _check(self.gpus_per_actor >= 0, "score.gpus_per_actor", "a float >= 0", self.gpus_per_actor)
+        _check(self.torch_threads >= 0, "score.torch_threads", "an int >= 0", self.torch_threads)
+        _check(self.memory_per_actor_gb >= 0, "score.memory_per_actor_gb", "a float >= 0",
+               self.memory_per_actor_gb)
+        _check(self.decode_cpus > 0, "score.decode_cpus", "a float > 0", self.decode_cpus)
+        _check(self.decode_batch_size >= 1, "score.decode_batch_size", "an int >= 1",
+               self.decode_batch_size)
+        _check(self.rows_per_file >= 1, "score.rows_per_file", "an int >= 1", self.rows_per_file)
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     """Every knob of a cxr_ray job, grouped by section."""
 
@@ -213,6 +247,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     metric: MetricConfig = field(default_factory=MetricConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (YAML/JSON safe) that :meth:`from_dict` turns back into this object."""

@@ -32,6 +32,9 @@ def test_make_synthetic_then_inspect(tmp_path):
     (["prepare", "--data", ".", "--set", "model.nam=x"], "unknown config key 'model.nam'"),
     (["train", "--data", ".", "--set", "model.name=vgg"], "model.name: expected one of"),
     (["evaluate", "--checkpoint", "/nonexistent/ck", "--out", "/tmp/x"], "not a cxr_ray checkpoint"),
+    (["score", "--checkpoint", "/nonexistent/ck", "--input", ".", "--output", "/tmp/x"], "not a cxr_ray checkpoint"),
+    (["score", "--checkpoint", ".", "--input", ".", "--output", "/tmp/x", "--set", "score.num_actors=0"],
+     "score.num_actors: expected an int >= 1"),
 ])
 def test_bad_input_fails_fast_with_named_cause(args, message):
     r = cxr_ray(*args)

@@ -81,3 +81,33 @@ def test_truncated_jpeg(gray):
     with pytest.raises(ImageDecodeError, match="cannot decode") as e:
         decode_image(data[: len(data) // 3], 64, "/x/cut.jpeg")
     assert "/x/cut.jpeg" in str(e.value)
+
+
+def _dicom_bytes(tmp_path, name, pixels, **kw) -> bytes:
+    from cxr_ray.data.synthetic import write_dicom
+
+    return write_dicom(tmp_path / name, pixels, **kw).read_bytes()
+
+
+def test_dicom_monochrome1_is_inverted_and_window_applied(tmp_path, gray):
+    pytest.importorskip("pydicom")
+    raw = gray.astype(np.uint16) * 16  # 12-bit values
+    mono2, w, h = decode_image(_dicom_bytes(tmp_path, "a.dcm", raw), 64, "a.dcm")
+    assert (w, h) == (256, 256) and mono2.dtype == np.uint8
+    ref, _, _ = decode_image(_encode(Image.fromarray(gray), "PNG"), 64)
+    assert np.corrcoef(mono2.ravel(), ref.ravel())[0, 1] > 0.99  # same picture
+    mono1, _, _ = decode_image(_dicom_bytes(tmp_path, "b", 4095 - raw, photometric="MONOCHROME1"), 64, "b")
+    assert np.abs(mono1.astype(int) - mono2).max() <= 1  # bone stays bright after inversion
+    # A narrow window saturates everything outside it: many more pure black/white pixels.
+    narrow, _, _ = decode_image(_dicom_bytes(tmp_path, "c", raw, window=(float(np.median(raw)), 300.0)), 64, "c")
+    extreme = lambda a: np.mean((a == 0) | (a == 255))  # noqa: E731
+    assert extreme(narrow) > extreme(mono2) + 0.2
+
+
+def test_bad_dicom_files_raise_named_errors(tmp_path, gray):
+    pytest.importorskip("pydicom")
+    with pytest.raises(ImageDecodeError, match="x.dcm: .*DICOM"):
+        decode_image(b"\0" * 128 + b"DICM" + b"\x02\x00garbage", 64, "x.dcm")
+    data = _dicom_bytes(tmp_path, "t.dcm", gray.astype(np.uint16))
+    with pytest.raises(ImageDecodeError, match="t.dcm"):
+        decode_image(data[: len(data) // 2], 64, "t.dcm")  # truncated pixel data

@@ -1,5 +1,6 @@
 """On the shared real chest X-rays (skipped where absent): counts, labels, and that it learns."""
 
+import pandas as pd
 import pytest
 
 from cxr_ray.config import ExperimentConfig
@@ -37,7 +38,12 @@ def test_pipeline_yields_correctly_labelled_tensors(ray_local, real_root, tmp_pa
 
 
 @pytest.mark.slow
-def test_scratch_cnn_learns_real_pneumonia(ray_local, real_root, tmp_path):
+def test_scratch_cnn_learns_real_pneumonia_and_scoring_matches_evaluate(ray_local, real_root, tmp_path):
+    from cxr_ray.checkpoint import load_checkpoint
+    from cxr_ray.config import ScoreConfig
+    from cxr_ray.data.listing import list_inputs
+    from cxr_ray.evaluate import evaluate_checkpoint
+    from cxr_ray.score import run_score
     from cxr_ray.train import run_training
 
     cfg = _cfg(real_root, tmp_path, **{
@@ -46,5 +52,19 @@ def test_scratch_cnn_learns_real_pneumonia(ray_local, real_root, tmp_path):
         "augment.rotation_deg": 5.0})
     result = run_training(cfg, prepare_cache(cfg))
     assert result.error is None
-    best = max(m["roc_auc"] for _, m in result.best_checkpoints)
-    assert best >= 0.90, result.best_checkpoints
+    best_ckpt, best = max(result.best_checkpoints, key=lambda cm: cm[1]["roc_auc"])
+    assert best["roc_auc"] >= 0.90, result.best_checkpoints
+
+    # The batch predictor on the same real images gives evaluate's metrics.
+    ev = evaluate_checkpoint(load_checkpoint(best_ckpt.path), str(real_root), "val", str(tmp_path / "eval"),
+                             cache_dir=str(tmp_path / "c"))
+    preds = pd.read_parquet(tmp_path / "eval" / "predictions.parquet")
+    manifest = tmp_path / "val.csv"
+    preds[["path", "label"]].to_csv(manifest, index=False)  # the carved, patient-grouped val split
+    summary = run_score(best_ckpt.path, [str(manifest)], str(tmp_path / "scores"),
+                        ScoreConfig(cpus_per_actor=1.0, decode_cpus=0.5), list_inputs([str(manifest)]),
+                        with_labels=True)
+    assert summary.failed == 0 and summary.scored == len(preds)
+    for key in ("roc_auc", "accuracy", "recall", "specificity", "precision", "threshold"):
+        assert summary.metrics[key] == pytest.approx(ev[key], abs=1e-6), key
+    assert summary.metrics["confusion_matrix"] == ev["confusion_matrix"]

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 CLASSES = ("NORMAL", "PNEUMONIA")  # index = label
 SPLITS = ("train", "val", "test")
-IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".dcm")
 CATALOG_COLUMNS = ["path", "label", "patient", "source_split", "size_bytes", "mtime_ns"]
 
 _PERSON = re.compile(r"^(person\d+)_", re.IGNORECASE)

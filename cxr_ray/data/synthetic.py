@@ -94,3 +94,34 @@ def make_synthetic_dataset(out: str | os.PathLike, n: int = 400, size: int = 128
                 count[label] += k
                 patient += 1
     return root
+
+
+def write_dicom(path: str | os.PathLike, pixels: np.ndarray, photometric: str = "MONOCHROME2",
+                window: tuple[float, float] | None = None, bits_stored: int = 12) -> Path:
+    """Write a single-frame digital X-ray DICOM file (needs the ``pydicom`` extra).
+
+    ``pixels``: 2-D unsigned ints below ``2**bits_stored``; ``window``: optional (centre,
+    width) stored as the VOI window. Used by tests and demos to make realistic DICOM inputs.
+    """
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray, for presentation
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.PatientID = "DX", "SYNTHETIC"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits_stored, bits_stored - 1, 0
+    if window is not None:
+        ds.WindowCenter, ds.WindowWidth = float(window[0]), float(window[1])
+    ds.PixelData = np.ascontiguousarray(pixels, dtype="<u2").tobytes()
+    try:
+        ds.save_as(str(path), enforce_file_format=True)  # pydicom >= 3
+    except TypeError:  # pydicom 2.x
+        ds.is_little_endian, ds.is_implicit_VR = True, False
+        ds.save_as(str(path), write_like_original=False)
+    return Path(path)

@@ -1,0 +1,203 @@
+"""Batch scoring on a real local Ray: exactly-once with bad files, schema, resume after a kill,
+and no preprocessing drift against ``evaluate``."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from cxr_ray.checkpoint import save_checkpoint
+from cxr_ray.config import ExperimentConfig, ScoreConfig
+from cxr_ray.data.listing import list_inputs
+from cxr_ray.data.synthetic import chest_image, make_synthetic_dataset, write_dicom
+from cxr_ray.models import build_model
+from cxr_ray.score import OUTPUT_SCHEMA, ScoreError, output_schema, run_score
+
+SCORE = ScoreConfig(batch_size=8, decode_batch_size=4, cpus_per_actor=1.0, decode_cpus=0.5,
+                    rows_per_file=7)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    """A small CNN checkpoint whose cache size differs from its input size (two resize steps)."""
+    cfg = ExperimentConfig().replace(**{"model.name": "simple_cnn", "model.weights": "none",
+                                        "model.width": 8, "data.image_size": 48, "data.cache_size": 80})
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    with torch.no_grad():  # spread the logits so probabilities differ visibly between images
+        model.head[-1].weight.mul_(500.0)
+    return str(save_checkpoint(tmp_path_factory.mktemp("ckpt") / "model", model, cfg, 0.5, {}, 0))
+
+
+def _save(img: Image.Image, path: Path, fmt: str, **kw) -> None:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    path.write_bytes(buf.getvalue())
+
+
+@pytest.fixture(scope="module")
+def mixed_folder(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """Good files of every supported kind and bad files of every kind; returns (root, {bad name: reason})."""
+    root = tmp_path_factory.mktemp("mixed")
+    rng = np.random.default_rng(1)
+    for cls in ("NORMAL", "PNEUMONIA"):
+        d = root / cls / "nested"
+        d.mkdir(parents=True)
+        pneu = cls == "PNEUMONIA"
+        for i in range(4):
+            _save(Image.fromarray(chest_image(120, pneu, rng)), d / f"gray{i}.jpeg", "JPEG", quality=90)
+        _save(Image.fromarray(chest_image(150, pneu, rng)).convert("RGB"), d / "rgb.jpg", "JPEG")
+        _save(Image.fromarray(chest_image(100, pneu, rng)), d / "eight.png", "PNG")
+        _save(Image.fromarray(chest_image(100, pneu, rng).astype(np.uint16) * 257), d / "sixteen.png", "PNG")
+        write_dicom(d / "mono2.dcm", chest_image(128, pneu, rng).astype(np.uint16) * 16)
+        write_dicom(d / "mono1_windowed.dcm", 4095 - chest_image(128, pneu, rng).astype(np.uint16) * 16,
+                    photometric="MONOCHROME1", window=(2048, 3000))
+        write_dicom(d / "PACS_EXPORT_0001", chest_image(96, pneu, rng).astype(np.uint16) * 16)  # no extension
+    bad = root / "NORMAL"
+    (bad / "empty.jpeg").write_bytes(b"")
+    good = io.BytesIO()
+    Image.fromarray(chest_image(200, False, rng)).save(good, format="JPEG")
+    (bad / "truncated.jpeg").write_bytes(good.getvalue()[:600])
+    (bad / "notes.txt").write_text("not an image")
+    (bad / "fake.png").write_text("<html>an error page saved as .png</html>")
+    _save(Image.new("LAB", (64, 64)), bad / "lab.tiff", "TIFF")
+    (bad / "broken.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00garbage")
+    (bad / ".DS_Store").write_bytes(b"hidden files are not inputs")
+    reasons = {"empty.jpeg": "empty file", "truncated.jpeg": "cannot decode", "notes.txt": "not a recognised",
+               "fake.png": "not a recognised", "lab.tiff": "unsupported image mode", "broken.dcm": "DICOM",
+               "vanished.jpeg": "cannot read file"}
+    return root, reasons
+
+
+def _manifest_with_missing(root: Path, tmp_path: Path) -> Path:
+    """A manifest naming one file that does not exist (deleted after listing, unmounted ...)."""
+    manifest = tmp_path / "extra.csv"
+    pd.DataFrame({"path": [str(root / "NORMAL" / "vanished.jpeg")], "label": ["NORMAL"]}).to_csv(manifest)
+    return manifest
+
+
+def test_every_file_exactly_once_with_errors_named(ray_local, checkpoint, mixed_folder, tmp_path):
+    root, reasons = mixed_folder
+    inputs = [str(root), str(root / "PNEUMONIA" / "nested" / "*.jpeg"),  # overlaps the folder
+              str(_manifest_with_missing(root, tmp_path))]
+    listing = list_inputs(inputs)
+    out = tmp_path / "out"
+    summary = run_score(checkpoint, inputs, str(out), SCORE, listing, with_labels=True)
+    df = pd.read_parquet(out)
+    assert len(df) == len(listing) == df["path"].nunique() == 2 * 10 + len(reasons)
+    assert set(df["path"]) == set(listing["path"])
+    assert not any(p.endswith(".DS_Store") for p in df["path"])
+    failed = df[df["error"].notna()].set_index(df["path"][df["error"].notna()].map(lambda p: Path(p).name))
+    assert set(failed.index) == set(reasons)
+    for name, reason in reasons.items():
+        assert reason in failed.at[name, "error"], (name, failed.at[name, "error"])
+    assert failed["prob_pneumonia"].isna().all() and failed["prediction"].isna().all()
+    scored = df[df["error"].isna()]
+    assert len(scored) == 20 and scored["prob_pneumonia"].between(0, 1).all()
+    assert (scored["prediction"] == np.where(scored["prob_pneumonia"] >= 0.5, "PNEUMONIA", "NORMAL")).all()
+    assert scored["prob_pneumonia"].std() > 1e-3  # real, image-dependent scores
+    assert set(scored["width"]) == {120, 150, 100, 128, 96}
+    assert (scored["label"] == np.where(scored["path"].str.contains("/PNEUMONIA/"), "PNEUMONIA", "NORMAL")).all()
+    assert (summary.scored, summary.failed, summary.files_seen) == (20, len(reasons), len(listing))
+    assert summary.metrics is not None and summary.metrics["n"] == 20
+    assert len(list(out.glob("part-*.parquet"))) == -(-len(df) // SCORE.rows_per_file)
+    assert not (out / "_tmp").exists()
+
+
+def test_output_schema_readable_without_cxr_ray(ray_local, checkpoint, mixed_folder, tmp_path):
+    root, _ = mixed_folder
+    out = tmp_path / "out"
+    run_score(checkpoint, [str(root)], str(out), SCORE, list_inputs([str(root)]))
+    table = pq.read_table(out)  # pyarrow reads the folder as one dataset; _-files are ignored
+    assert table.schema.equals(OUTPUT_SCHEMA, check_metadata=False)
+    assert table.schema.field("scored_at").type == pa.timestamp("us", tz="UTC")
+    df = pd.read_parquet(out)
+    assert str(df["prob_pneumonia"].dtype) == "float32" and str(df["threshold"].dtype) == "float32"
+    assert df["model"].nunique() == 1 and df["model"].iat[0].endswith("@epoch0")
+    duckdb = pytest.importorskip("duckdb")
+    (n, n_err), = duckdb.sql(f"SELECT count(*), count(error) FROM read_parquet('{out}/*.parquet')").fetchall()
+    assert (n, n_err) == (len(df), df["error"].notna().sum())
+    assert output_schema(True).names[-1] == "label"
+
+
+def test_refuses_to_mix_runs_and_models(ray_local, checkpoint, mixed_folder, tmp_path):
+    root, _ = mixed_folder
+    listing = list_inputs([str(root / "PNEUMONIA")])
+    out = str(tmp_path / "out")
+    run_score(checkpoint, [str(root)], out, SCORE, listing)
+    with pytest.raises(ScoreError, match="already holds .* pass --resume"):
+        run_score(checkpoint, [str(root)], out, SCORE, listing)
+    with pytest.raises(ScoreError, match="with --with-labels|without --with-labels"):
+        run_score(checkpoint, [str(root)], out, SCORE, listing, resume=True, with_labels=True)
+    summary = run_score(checkpoint, [str(root)], out, SCORE, listing, resume=True)  # nothing left to do
+    assert (summary.already_done, summary.scored, summary.total_rows) == (len(listing), 0, len(listing))
+
+
+def test_scores_equal_evaluate_no_preprocessing_drift(ray_local, checkpoint, tmp_path):
+    from cxr_ray.checkpoint import load_checkpoint
+    from cxr_ray.evaluate import evaluate_checkpoint
+
+    root = make_synthetic_dataset(tmp_path / "syn", n=120, size=110, seed=3)
+    evaluate_checkpoint(load_checkpoint(checkpoint), str(root), "test", str(tmp_path / "eval"),
+                        cache_dir=str(tmp_path / "cache"))
+    ev = pd.read_parquet(tmp_path / "eval" / "predictions.parquet").set_index("path")
+    run_score(checkpoint, [str(root / "test")], str(tmp_path / "scores"), SCORE,
+              list_inputs([str(root / "test")]))
+    sc = pd.read_parquet(tmp_path / "scores").set_index("path")
+    assert set(sc.index) == set(ev.index) and len(ev) >= 15
+    diff = np.abs(sc.loc[ev.index, "prob_pneumonia"].to_numpy() - ev["probability"].to_numpy())
+    assert diff.max() <= 1e-5, diff.max()
+    assert (sc.loc[ev.index, "prediction"] == ev["prediction"]).all()
+
+
+def _cxr_ray(*args, **kw):
+    return subprocess.Popen([sys.executable, "-m", "cxr_ray.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, **kw)
+
+
+@pytest.mark.slow
+def test_resume_after_kill_loses_nothing_duplicates_nothing(checkpoint, tmp_path):
+    root = make_synthetic_dataset(tmp_path / "syn", n=900, size=64, seed=5)
+    (root / "train" / "NORMAL" / "zero.jpeg").write_bytes(b"")
+    out = tmp_path / "out"
+    args = ["score", "--checkpoint", checkpoint, "--input", str(root), "--output", str(out),
+            "--set", "score.rows_per_file=40", "--set", "score.batch_size=4",
+            "--set", "score.decode_batch_size=4", "--set", "score.decode_cpus=0.5"]
+    proc = _cxr_ray(*args)
+    try:
+        deadline = time.time() + 240
+        while len(list(out.glob("part-*.parquet"))) < 2 and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, "the job finished before it could be interrupted: " + proc.stderr.read()[-2000:]
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the whole job, as a crash or an OOM kill would
+        proc.wait()
+    first = pd.read_parquet(out)  # only whole committed parts are visible
+    n_files = len(list_inputs([str(root)]))
+    assert 0 < len(first) < n_files and first["path"].is_unique
+    again = subprocess.run([sys.executable, "-m", "cxr_ray.cli", *args], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "--resume" in again.stderr  # no silent second copy
+    resumed = subprocess.run([sys.executable, "-m", "cxr_ray.cli", *args, "--resume"], capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    final = pd.read_parquet(out)
+    assert len(final) == n_files and final["path"].is_unique
+    assert set(final["path"]) == set(list_inputs([str(root)])["path"])
+    kept = final.set_index("path").loc[first["path"], "scored_at"]
+    assert (kept.to_numpy() == first["scored_at"].to_numpy()).all()  # committed rows untouched
+    assert final.loc[final["path"].str.endswith("zero.jpeg"), "error"].iat[0].startswith("empty file")
+    assert f"already in the output: {len(first)}" in resumed.stdout
+    assert resumed.stdout.strip().splitlines()[-1] == str(out)

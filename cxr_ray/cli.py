@@ -323,10 +323,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from cxr_ray.checkpoint import CheckpointError
     from cxr_ray.data.catalog import DataError
     from cxr_ray.models import WeightsError
+    from cxr_ray.runtime import ClusterError
 
     try:
         return func(args)
-    except (ConfigError, DataError, CheckpointError, WeightsError) as e:
+    except (ConfigError, DataError, CheckpointError, WeightsError, ClusterError) as e:
         print(f"cxr-ray {args.command}: error: {e}", file=sys.stderr)
         return 2
 

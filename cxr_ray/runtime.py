@@ -1,29 +1,103 @@
-"""Starting or joining Ray: the one place the entry points call ``ray.init``."""
+"""Starting or joining Ray, and cluster checks: the one place the entry points call ``ray.init``."""
 
 from __future__ import annotations
 
 import logging
 import os
+import uuid
 
 log = logging.getLogger(__name__)
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Join the cluster at ``address`` (or ``$RAY_ADDRESS``), else start local Ray.
+class ClusterError(RuntimeError):
+    """The Ray cluster cannot run the job as configured (e.g. node-local storage on many nodes)."""
 
-    ``address="auto"`` joins the cluster running on this node (as ``ray submit`` does).
-    Does nothing when Ray is already initialised in this process.
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> str:
+    """Join a cluster, or start a local Ray when none is given; returns how ("joined"/"local").
+
+    Order: ``address`` (``--address``), then ``$RAY_ADDRESS``, then a cluster already running
+    on this node (``ray start``, as on a node of ``ray up`` where ``ray submit`` runs the
+    script, or inside a Ray Job), else a new local Ray. Does nothing when Ray is already
+    initialised in this process.
     """
     import ray
 
     if ray.is_initialized():
-        return
+        return "joined"
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
         log.info("joining Ray cluster at %s", address)
         ray.init(address=address, log_to_driver=True)
+        mode = "joined"
     else:
-        # The dashboard serves the state API that Ray Train uses to clean up after stopped trials.
-        ray.init(num_cpus=num_cpus, log_to_driver=True)
+        try:
+            ray.init(address="auto", log_to_driver=True)
+            log.info("joined the Ray cluster running on this node")
+            mode = "joined"
+        except ConnectionError:
+            # The dashboard serves the state API that Ray Train uses to clean up after stopped trials.
+            ray.init(num_cpus=num_cpus, log_to_driver=True)
+            mode = "local"
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
+    return mode
+
+
+def alive_nodes() -> list[dict]:
+    """The cluster's alive nodes (``ray.nodes()`` entries)."""
+    import ray
+
+    return [n for n in ray.nodes() if n.get("Alive")]
+
+
+def nodes_missing(path: str) -> list[str]:
+    """Ids of alive nodes on which the local file ``path`` (present here) does not exist.
+
+    One tiny zero-CPU task pinned to every node checks it, so a shared mount (NFS,
+    Lustre ...) passes and a node-local disk fails on every node but this one.
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    @ray.remote(num_cpus=0)
+    def sees(p: str) -> bool:
+        return os.path.isfile(p)
+
+    nodes = [n["NodeID"] for n in alive_nodes()]
+    seen = ray.get([sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
+                    .remote(path) for node in nodes])
+    return [node for node, ok in zip(nodes, seen) if not ok]
+
+
+def check_shared_paths(paths: dict[str, str]) -> None:
+    """On a multi-node cluster, fail when a local path is not the same on every node.
+
+    ``paths`` maps the setting's name (for the message) to a local path or URI: an existing
+    file is probed as is, a folder (created if needed) through a marker file written into
+    it. URIs (``s3://``, ``gs://`` ...) are shared by construction; one node needs nothing.
+    Call it before work that would write on one node and read on another.
+    """
+    from cxr_ray.data import io
+
+    local = {k: v for k, v in paths.items() if v and not io.is_uri(v)}
+    if not local or len(alive_nodes()) <= 1:
+        return
+    for key, path in local.items():
+        marker = None
+        if not os.path.isfile(path):
+            os.makedirs(path, exist_ok=True)
+            marker = os.path.join(os.path.abspath(path), f".cxr_ray_shared_check_{uuid.uuid4().hex}")
+            with open(marker, "w") as f:
+                f.write("cxr_ray")
+        try:
+            missing = nodes_missing(marker or os.path.abspath(path))
+        finally:
+            if marker:
+                os.remove(marker)
+        if missing:
+            raise ClusterError(
+                f"{key}={path!r} is node-local, but this Ray cluster has {len(alive_nodes())} nodes and "
+                f"{len(missing)} of them ({', '.join(m[:12] for m in missing)}) do not see it, so what "
+                f"one node writes or reads there would be missing on another. Use a URI every node can "
+                f"reach (s3://bucket/..., gs://bucket/...) or a shared mount present on every node.")

@@ -39,6 +39,7 @@ from cxr_ray.data import io
 from cxr_ray.data.catalog import CLASSES, DataError
 from cxr_ray.data.decode import ImageDecodeError, decode_image
 from cxr_ray.data.listing import UNKNOWN_LABEL
+from cxr_ray.runtime import check_shared_paths
 
 log = logging.getLogger(__name__)
 
@@ -388,6 +389,7 @@ def run_score(checkpoint: str, inputs: list[str], output: str, score: ScoreConfi
     done = check_output(out, ckpt.model_id, with_labels, resume)
     todo = listing[~listing["path"].isin(done)].reset_index(drop=True)
     check_resources(score)
+    check_shared_paths({"--input": todo["path"].iat[0]} if len(todo) else {})  # read on every node
     job = out.read_job() or {"started_at": datetime.now(timezone.utc).isoformat(), "runs": []}
     job.update(checkpoint=str(checkpoint), model=ckpt.model_id, threshold=ckpt.threshold,
                with_labels=with_labels, inputs=list(inputs), score=dataclasses.asdict(score))

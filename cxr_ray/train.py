@@ -34,6 +34,7 @@ from cxr_ray.engine import (EarlyStopping, make_optimizer, make_scheduler, pos_w
                             predict, train_one_epoch)
 from cxr_ray.metrics import SELECTION_METRIC, validation_metrics
 from cxr_ray.models import build_model
+from cxr_ray.runtime import check_shared_paths
 
 log = logging.getLogger(__name__)
 
@@ -235,6 +236,7 @@ def run_training(cfg: ExperimentConfig, cache: Any):
     check_resources(cfg)
     name = run_name(cfg)
     storage = storage_uri(cfg.train.storage_path)
+    check_shared_paths({"train.storage_path": storage})
     io.write_bytes(io.join(storage, name, "config.yaml"),
                    yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
     trainer = build_trainer(cfg, training_inputs(cfg, cache), name, storage)

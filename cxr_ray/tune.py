@@ -25,6 +25,7 @@ from cxr_ray.config import ConfigError, ExperimentConfig, valid_keys
 from cxr_ray.data import io
 from cxr_ray.data.cache import open_cache
 from cxr_ray.metrics import SELECTION_METRIC
+from cxr_ray.runtime import check_shared_paths
 from cxr_ray.train import build_trainer, check_resources, storage_uri, training_inputs
 
 log = logging.getLogger(__name__)
@@ -274,6 +275,7 @@ def run_tune(cfg: ExperimentConfig, cache_uri: str, name: str, resume: bool = Fa
     storage = storage_uri(cfg.train.storage_path)
     exp_uri = io.join(storage, name)
     check_resources(cfg, trials=1, data_cpus=cfg.tune.data_cpus)
+    check_shared_paths({"train.storage_path": storage})  # before the first trial
     concurrent = max_concurrent_trials(cfg)  # raises when not even one trial fits
     callbacks = tracking_callbacks(mlflow_uri, name)
     if resume:

@@ -9,8 +9,12 @@ line printed is the best checkpoint's path.
 """
 
 import sys
+from pathlib import Path
 
-from cxr_ray.cli import main
+# Importable from a plain checkout too (a Ray Jobs --working-dir upload, where it is not installed).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cxr_ray.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(["tune", *sys.argv[1:]]))

@@ -166,6 +166,10 @@ def prepare_cache(cfg: ExperimentConfig, catalog: pd.DataFrame | None = None) ->
     if meta is not None:
         log.info("[prepare] reusing cache %s (%d images)", uri, meta["n_images"])
         return PreparedCache(uri, meta)
+    from cxr_ray.runtime import check_shared_paths
+
+    # Decode tasks on any node read the images and write the cache: both must be shared.
+    check_shared_paths({"data.root": catalog["path"].iat[0], "data.cache_dir": cfg.data.resolved_cache_dir})
     _delete(uri)  # an interrupted build leaves data without meta.json
     size = cfg.data.resolved_cache_size
     log.info("[prepare] decoding %d images at %dpx into %s", len(catalog), size, uri)

@@ -100,14 +100,49 @@ class LoadedCheckpoint:
     @property
     def model_id(self) -> str:
         """A short stable id of the checkpoint (folder name + epoch)."""
-        return f"{Path(self.path).resolve().parent.name}/{Path(self.path).name}@epoch{self.meta.get('epoch')}"
+        parts = str(self.path).rstrip("/").rsplit("/", 2)
+        run, name = (parts[-2], parts[-1]) if len(parts) >= 2 else ("", parts[-1])
+        if "://" not in str(self.path):
+            p = Path(self.path).resolve()
+            run, name = p.parent.name, p.name
+        return f"{run}/{name}@epoch{self.meta.get('epoch')}"
+
+
+def fetch_checkpoint(uri: str) -> Path:
+    """A local copy of a checkpoint folder at ``s3://`` / ``gs://`` ..., cached by URI."""
+    import hashlib
+
+    import pyarrow.fs as pafs
+
+    from cxr_ray.data import io
+
+    cache = Path(os.environ.get("CXR_RAY_CACHE") or Path.home() / ".cache" / "cxr_ray") / "checkpoints"
+    local = cache / hashlib.sha1(uri.rstrip("/").encode()).hexdigest()[:16]
+    if not (local / META_FILE).is_file():
+        fs, src = io.resolve(uri)
+        if fs.get_file_info(src).type != pafs.FileType.Directory:
+            raise CheckpointError(f"{uri} is not a cxr_ray checkpoint: no such folder")
+        tmp = Path(f"{local}.tmp{os.getpid()}")
+        tmp.mkdir(parents=True, exist_ok=True)
+        for name in (MODEL_FILE, CONFIG_FILE, META_FILE):  # meta last: the copy's commit marker
+            info = fs.get_file_info(f"{src}/{name}")
+            if info.type != pafs.FileType.File:
+                raise CheckpointError(f"{uri} is not a cxr_ray checkpoint: {name} is missing")
+            (tmp / name).write_bytes(io.read_bytes(io.join(uri, name)))
+        if not local.exists():
+            tmp.rename(local)
+    return local
 
 
 def load_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
-    """Rebuild the model from a checkpoint folder (no pretrained download: weights come from it)."""
+    """Rebuild the model from a checkpoint folder (no pretrained download: weights come from it).
+
+    ``path`` may be a local folder or a URI (``s3://``, ``gs://``; fetched once into the cache).
+    """
+    from cxr_ray.data import io
     from cxr_ray.models import build_model
 
-    folder = Path(path)
+    folder = fetch_checkpoint(str(path)) if io.is_uri(str(path)) else Path(path)
     for name in (MODEL_FILE, CONFIG_FILE, META_FILE):
         if not (folder / name).is_file():
             raise CheckpointError(f"{folder} is not a cxr_ray checkpoint: {name} is missing")
@@ -120,7 +155,7 @@ def load_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
     except RuntimeError as e:
         raise CheckpointError(f"{folder / MODEL_FILE} does not match model {cfg.model.name!r}: {e}") from e
     model.eval()
-    return LoadedCheckpoint(str(folder), model, cfg, float(meta["threshold"]), meta)
+    return LoadedCheckpoint(str(path), model, cfg, float(meta["threshold"]), meta)
 
 
 def load_train_state(path: str | os.PathLike) -> dict[str, Any] | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import pandas as pd
 import torch
 
 from cxr_ray.checkpoint import LoadedCheckpoint
+from cxr_ray.data import io
 from cxr_ray.data.catalog import CLASSES
 from cxr_ray.data.transforms import Collate
 from cxr_ray.engine import predict
@@ -127,9 +129,13 @@ def evaluate_checkpoint(ckpt: LoadedCheckpoint, data_root: str, split: str, out_
     preds["prediction"] = np.where(preds["probability"] >= ckpt.threshold, CLASSES[1], CLASSES[0])
     metrics = metrics_report(preds, ckpt.threshold)
     metrics.update(split=split, checkpoint=ckpt.path, data=data_root)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    preds.to_parquet(out / "predictions.parquet", index=False)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    write_plots(preds, metrics, out)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) if io.is_uri(out_dir) else Path(out_dir)  # URIs: write locally, then upload
+        out.mkdir(parents=True, exist_ok=True)
+        preds.to_parquet(out / "predictions.parquet", index=False)
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        write_plots(preds, metrics, out)
+        if io.is_uri(out_dir):
+            for f in out.iterdir():
+                io.write_bytes(io.join(out_dir, f.name), f.read_bytes())
     return metrics

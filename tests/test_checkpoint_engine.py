@@ -31,6 +31,20 @@ def test_checkpoint_round_trip(tmp_path):
     assert loaded.meta["epoch"] == 4
 
 
+def test_checkpoint_loads_from_a_uri(tmp_path, monkeypatch):
+    monkeypatch.setenv("CXR_RAY_CACHE", str(tmp_path / "cache"))
+    cfg = _cfg()
+    model = build_model(cfg.model).eval()
+    save_checkpoint(tmp_path / "runs" / "exp" / "best", model, cfg, 0.4, {}, epoch=2)
+    uri = f"file://{tmp_path}/runs/exp/best"  # a pyarrow URI, as s3:// or gs:// would be
+    loaded = load_checkpoint(uri)
+    x = torch.randn(2, 1, 32, 32)
+    assert torch.equal(model(x), loaded.model(x)) and loaded.path == uri
+    assert loaded.model_id == "exp/best@epoch2" == load_checkpoint(tmp_path / "runs" / "exp" / "best").model_id
+    with pytest.raises(CheckpointError, match="no such folder"):
+        load_checkpoint(f"file://{tmp_path}/runs/exp/missing")
+
+
 def test_checkpoint_of_frozen_resnet_round_trips(tmp_path):
     cfg = ExperimentConfig().replace(**{"model.weights": "none", "model.unfreeze_depth": 2})
     model = build_model(cfg.model).eval()

@@ -160,12 +160,12 @@ def cmd_score(args: argparse.Namespace) -> int:
               f"Re-run with --resume to score the rest.", file=sys.stderr)
         return 130
     shutdown_ray()
-    if summary.failures:
-        print(f"[score] {len(summary.failures)} file(s) could not be scored (error column set):")
+    if summary.failed:
+        print(f"[score] {summary.failed} file(s) could not be scored (their rows have the error column set):")
         for path, err in summary.failures[:20]:
             print(f"  - {path}: {err}")
-        if len(summary.failures) > 20:
-            print(f"  ... and {len(summary.failures) - 20} more")
+        if summary.failed > 20:
+            print(f"  ... and {summary.failed - 20} more: read them with error IS NOT NULL")
     if summary.metrics is not None:
         print(format_table(summary.metrics, f"[score] metrics over the labelled rows of {args.output}"))
     print(summary.format())

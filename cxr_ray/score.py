@@ -287,7 +287,7 @@ class ScoreSummary:
     failed: int
     seconds: float
     total_rows: int
-    failures: list[tuple[str, str]]
+    failures: list[tuple[str, str]]  # the first MAX_LOGGED_FAILURES (path, reason) of this run
     metrics: dict[str, Any] | None = None
 
     @property
@@ -368,10 +368,10 @@ def _stream(ds, writer: PartWriter, with_labels: bool, failures: list[tuple[str,
         writer.add(table)
         errors = table.column("error").to_pylist()
         bad = [(p, e) for p, e in zip(table.column("path").to_pylist(), errors) if e is not None]
-        for path, err in bad:
+        for path, err in bad:  # every failure is in the output; the first ones are also logged
             if len(failures) < MAX_LOGGED_FAILURES:
                 log.warning("cannot score %s: %s", path, err)
-            failures.append((path, err))
+                failures.append((path, err))
         yield table.num_rows - len(bad), len(bad)
 
 

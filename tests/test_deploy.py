@@ -29,8 +29,10 @@ def test_launcher_config_passes_ray_validation(rel):
     prepared = prepare_config(raw)  # what `ray up` does before any cloud call
     validate_config(prepared)
     assert prepared["head_node_type"] in prepared["available_node_types"]
-    assert any("pip install" in c and "cxr_ray" in c for c in raw["setup_commands"])
+    assert any("pip install" in c and "cxr-ray" in c for c in raw["setup_commands"])
     assert "." in raw["file_mounts"].values()  # this checkout, i.e. the same revision
+    # found by deploy/loopback_check.sh: ~/cxr_ray beside the submitted script shadowed the package
+    assert all(Path(target).name != "cxr_ray" for target in raw["file_mounts"])
 
 
 @pytest.mark.parametrize("rel", ["cluster.yaml", "deploy/gcp.yaml"])

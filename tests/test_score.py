@@ -201,3 +201,17 @@ def test_resume_after_kill_loses_nothing_duplicates_nothing(checkpoint, tmp_path
     assert final.loc[final["path"].str.endswith("zero.jpeg"), "error"].iat[0].startswith("empty file")
     assert f"already in the output: {len(first)}" in resumed.stdout
     assert resumed.stdout.strip().splitlines()[-1] == str(out)
+
+
+def test_uri_inputs_and_output(ray_local, checkpoint, mixed_folder, tmp_path):
+    """``file://`` goes through the same pyarrow-filesystem paths as ``s3://`` and ``gs://``."""
+    root, _ = mixed_folder
+    inputs = [f"file://{root}/PNEUMONIA", f"file://{root}/NORMAL/nested/*.jpeg"]
+    listing = list_inputs(inputs)
+    assert listing["path"].str.startswith("file:///").all() and len(listing) == 14
+    out = f"file://{tmp_path}/uri_out"
+    summary = run_score(f"file://{checkpoint}", inputs, out, SCORE, listing, with_labels=True)
+    df = pd.read_parquet(tmp_path / "uri_out")
+    assert set(df["path"]) == set(listing["path"]) and df["error"].isna().all()
+    assert summary.scored == 14 and summary.metrics is not None
+    assert (tmp_path / "uri_out" / "_metrics.json").is_file() and not (tmp_path / "uri_out" / "_tmp").exists()

@@ -20,7 +20,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config file (see configs/)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set data.image_size=224 (repeatable)")
-    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else local Ray)")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a cluster "
+                   "running on this node, else a new local Ray)")
     p.add_argument("--data", help="dataset root or CSV/Parquet manifest (sets data.root)")
     p.add_argument("--cache", help="cache folder or URI (sets data.cache_dir)")
     p.add_argument("--size", type=int, help="image side in pixels (sets data.image_size)")
@@ -306,7 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML config file (its score: section sets the scale)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set score.num_actors=4")
-    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else local Ray)")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a cluster "
+                   "running on this node, else a new local Ray)")
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("inspect", help="counts per split/class, patients, sizes, problems")

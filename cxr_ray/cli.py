@@ -144,14 +144,15 @@ def cmd_score(args: argparse.Namespace) -> int:
     from cxr_ray.data.listing import list_inputs
     from cxr_ray.evaluate import format_table
     from cxr_ray.runtime import init_ray
-    from cxr_ray.score import run_score
+    from cxr_ray.score import OutputFolder, check_output, run_score
 
     cfg = load_config(args.config, args.set)
-    load_checkpoint(args.checkpoint)  # a bad checkpoint fails here, before listing and Ray
+    ckpt = load_checkpoint(args.checkpoint)  # a bad checkpoint fails here, before listing and Ray
     listing = list_inputs(args.input)  # fails fast on a missing input, before Ray
     if args.with_labels and (listing["label"] < 0).all():
         raise ConfigError("--with-labels: no input file sits in a NORMAL/PNEUMONIA folder and no "
                           "manifest has a 'label' column")
+    check_output(OutputFolder(args.output), ckpt.model_id, args.with_labels, args.resume)  # before Ray
     init_ray(args.address)
     try:
         summary = run_score(args.checkpoint, args.input, args.output, cfg.score, listing,

@@ -303,7 +303,12 @@ class ScoreSummary:
 
 
 def check_output(out: OutputFolder, model_id: str, with_labels: bool, resume: bool) -> set[str]:
-    """Paths already scored; refuses to mix runs, models or schemas in one output folder."""
+    """Paths already scored; refuses to mix runs, models or schemas in one output folder.
+
+    Cheap (listings and the ``path`` column only): the CLI calls it before Ray starts.
+    """
+    if out.fs.get_file_info(out.path).type == pafs.FileType.File:
+        raise ScoreError(f"--output {out.uri!r} is a file; expected a folder (new or from an earlier score job)")
     parts = out.parts()
     job = out.read_job()
     if parts and not resume:

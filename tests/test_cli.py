@@ -40,3 +40,23 @@ def test_bad_input_fails_fast_with_named_cause(args, message):
     r = cxr_ray(*args)
     assert r.returncode == 2 and message in r.stderr
     assert "Started a local Ray instance" not in r.stderr  # failed before Ray started
+
+
+def test_score_refuses_bad_output_before_ray(tmp_path):
+    from cxr_ray.checkpoint import save_checkpoint
+    from cxr_ray.config import ExperimentConfig
+    from cxr_ray.models import build_model
+
+    cfg = ExperimentConfig().replace(**{"model.name": "simple_cnn", "model.width": 4, "model.weights": "none"})
+    ckpt = save_checkpoint(tmp_path / "ck", build_model(cfg.model), cfg, 0.5, {}, 0)
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a.jpeg").write_bytes(b"")
+    (tmp_path / "out.parquet").write_bytes(b"x")
+    base = ["score", "--checkpoint", str(ckpt), "--input", str(tmp_path / "imgs")]
+    r = cxr_ray(*base, "--output", str(tmp_path / "out.parquet"))
+    assert r.returncode == 2 and "out.parquet' is a file" in r.stderr
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "part-x-00000.parquet").write_bytes(b"x")
+    r = cxr_ray(*base, "--output", str(tmp_path / "old"))
+    assert r.returncode == 2 and "pass --resume" in r.stderr
+    assert "Started a local Ray instance" not in r.stderr

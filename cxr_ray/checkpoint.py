@@ -100,11 +100,11 @@ class LoadedCheckpoint:
     @property
     def model_id(self) -> str:
         """A short stable id of the checkpoint (folder name + epoch)."""
-        parts = str(self.path).rstrip("/").rsplit("/", 2)
-        run, name = (parts[-2], parts[-1]) if len(parts) >= 2 else ("", parts[-1])
-        if "://" not in str(self.path):
-            p = Path(self.path).resolve()
-            run, name = p.parent.name, p.name
+        from cxr_ray.data import io
+
+        path = str(self.path).rstrip("/")
+        path = path if io.is_uri(path) else str(Path(path).resolve())
+        run, name = path.rsplit("/", 2)[-2:]
         return f"{run}/{name}@epoch{self.meta.get('epoch')}"
 
 
@@ -116,7 +116,9 @@ def fetch_checkpoint(uri: str) -> Path:
 
     from cxr_ray.data import io
 
-    cache = Path(os.environ.get("CXR_RAY_CACHE") or Path.home() / ".cache" / "cxr_ray") / "checkpoints"
+    from cxr_ray.config import DataConfig
+
+    cache = Path(DataConfig().resolved_cache_dir) / "checkpoints"  # $CXR_RAY_CACHE or ~/.cache/cxr_ray
     local = cache / hashlib.sha1(uri.rstrip("/").encode()).hexdigest()[:16]
     if not (local / META_FILE).is_file():
         fs, src = io.resolve(uri)

@@ -16,12 +16,16 @@ from cxr_ray.config import ConfigError, ExperimentConfig, load_config, parse_ove
 
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _config_and_address(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config file (see configs/)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set data.image_size=224 (repeatable)")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a cluster "
                    "running on this node, else a new local Ray)")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    _config_and_address(p)
     p.add_argument("--data", help="dataset root or CSV/Parquet manifest (sets data.root)")
     p.add_argument("--cache", help="cache folder or URI (sets data.cache_dir)")
     p.add_argument("--size", type=int, help="image side in pixels (sets data.image_size)")
@@ -155,7 +159,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     check_output(OutputFolder(args.output), ckpt.model_id, args.with_labels, args.resume)  # before Ray
     init_ray(args.address)
     try:
-        summary = run_score(args.checkpoint, args.input, args.output, cfg.score, listing,
+        summary = run_score(ckpt, args.input, args.output, cfg.score, listing,
                             resume=args.resume, with_labels=args.with_labels)
     except KeyboardInterrupt:
         print(f"cxr-ray score: interrupted; finished rows are committed in {args.output}. "
@@ -305,11 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue an interrupted job: score only files not yet in --output")
     p.add_argument("--with-labels", action="store_true",
                    help="add the true label from NORMAL/PNEUMONIA folders and print metrics")
-    p.add_argument("--config", help="YAML config file (its score: section sets the scale)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set score.num_actors=4")
-    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a cluster "
-                   "running on this node, else a new local Ray)")
+    _config_and_address(p)  # the config's score: section sets the scale
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("inspect", help="counts per split/class, patients, sizes, problems")

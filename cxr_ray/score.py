@@ -34,10 +34,11 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from cxr_ray.checkpoint import LoadedCheckpoint, load_checkpoint
 from cxr_ray.config import ScoreConfig
 from cxr_ray.data import io
 from cxr_ray.data.catalog import CLASSES, DataError
-from cxr_ray.data.decode import ImageDecodeError, decode_image
+from cxr_ray.data.decode import ImageDecodeError, decode_file
 from cxr_ray.data.listing import UNKNOWN_LABEL
 from cxr_ray.runtime import check_shared_paths
 
@@ -85,12 +86,10 @@ def read_and_decode(batch: dict[str, np.ndarray], cache_size: int, image_size: i
     errors = []
     for i, path in enumerate(paths):
         try:
-            pixels[i], width[i], height[i] = decode_image(io.read_bytes(path), cache_size, path)
+            pixels[i], width[i], height[i] = decode_file(path, cache_size)
             errors.append("")
-        except ImageDecodeError as e:
+        except ImageDecodeError as e:  # unreadable files too: decode_file names them
             errors.append(e.reason)
-        except OSError as e:
-            errors.append(f"cannot read file ({e})")
     return {"path": paths, "label": np.asarray(batch["label"], np.int8),
             "image": to_model_size(pixels, image_size), "width": width, "height": height,
             "error": np.asarray(errors, dtype=object)}
@@ -117,7 +116,7 @@ class Predictor:
     def __init__(self, checkpoint: str, score: dict[str, Any]):
         import torch
 
-        from cxr_ray.checkpoint import load_checkpoint
+        from cxr_ray.data.transforms import Collate
 
         self.score = ScoreConfig(**score)
         self.device = score_device(self.score)
@@ -130,19 +129,15 @@ class Predictor:
             model = model.to(memory_format=torch.channels_last)
         self.model = torch.compile(model) if self.score.compile else model
         self.threshold, self.model_id = np.float32(ckpt.threshold), ckpt.model_id
+        self.collate = Collate(self.device, channels_last=self.amp)
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
-        """PNEUMONIA probabilities of uint8 ``(B, 1, N, N)`` images (the engine's predict)."""
-        import torch
-
-        from cxr_ray.data.transforms import normalize
+        """PNEUMONIA probabilities of uint8 ``(B, 1, N, N)`` images: evaluation's own
+        ``Collate`` (normalise, channels_last on GPU) and the engine's ``predict``."""
         from cxr_ray.engine import predict
 
-        x = normalize(torch.from_numpy(np.array(images)).to(self.device, non_blocking=True))
-        if self.amp:
-            x = x.contiguous(memory_format=torch.channels_last)
-        probs, _, _ = predict(self.model, [(x, torch.zeros(len(x), device=self.device))], self.device,
-                              amp=self.amp)
+        batch = self.collate({"image": images, "label": np.zeros(len(images), np.float32)})
+        probs, _, _ = predict(self.model, [batch], self.device, amp=self.amp)
         return probs.astype(np.float32)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -302,18 +297,18 @@ class ScoreSummary:
         return "\n".join(lines)
 
 
-def check_output(out: OutputFolder, model_id: str, with_labels: bool, resume: bool) -> set[str]:
-    """Paths already scored; refuses to mix runs, models or schemas in one output folder.
+def check_output(out: OutputFolder, model_id: str, with_labels: bool, resume: bool) -> None:
+    """Refuse to mix runs, models or schemas in one output folder.
 
-    Cheap (listings and the ``path`` column only): the CLI calls it before Ray starts.
+    Cheap (listings and the small job record only), so the CLI calls it before Ray starts.
     """
     if out.fs.get_file_info(out.path).type == pafs.FileType.File:
         raise ScoreError(f"--output {out.uri!r} is a file; expected a folder (new or from an earlier score job)")
     parts = out.parts()
-    job = out.read_job()
     if parts and not resume:
         raise ScoreError(f"output folder {out.uri!r} already holds {len(parts)} result file(s); "
                          f"pass --resume to finish that job, or choose a new --output")
+    job = out.read_job()
     if resume and job is not None:
         if job.get("model") != model_id:
             raise ScoreError(f"--resume: {out.uri!r} was scored by model {job.get('model')!r}, "
@@ -322,8 +317,6 @@ def check_output(out: OutputFolder, model_id: str, with_labels: bool, resume: bo
             raise ScoreError(f"--resume: {out.uri!r} was started "
                              f"{'with' if job.get('with_labels') else 'without'} --with-labels; "
                              f"resume it the same way")
-    out.clear_tmp()
-    return out.done_paths() if parts else set()
 
 
 def check_resources(score: ScoreConfig) -> None:
@@ -380,18 +373,20 @@ def _stream(ds, writer: PartWriter, with_labels: bool, failures: list[tuple[str,
         yield table.num_rows - len(bad), len(bad)
 
 
-def run_score(checkpoint: str, inputs: list[str], output: str, score: ScoreConfig,
+def run_score(checkpoint: str | LoadedCheckpoint, inputs: list[str], output: str, score: ScoreConfig,
               listing: pd.DataFrame, resume: bool = False, with_labels: bool = False) -> ScoreSummary:
     """Score every file of ``listing`` not yet in ``output``; Ray must be initialised.
 
-    ``listing`` comes from :func:`cxr_ray.data.listing.list_inputs` (done before Ray starts).
-    On Ctrl-C the rows already scored are committed before the interrupt propagates.
+    ``checkpoint``: a folder/URI, or one the caller already loaded (actors load it from its
+    path). ``listing`` comes from :func:`cxr_ray.data.listing.list_inputs` (done before Ray
+    starts). On Ctrl-C the rows already scored are committed before the interrupt propagates.
     """
-    from cxr_ray.checkpoint import load_checkpoint
-
-    ckpt = load_checkpoint(checkpoint)
+    ckpt = checkpoint if isinstance(checkpoint, LoadedCheckpoint) else load_checkpoint(checkpoint)
+    checkpoint = ckpt.path
     out = OutputFolder(output)
-    done = check_output(out, ckpt.model_id, with_labels, resume)
+    check_output(out, ckpt.model_id, with_labels, resume)
+    out.clear_tmp()  # temp files of an interrupted run: never committed, never read
+    done = out.done_paths() if resume else set()
     todo = listing[~listing["path"].isin(done)].reset_index(drop=True)
     check_resources(score)
     check_shared_paths({"--input": todo["path"].iat[0]} if len(todo) else {})  # read on every node
@@ -422,7 +417,7 @@ def run_score(checkpoint: str, inputs: list[str], output: str, score: ScoreConfi
                             "ended_at": datetime.now(timezone.utc).isoformat()})
         out.write_json(JOB_FILE, job)
     summary = ScoreSummary(output, len(listing), len(listing) - len(todo), scored, failed, seconds,
-                           out.read(["path"]).num_rows, failures)
+                           len(done) + writer.rows_written, failures)
     if with_labels:
         summary.metrics = labelled_metrics(out, ckpt.threshold)
         if summary.metrics is not None:

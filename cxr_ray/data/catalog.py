@@ -127,29 +127,38 @@ def scan_layout(root: str) -> pd.DataFrame:
     return df[CATALOG_COLUMNS].sort_values("path", ignore_index=True)
 
 
+def read_table(path: str) -> pd.DataFrame:
+    """A CSV or Parquet manifest (local path or URI) as a DataFrame; :class:`DataError` names it."""
+    if not io.exists(path):
+        raise DataError(f"manifest {path!r} does not exist")
+    fs, p = io.resolve(path)
+    try:
+        if path.lower().endswith(".parquet"):
+            return pd.read_parquet(p, filesystem=fs)
+        with fs.open_input_stream(p) as f:
+            return pd.read_csv(f)
+    except (OSError, ValueError) as e:
+        raise DataError(f"manifest {path!r} cannot be read: {e}") from e
+
+
+def manifest_paths(df: pd.DataFrame, path: str) -> list[str]:
+    """The manifest's ``path`` column, relative entries taken relative to the manifest's folder."""
+    base = path.rsplit("/", 1)[0] if io.is_uri(path) else os.path.dirname(os.path.abspath(path))
+    return [p if io.is_uri(p) or os.path.isabs(p) else io.join(base, p) for p in df["path"].astype(str)]
+
+
 def read_manifest(path: str) -> pd.DataFrame:
     """Read a CSV/Parquet manifest with ``path``, ``label`` and optional ``split`` columns.
 
     Relative image paths are taken relative to the manifest's folder. Rows without a split
     are treated as ``train``.
     """
-    if not io.exists(path):
-        raise DataError(f"manifest {path!r} does not exist")
-    if path.lower().endswith(".parquet"):
-        fs, p = io.resolve(path)
-        df = pd.read_parquet(p, filesystem=fs)
-    else:
-        fs, p = io.resolve(path)
-        with fs.open_input_stream(p) as f:
-            df = pd.read_csv(f)
+    df = read_table(path)
     missing = [c for c in ("path", "label") if c not in df.columns]
     if missing:
         raise DataError(f"manifest {path!r} lacks column(s) {missing}; found columns {list(df.columns)}")
-    base = path.rsplit("/", 1)[0] if io.is_uri(path) else os.path.dirname(os.path.abspath(path))
     out = pd.DataFrame()
-    out["path"] = [
-        p if io.is_uri(p) or os.path.isabs(p) else io.join(base, p) for p in df["path"].astype(str)
-    ]
+    out["path"] = manifest_paths(df, path)
     out["label"] = [label_from_name(v, f"manifest {path!r} row {i}") for i, v in enumerate(df["label"])]
     splits = df["split"].fillna("train").astype(str).str.lower() if "split" in df else "train"
     out["source_split"] = splits

@@ -22,7 +22,7 @@ import pandas as pd
 import pyarrow.fs as pafs
 
 from cxr_ray.data import io
-from cxr_ray.data.catalog import CLASSES, DataError, label_from_name
+from cxr_ray.data.catalog import CLASSES, DataError, label_from_name, manifest_paths, read_table
 
 MANIFEST_EXTENSIONS = (".csv", ".parquet")
 UNKNOWN_LABEL = -1
@@ -60,19 +60,10 @@ def _expand_glob(pattern: str) -> list[str]:
 
 
 def _read_manifest(path: str) -> pd.DataFrame:
-    fs, p = io.resolve(path)
-    try:
-        if path.lower().endswith(".parquet"):
-            df = pd.read_parquet(p, filesystem=fs)
-        else:
-            with fs.open_input_stream(p) as f:
-                df = pd.read_csv(f)
-    except (OSError, ValueError) as e:
-        raise DataError(f"manifest {path!r} cannot be read: {e}") from e
+    df = read_table(path)
     if "path" not in df.columns:
         raise DataError(f"manifest {path!r} lacks a 'path' column; found columns {list(df.columns)}")
-    base = path.rsplit("/", 1)[0] if io.is_uri(path) else os.path.dirname(os.path.abspath(path))
-    paths = [q if io.is_uri(q) or os.path.isabs(q) else io.join(base, q) for q in df["path"].astype(str)]
+    paths = manifest_paths(df, path)
     if "label" in df.columns:
         labels = [UNKNOWN_LABEL if pd.isna(v) else label_from_name(v, f"manifest {path!r} row {i}")
                   for i, v in enumerate(df["label"])]

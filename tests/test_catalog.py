@@ -4,17 +4,34 @@ import pytest
 from PIL import Image
 
 from cxr_ray.config import DataConfig
-from cxr_ray.data.catalog import (DataError, assign_splits, load_catalog, patient_id, read_manifest,
-                                  scan_layout, split_leaks)
+from cxr_ray.data.catalog import (DataError, assign_splits, check_patient_leaks, load_catalog, patient_id,
+                                  read_manifest, scan_layout, split_leaks)
 
 
 @pytest.mark.parametrize("name, patient", [
     ("person12_bacteria_45.jpeg", "person12"), ("person1_virus_6.jpeg", "person1"),
+    ("PERSON1000_Virus_1681.JPG", "person1000"), ("person7_bacteria_29.png", "person7"),
     ("IM-0115-0001.jpeg", "IM-0115"), ("NORMAL2-IM-0381-0001.jpeg", "NORMAL2-IM-0381"),
+    ("IM-0551-0001-0001.jpeg", "IM-0551"), ("IM-0551-0001-0002.jpeg", "IM-0551"),
+    ("NORMAL2-IM-1096-0001-0003.jpeg", "NORMAL2-IM-1096"), ("normal2-im-1096-0001.PNG", "NORMAL2-IM-1096"),
+    ("im-0115-0001.dcm", "IM-0115"), ("IM-0115-0001", "IM-0115"),
     ("/a/b/scan_77.png", "scan_77"), ("s3://bucket/x/IM-0001-0002.jpg", "IM-0001"),
 ])
 def test_patient_id(name, patient):
     assert patient_id(name) == patient
+
+
+def test_manifest_patient_column_wins_and_dicom_patient_id(tmp_path):
+    from cxr_ray.data.synthetic import write_dicom
+
+    _img(tmp_path / "a.png")
+    _img(tmp_path / "IM-0001-0001.png")
+    write_dicom(tmp_path / "scan.dcm", np.full((16, 16), 100, np.uint16), patient_id="PAT-42")
+    pd.DataFrame({"path": ["a.png", "IM-0001-0001.png", "scan.dcm"], "label": [0, 0, 1],
+                  "patient": ["P1", None, ""]}).to_csv(tmp_path / "m.csv", index=False)
+    df = read_manifest(str(tmp_path / "m.csv"))
+    by_name = dict(zip(df["path"].map(lambda p: p.rsplit("/", 1)[1]), df["patient"]))
+    assert by_name == {"a.png": "P1", "IM-0001-0001.png": "IM-0001", "scan.dcm": "PAT-42"}
 
 
 def _img(path, size=32):
@@ -126,6 +143,16 @@ def test_grouped_split_no_leak_stratified_seeded():
         assert 0.15 <= share <= 0.3, (label, share)
     assert a["split"].tolist() == assign_splits(df, DataConfig(val_fraction=0.2, seed=1))["split"].tolist()
     assert a["split"].tolist() != assign_splits(df, DataConfig(val_fraction=0.2, seed=2))["split"].tolist()
+
+
+def test_train_val_patient_leak_refused_with_examples(tmp_path):
+    root = _layout(tmp_path)
+    _img(root / "val" / "NORMAL" / "IM-0000-0009.jpeg")  # patient IM-0000 also has a train image
+    df = assign_splits(load_catalog(str(root)), DataConfig(val_split="official"))
+    with pytest.raises(DataError, match=r"1 patient\(s\) have images in both train and val.*IM-0000"):
+        check_patient_leaks(df)
+    grouped = assign_splits(load_catalog(str(root)), DataConfig(val_split="grouped", val_fraction=0.3))
+    assert check_patient_leaks(grouped)[0] == "patients shared between train and val: 0"
 
 
 def test_official_split_keeps_folders(tmp_path):

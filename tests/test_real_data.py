@@ -68,3 +68,18 @@ def test_scratch_cnn_learns_real_pneumonia_and_scoring_matches_evaluate(ray_loca
     for key in ("roc_auc", "accuracy", "recall", "specificity", "precision", "threshold"):
         assert summary.metrics[key] == pytest.approx(ev[key], abs=1e-6), key
     assert summary.metrics["confusion_matrix"] == ev["confusion_matrix"]
+
+
+def test_every_patient_of_the_real_data_stays_in_one_split(real_root):
+    from cxr_ray.config import DataConfig
+    from cxr_ray.data.catalog import assign_splits, check_patient_leaks
+
+    df = load_catalog(str(real_root))
+    # IM-XXXX-YYYY-ZZZZ names belong to patient IM-XXXX, like IM-XXXX-YYYY
+    multi = df[df["path"].str.contains(r"/(?:NORMAL2-)?IM-\d+-\d+-\d+\.jpeg$")]
+    assert len(multi) >= 30 and multi["patient"].str.fullmatch(r"(NORMAL2-)?IM-\d+").all()
+    assert df["patient"].str.fullmatch(r"person\d+|(NORMAL2-)?IM-\d+").all()  # no name fell back to its stem
+    for seed in (0, 1, 2):
+        split = assign_splits(df, DataConfig(seed=seed))
+        assert (split.groupby("patient")["split"].nunique() == 1).all()
+        assert check_patient_leaks(split)[0] == "patients shared between train and val: 0"

@@ -4,7 +4,8 @@ The catalog is a pandas DataFrame, one row per image, with columns:
 
 - ``path`` (str): absolute local path or URI of the image file
 - ``label`` (int): 0 = NORMAL, 1 = PNEUMONIA
-- ``patient`` (str): patient id parsed from the file name (the file stem when unknown)
+- ``patient`` (str): the manifest's ``patient`` column, a DICOM file's PatientID, else the id
+  parsed from a Kermany file name (the file stem when the name has no known form)
 - ``source_split`` (str): the folder/manifest split it came from (train, val, test)
 - ``split`` (str): the split cxr_ray uses (after :func:`assign_splits`)
 - ``size_bytes`` (int), ``mtime_ns`` (int): for the cache fingerprint (0 when unknown)
@@ -34,8 +35,13 @@ SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".dcm")
 CATALOG_COLUMNS = ["path", "label", "patient", "source_split", "size_bytes", "mtime_ns"]
 
+# Kermany names: personN_bacteria_M / personN_virus_M (pneumonia); IM-XXXX-YYYY, IM-XXXX-YYYY-ZZZZ
+# and NORMAL2-IM-XXXX-YYYY[-ZZZZ] (normal). The patient is personN / [NORMAL2-]IM-XXXX.
 _PERSON = re.compile(r"^(person\d+)_", re.IGNORECASE)
-_NORMAL = re.compile(r"^((?:NORMAL2-)?IM-\d+)-\d+$", re.IGNORECASE)
+_NORMAL = re.compile(r"^((?:NORMAL2-)?IM-\d+)(?:-\d+)*$", re.IGNORECASE)
+# Bump when patient parsing or the validation carve changes: it is part of the cache
+# fingerprint, so caches split by an older rule are rebuilt instead of reused.
+SPLIT_ALGORITHM = 2
 
 
 class DataError(ValueError):
@@ -45,8 +51,9 @@ class DataError(ValueError):
 def patient_id(path: str) -> str:
     """Patient id from a Kermany file name.
 
-    ``person12_bacteria_45.jpeg`` -> ``person12``; ``IM-0115-0001.jpeg`` -> ``IM-0115``;
-    ``NORMAL2-IM-0381-0001.jpeg`` -> ``NORMAL2-IM-0381``; anything else -> the file stem.
+    ``person12_bacteria_45.jpeg`` -> ``person12``; ``IM-0115-0001.jpeg`` and
+    ``IM-0115-0001-0002.jpeg`` -> ``IM-0115``; ``NORMAL2-IM-0381-0001.jpeg`` ->
+    ``NORMAL2-IM-0381``; any case, any extension; anything else -> the file stem.
     """
     stem = PurePosixPath(path.replace("\\", "/")).stem
     m = _PERSON.match(stem)
@@ -123,8 +130,24 @@ def scan_layout(root: str) -> pd.DataFrame:
                 rows.append((io.full_path(fs, f.path, root), CLASSES.index(name), split,
                              f.size or 0, f.mtime_ns or 0))
     df = pd.DataFrame(rows, columns=["path", "label", "source_split", "size_bytes", "mtime_ns"])
-    df["patient"] = df["path"].map(patient_id)
+    df["patient"] = patients(df["path"])
     return df[CATALOG_COLUMNS].sort_values("path", ignore_index=True)
+
+
+def patients(paths: pd.Series, given: pd.Series | None = None) -> pd.Series:
+    """Patient id per image: ``given`` (a manifest's ``patient`` column) where set, else a
+    DICOM file's PatientID, else :func:`patient_id` of the file name."""
+    from cxr_ray.data.decode import DICOM_EXTENSIONS, dicom_patient_id
+
+    out = pd.Series([None] * len(paths), index=paths.index, dtype=object)
+    if given is not None:
+        text = given.astype("string").str.strip()
+        out = text.where(text.notna() & (text != ""), None).astype(object)
+    for i in out.index[out.isna()]:
+        path = paths.at[i]
+        dicom = dicom_patient_id(path) if path.lower().endswith(DICOM_EXTENSIONS) else None
+        out.at[i] = dicom or patient_id(path)
+    return out
 
 
 def read_table(path: str) -> pd.DataFrame:
@@ -148,7 +171,8 @@ def manifest_paths(df: pd.DataFrame, path: str) -> list[str]:
 
 
 def read_manifest(path: str) -> pd.DataFrame:
-    """Read a CSV/Parquet manifest with ``path``, ``label`` and optional ``split`` columns.
+    """Read a CSV/Parquet manifest with ``path``, ``label`` and optional ``split`` and
+    ``patient`` columns (a missing patient is taken from the file, see :func:`patients`).
 
     Relative image paths are taken relative to the manifest's folder. Rows without a split
     are treated as ``train``.
@@ -165,7 +189,7 @@ def read_manifest(path: str) -> pd.DataFrame:
     bad = sorted(set(out["source_split"]) - set(SPLITS))
     if bad:
         raise DataError(f"manifest {path!r}: unknown split value(s) {bad}; expected {list(SPLITS)}")
-    out["patient"] = out["path"].map(patient_id)
+    out["patient"] = patients(out["path"], df["patient"] if "patient" in df else None)
     out["size_bytes"] = 0
     out["mtime_ns"] = 0
     if out.empty:
@@ -221,6 +245,35 @@ def assign_splits(catalog: pd.DataFrame, cfg: DataConfig) -> pd.DataFrame:
     if not (df["split"] == "train").any():
         raise DataError("the dataset has no training images")
     return df
+
+
+def shared_patients(df: pd.DataFrame, a: str, b: str) -> list[str]:
+    """Patients with images in both split ``a`` and split ``b`` (sorted)."""
+    in_a = set(df.loc[df["split"] == a, "patient"])
+    return sorted(in_a & set(df.loc[df["split"] == b, "patient"]))
+
+
+def check_patient_leaks(df: pd.DataFrame) -> list[str]:
+    """Refuse a split where a patient is in both train and val; returns report lines.
+
+    One patient's images are correlated: with a patient on both sides, validation (and so
+    early stopping, the threshold and model selection) would partly grade memorised
+    patients. A patient shared with ``test`` is reported as a warning line (``test``
+    figures would be optimistic) but does not stop training.
+    """
+    leaks = shared_patients(df, "train", "val")
+    if leaks:
+        examples = [f"{p} ({', '.join(df.loc[df['patient'] == p, 'path'].head(2))})" for p in leaks[:5]]
+        raise DataError(
+            f"{len(leaks)} patient(s) have images in both train and val, so validation would grade "
+            f"images of patients the model trained on; e.g. {'; '.join(examples)}. Use "
+            f"data.val_split=grouped (carves val by patient) or fix the manifest's split column.")
+    lines = ["patients shared between train and val: 0"]
+    if (df["split"] == "test").any():
+        shared = sorted(set(shared_patients(df, "train", "test")) | set(shared_patients(df, "val", "test")))
+        lines.append(f"patients shared between train/val and test: {len(shared)}"
+                     + (f" (WARNING: test figures will be optimistic; e.g. {shared[:5]})" if shared else ""))
+    return lines
 
 
 def split_leaks(df: pd.DataFrame) -> list[str]:

@@ -156,3 +156,25 @@ def decode_file(path: str, size: int) -> tuple[np.ndarray, int, int]:
     except OSError as e:
         raise ImageDecodeError(path, f"cannot read file ({e})") from e
     return decode_image(data, size, path)
+
+
+def dicom_patient_id(path: str) -> str | None:
+    """A DICOM file's PatientID (header only, no pixel data), or None when unreadable or empty.
+
+    Reads at most the header through pyarrow (local path or URI). None also when pydicom is
+    missing: decoding then reports the file, and the caller falls back to the file name.
+    """
+    try:
+        import pydicom
+    except ImportError:
+        return None
+    from cxr_ray.data import io
+
+    fs, p = io.resolve(path)
+    try:
+        with fs.open_input_file(p) as f:
+            ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["PatientID"], force=True)
+    except Exception:  # noqa: BLE001 - a broken file is reported by decoding, with its reason
+        return None
+    value = str(getattr(ds, "PatientID", "") or "").strip()
+    return value or None

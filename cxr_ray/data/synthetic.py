@@ -97,11 +97,13 @@ def make_synthetic_dataset(out: str | os.PathLike, n: int = 400, size: int = 128
 
 
 def write_dicom(path: str | os.PathLike, pixels: np.ndarray, photometric: str = "MONOCHROME2",
-                window: tuple[float, float] | None = None, bits_stored: int = 12) -> Path:
+                window: tuple[float, float] | None = None, bits_stored: int = 12,
+                patient_id: str = "SYNTHETIC") -> Path:
     """Write a single-frame digital X-ray DICOM file (needs the ``pydicom`` extra).
 
     ``pixels``: 2-D unsigned ints below ``2**bits_stored``; ``window``: optional (centre,
-    width) stored as the VOI window. Used by tests and demos to make realistic DICOM inputs.
+    width) stored as the VOI window; ``patient_id``: the PatientID tag. Used by tests and
+    demos to make realistic DICOM inputs.
     """
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -112,7 +114,7 @@ def write_dicom(path: str | os.PathLike, pixels: np.ndarray, photometric: str = 
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
     ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.PatientID = "DX", "SYNTHETIC"
+    ds.Modality, ds.PatientID = "DX", patient_id
     ds.Rows, ds.Columns = pixels.shape
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits_stored, bits_stored - 1, 0

@@ -31,28 +31,39 @@ TABLE_METRICS = ("accuracy", "precision", "recall", "f1", "roc_auc", "specificit
 
 def predict_split(ckpt: LoadedCheckpoint, cache: Any, split: str, batch_size: int = 64
                   ) -> pd.DataFrame:
-    """``path, label, probability`` for every decodable image of ``split`` (driver process)."""
+    """``path, patient, label, probability`` for every decodable image of ``split`` (driver process)."""
     from cxr_ray.data.pipeline import split_dataset
 
     ds = split_dataset(cache, split, ckpt.cfg.data.image_size, with_paths=True)
     collate = Collate("cpu")
     paths: list[str] = []
+    patients: list[str] = []
 
     def batches():
         for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
             paths.extend(batch["path"].tolist())
+            patients.extend(batch["patient"].tolist())
             yield collate(batch)
 
     probs, labels, _ = predict(ckpt.model, batches(), torch.device("cpu"))
-    return pd.DataFrame({"path": paths, "label": labels.astype(np.int64),
-                         "probability": probs.astype(np.float32)})
+    return pd.DataFrame({"path": paths, "patient": patients, "label": labels.astype(np.int64),
+                         "probability": probs.astype(np.float32)}).sort_values("path", ignore_index=True)
 
 
 def metrics_report(preds: pd.DataFrame, threshold: float, n_boot: int = 1000) -> dict[str, Any]:
-    """metrics.json content: top-level numbers, the confusion matrix and ``ci`` (95%)."""
+    """metrics.json content: top-level numbers, the confusion matrix, ``ci`` (95%) and ``ci_method``.
+
+    With a ``patient`` column the CIs come from a patient-level (cluster) bootstrap: one
+    patient's images are correlated, so resampling images would overstate the precision.
+    """
     y, p = preds["label"].to_numpy(), preds["probability"].to_numpy()
+    groups = preds["patient"].to_numpy() if "patient" in preds else None
     metrics = binary_metrics(y, p, threshold)
-    metrics["ci"] = {k: list(v) for k, v in bootstrap_ci(y, p, threshold, n_boot=n_boot).items()}
+    ci = bootstrap_ci(y, p, threshold, n_boot=n_boot, groups=groups)
+    metrics["ci"] = {k: list(v) for k, v in ci.items()}
+    metrics["ci_method"] = (f"percentile bootstrap, {n_boot} resamples of "
+                            + (f"{len(set(groups))} patients (cluster bootstrap)" if groups is not None
+                               else f"{len(y)} images"))
     return metrics
 
 
@@ -113,6 +124,8 @@ def format_table(metrics: dict[str, Any], title: str) -> str:
         lines.append(f"{k:<12}{metrics[k]:>8.4f}   [{lo:.4f}, {hi:.4f}]")
     lines.append(f"threshold {metrics['threshold']:.4f} (from validation); n = {metrics['n']}; "
                  f"confusion [[TN, FP], [FN, TP]] = {metrics['confusion_matrix']}")
+    if "ci_method" in metrics:
+        lines.append(f"95% CIs: {metrics['ci_method']}")
     return "\n".join(lines)
 
 

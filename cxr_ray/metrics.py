@@ -23,18 +23,26 @@ def threshold_for_specificity(labels: np.ndarray, probs: np.ndarray, min_specifi
                               ) -> tuple[float, float]:
     """``(recall, threshold)``: best recall with specificity >= ``min_specificity``.
 
-    Predictions are ``prob >= threshold``. With no negatives or no positives the metric is
-    undefined; returns ``(0.0, 0.5)``.
+    Predictions are ``prob >= threshold``. Every distinct score is a candidate threshold.
+    Raises ``ValueError`` when ``labels`` lack a class: the metric is then undefined, and a
+    silent default would let a broken validation split pick models and thresholds.
     """
     labels, probs = np.asarray(labels).astype(int), np.asarray(probs, dtype=np.float64)
-    if labels.min(initial=1) == labels.max(initial=0):
-        return 0.0, 0.5
-    fpr, tpr, thresholds = roc_curve(labels, probs)
+    require_both_classes(labels, "threshold selection")
+    fpr, tpr, thresholds = roc_curve(labels, probs, drop_intermediate=False)
     ok = (1.0 - fpr) >= min_specificity - 1e-12
     best = int(np.flatnonzero(ok)[np.argmax(tpr[ok])])  # the first point always qualifies (fpr=0)
     # roc_curve's first threshold is +inf (nothing positive); keep it finite but above any prob
     threshold = float(min(thresholds[best], np.nextafter(1.0, 2.0)))
     return float(tpr[best]), threshold
+
+
+def require_both_classes(labels: np.ndarray, what: str) -> None:
+    """``ValueError`` naming the class counts unless ``labels`` hold both 0 and 1."""
+    labels = np.asarray(labels).astype(int)
+    n_pos = int(labels.sum())
+    if n_pos == 0 or n_pos == len(labels):
+        raise ValueError(f"{what} needs both classes, got NORMAL={len(labels) - n_pos}, PNEUMONIA={n_pos}")
 
 
 def binary_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float) -> dict[str, Any]:
@@ -66,15 +74,42 @@ def validation_metrics(labels: np.ndarray, probs: np.ndarray, min_specificity: f
     return metrics
 
 
+def _cluster_resampler(groups: np.ndarray | None, n: int, rng: np.random.Generator):
+    """A function drawing one bootstrap sample of row indices: whole groups (patients) with
+    replacement when ``groups`` is given, else single rows."""
+    if groups is None:
+        return lambda: rng.integers(0, n, n)
+    _, inverse = np.unique(np.asarray(groups).astype(str), return_inverse=True)
+    order = np.argsort(inverse, kind="stable")
+    counts = np.bincount(inverse)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+
+    def draw() -> np.ndarray:
+        g = rng.integers(0, len(counts), len(counts))
+        sizes = counts[g]
+        # row positions of each drawn group, concatenated: start + 0..size-1
+        offsets = np.arange(sizes.sum()) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+        return order[np.repeat(starts[g], sizes) + offsets]
+
+    return draw
+
+
 def bootstrap_ci(labels: np.ndarray, probs: np.ndarray, threshold: float, n_boot: int = 1000,
-                 seed: int = 0, level: float = 0.95) -> dict[str, tuple[float, float]]:
-    """Percentile bootstrap CIs for ``CI_METRICS`` at a fixed threshold (resampling images)."""
+                 seed: int = 0, level: float = 0.95, groups: np.ndarray | None = None
+                 ) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap CIs for ``CI_METRICS`` at a fixed threshold.
+
+    With ``groups`` (patient ids) it is a cluster bootstrap: whole patients are resampled,
+    because one patient's images are correlated and resampling images would give CIs that
+    are too narrow. Without, single images are resampled.
+    """
     labels = np.asarray(labels).astype(int)
     probs = np.asarray(probs, dtype=np.float64)
     rng = np.random.default_rng(seed)
+    draw = _cluster_resampler(groups, len(labels), rng)
     samples: dict[str, list[float]] = {k: [] for k in CI_METRICS}
     for _ in range(n_boot):
-        idx = rng.integers(0, len(labels), len(labels))
+        idx = draw()
         y, p = labels[idx], probs[idx]
         if y.min() == y.max():
             continue  # a one-class resample has no AUC/specificity; skip it

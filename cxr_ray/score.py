@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 from cxr_ray.checkpoint import LoadedCheckpoint, load_checkpoint
 from cxr_ray.config import ScoreConfig
 from cxr_ray.data import io
-from cxr_ray.data.catalog import CLASSES, DataError
+from cxr_ray.data.catalog import CLASSES, DataError, patient_id
 from cxr_ray.data.decode import ImageDecodeError, decode_file
 from cxr_ray.data.listing import UNKNOWN_LABEL
 from cxr_ray.runtime import check_shared_paths
@@ -429,12 +429,13 @@ def labelled_metrics(out: OutputFolder, threshold: float) -> dict[str, Any] | No
     """Metrics with 95% CIs over the output's scored rows that have a label (None if too few)."""
     from cxr_ray.evaluate import metrics_report
 
-    df = out.read(["label", "prob_pneumonia", "error"]).to_pandas()
+    df = out.read(["path", "label", "prob_pneumonia", "error"]).to_pandas()
     df = df[df["error"].isna() & df["label"].notna()]
     if df.empty or df["label"].nunique() < 2:
         log.warning("--with-labels: need scored images of both classes for metrics; found %s",
                     df["label"].value_counts().to_dict())
         return None
     preds = pd.DataFrame({"label": (df["label"] == CLASSES[1]).astype(np.int64),
-                          "probability": df["prob_pneumonia"].astype(np.float64)})
+                          "probability": df["prob_pneumonia"].astype(np.float64),
+                          "patient": df["path"].map(patient_id)})
     return metrics_report(preds, threshold)

@@ -50,3 +50,32 @@ def test_bootstrap_ci_contains_point_estimate():
     for k in ("accuracy", "recall", "specificity", "roc_auc"):
         lo, hi = ci[k]
         assert lo <= m[k] <= hi and hi - lo < 0.2
+
+
+def test_single_class_validation_is_an_error_not_a_default():
+    with pytest.raises(ValueError, match="needs both classes, got NORMAL=0, PNEUMONIA=5"):
+        threshold_for_specificity(np.ones(5), np.linspace(0.1, 0.9, 5), 0.9)
+    with pytest.raises(ValueError, match="NORMAL=4, PNEUMONIA=0"):
+        validation_metrics(np.zeros(4), np.linspace(0.1, 0.9, 4), 0.9)
+
+
+def test_threshold_search_sees_every_distinct_score():
+    # Five tied (NORMAL, PNEUMONIA) pairs make collinear ROC points, which roc_curve drops by
+    # default; the best threshold at specificity >= 0.8 is one of them (recall 0.7 at 0.7).
+    pairs = [0.8, 0.7, 0.6, 0.5, 0.4]
+    y = np.array([1] * 5 + [0, 1] * 5 + [0] * 5)
+    p = np.array([0.95, 0.94, 0.93, 0.92, 0.91] + [s for s in pairs for _ in (0, 1)] + [0.2] * 5)
+    recall, thr = threshold_for_specificity(y, p, 0.8)
+    assert (recall, thr) == pytest.approx((0.7, 0.7))
+    assert binary_metrics(y, p, thr)["specificity"] == pytest.approx(0.8)
+
+
+def test_patient_bootstrap_is_wider_than_image_bootstrap_for_correlated_images():
+    rng = np.random.default_rng(3)
+    patients = np.repeat(np.arange(60), 5)  # 5 images per patient, scored alike
+    y = np.repeat(rng.integers(0, 2, 60), 5)
+    p = np.clip(np.repeat(y[::5] * 0.3 + rng.random(60) * 0.7, 5) + rng.normal(0, 0.01, 300), 0, 1)
+    images = bootstrap_ci(y, p, 0.5, n_boot=300)
+    clustered = bootstrap_ci(y, p, 0.5, n_boot=300, groups=patients)
+    for k in ("accuracy", "roc_auc"):
+        assert np.diff(clustered[k])[0] > 1.5 * np.diff(images[k])[0], k

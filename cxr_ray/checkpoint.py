@@ -4,7 +4,8 @@ Layout::
 
     model.pt          state dict of the (unwrapped) model, loaded with weights_only=True
     config.yaml       the full ExperimentConfig the model was trained with
-    checkpoint.json   threshold, class map, metrics, epoch, versions of torch/torchvision/ray/cxr_ray
+    checkpoint.json   threshold, the precision it was chosen in (val_precision), class map,
+                      validation metrics, epoch, versions of torch/torchvision/ray/cxr_ray
     train_state.pt    optimizer, scheduler, early stopping, epoch (resuming training only)
 
 Inference rebuilds the model *and the preprocessing* from ``config.yaml``, never from flags.
@@ -57,14 +58,19 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, cfg: ExperimentConfig, threshold: float,
-                    metrics: dict[str, Any], epoch: int, train_state: dict[str, Any] | None = None) -> Path:
-    """Write a checkpoint folder (see module doc) and return its path."""
+                    metrics: dict[str, Any], epoch: int, train_state: dict[str, Any] | None = None,
+                    val_precision: str = "fp32") -> Path:
+    """Write a checkpoint folder (see module doc) and return its path.
+
+    ``val_precision``: the precision of the validation pass that chose ``threshold``; the
+    threshold belongs to it (bf16 and fp32 probabilities differ slightly).
+    """
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
     torch.save(state, out / MODEL_FILE)
     cfg.to_yaml(out / CONFIG_FILE)
-    meta = {"threshold": float(threshold), "class_map": {str(i): c for i, c in enumerate(CLASSES)},
+    meta = {"threshold": float(threshold), "val_precision": val_precision, "class_map": {str(i): c for i, c in enumerate(CLASSES)},
             "positive_class": CLASSES[1], "epoch": int(epoch), "metrics": _jsonable(metrics),
             "versions": versions()}
     (out / META_FILE).write_text(json.dumps(meta, indent=1))
@@ -114,9 +120,8 @@ def fetch_checkpoint(uri: str) -> Path:
 
     import pyarrow.fs as pafs
 
-    from cxr_ray.data import io
-
     from cxr_ray.config import DataConfig
+    from cxr_ray.data import io
 
     cache = Path(DataConfig().resolved_cache_dir) / "checkpoints"  # $CXR_RAY_CACHE or ~/.cache/cxr_ray
     local = cache / hashlib.sha1(uri.rstrip("/").encode()).hexdigest()[:16]

@@ -15,7 +15,6 @@ from typing import Callable, Sequence
 from cxr_ray.config import ConfigError, ExperimentConfig, load_config, parse_override
 
 
-
 def _config_and_address(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config file (see configs/)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -31,15 +30,20 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=int, help="image side in pixels (sets data.image_size)")
 
 
-def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
-    """Build the validated config from ``--config``, ``--set`` and the shortcut flags."""
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """``--set`` overrides plus the shortcut flags (``--data``, ``--cache``, ``--size``)."""
     shortcuts = {"data": "data.root", "cache": "data.cache_dir", "size": "data.image_size"}
     overrides = list(args.set)
     for flag, key in shortcuts.items():
         value = getattr(args, flag, None)
         if value is not None:
             overrides.append(f"{key}={value}")
-    return load_config(args.config, overrides)
+    return overrides
+
+
+def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
+    """Build the validated config from ``--config``, ``--set`` and the shortcut flags."""
+    return load_config(args.config, _overrides(args))
 
 
 def shutdown_ray() -> None:
@@ -59,13 +63,17 @@ def cmd_make_synthetic(args: argparse.Namespace) -> int:
     return 0
 
 
-def _prepare(args: argparse.Namespace):
+def _prepare(args: argparse.Namespace, cfg: ExperimentConfig | None = None, check_leaks: bool = False):
+    """Catalog, split (and for training, the patient-leak check) before Ray; then the cache."""
     from cxr_ray.data.cache import prepare_cache
-    from cxr_ray.data.catalog import assign_splits, load_catalog
+    from cxr_ray.data.catalog import assign_splits, check_patient_leaks, load_catalog
     from cxr_ray.runtime import init_ray
 
-    cfg = config_from_args(args)
+    cfg = cfg or config_from_args(args)
     catalog = assign_splits(load_catalog(cfg.data.root), cfg.data)  # fails fast, before Ray
+    if check_leaks:
+        for line in check_patient_leaks(catalog):
+            print(f"[data] {line}", flush=True)
     init_ray(args.address)
     return cfg, prepare_cache(cfg, catalog)
 
@@ -106,22 +114,47 @@ def format_report(meta: dict) -> str:
     return "\n".join(lines)
 
 
+def train_config_from_args(args: argparse.Namespace) -> ExperimentConfig:
+    """Config for ``train``; with ``--resume RUN_DIR``, the run's own config.yaml (plus any
+    --config/--set given, which ``run_training`` then refuses if they change what is trained)."""
+    from cxr_ray.config import apply_overrides
+    from cxr_ray.data import io
+    from cxr_ray.train import read_run_config
+
+    if not args.resume:
+        return config_from_args(args)
+    run_dir = args.resume.rstrip("/")
+    base = load_config(args.config) if args.config else read_run_config(run_dir)
+    cfg = apply_overrides(base, dict(parse_override(o) for o in _overrides(args)))
+    parent, name = (run_dir.rsplit("/", 1) if io.is_uri(run_dir) or "/" in run_dir else (".", run_dir))
+    return cfg.replace(**{"train.storage_path": parent or "/", "train.name": name})
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """Train on Ray Train; prints a summary and, last, the best checkpoint's path."""
+    from cxr_ray.data import io
     from cxr_ray.metrics import SELECTION_METRIC
-    from cxr_ray.train import run_training
+    from cxr_ray.train import check_run_dir, run_training, storage_uri
 
-    cfg, cache = _prepare(args)
-    result = run_training(cfg, cache)
+    cfg = train_config_from_args(args)
+    if cfg.train.name:  # a named run folder is checked before the cache is built (again in run_training)
+        check_run_dir(cfg, io.join(storage_uri(cfg.train.storage_path), cfg.train.name), bool(args.resume))
+    cfg, cache = _prepare(args, cfg, check_leaks=True)
+    result = run_training(cfg, cache, resume=bool(args.resume))
     if result.error is not None:
         print(f"cxr-ray train: training failed: {result.error}", file=sys.stderr)
         return 1
     best = result.get_best_checkpoint(SELECTION_METRIC, "max")
     m = result.metrics or {}
     shutdown_ray()  # no worker log lines may arrive after the checkpoint path below
-    print(f"[train] {m.get('epoch', -1) + 1} epoch(s); last: roc_auc {m.get('roc_auc', float('nan')):.4f}, "
-          f"{SELECTION_METRIC} {m.get(SELECTION_METRIC, float('nan')):.4f}; "
-          f"best {SELECTION_METRIC} {m.get('best_' + SELECTION_METRIC, float('nan')):.4f}")
+    if best is None:
+        print("cxr-ray train: the run produced no checkpoint", file=sys.stderr)
+        return 1
+    b = next(bm for c, bm in result.best_checkpoints if c.path == best.path)
+    print(f"[train] {m.get('epoch', -1) + 1} epoch(s); best epoch {b['epoch'] + 1}: val roc_auc "
+          f"{b['roc_auc']:.4f}, {SELECTION_METRIC} {b[SELECTION_METRIC]:.4f}, recall {b['recall']:.4f} and "
+          f"specificity {b['specificity']:.4f} at threshold {b['threshold']:.4f} (chosen on {b['n']} "
+          f"validation images)")
     print(f"[train] run folder: {result.path}")
     print(best.path)
     return 0
@@ -227,7 +260,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from cxr_ray.checkpoint import load_checkpoint
     from cxr_ray.data import io
     from cxr_ray.data.cache import open_cache, prepare_cache
-    from cxr_ray.data.catalog import assign_splits, load_catalog
+    from cxr_ray.data.catalog import assign_splits, check_patient_leaks, load_catalog
     from cxr_ray.evaluate import evaluate_checkpoint, format_table
     from cxr_ray.runtime import init_ray
     from cxr_ray.train import run_name
@@ -240,6 +273,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
         cache = open_cache(cache_uri)
     else:
         catalog = assign_splits(load_catalog(cfg.data.root), cfg.data)  # fail fast, before Ray
+        for line in check_patient_leaks(catalog):
+            print(f"[data] {line}", flush=True)
         init_ray(args.address)
         cache = prepare_cache(cfg, catalog)
     name = Path(args.resume.rstrip("/")).name if args.resume else (cfg.tune.name or run_name(cfg, "tune"))
@@ -280,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a model on Ray Train; last line: best checkpoint")
     _common(p)
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue an interrupted run from its latest checkpoint (same config)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("tune", help="Ray Tune search over unfreeze depth, dropout, lr (ASHA + Optuna)")

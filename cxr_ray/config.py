@@ -124,7 +124,11 @@ class TrainConfig:
     pos_weight: float = 0.0  # BCE positive-class weight; 0 -> n_normal / n_pneumonia from train
     num_workers: int = 1  # Ray Train workers (0 = run the loop in the driver process)
     use_gpu: bool = False
-    cpus_per_worker: float = 1.0
+    # CPUs each worker reserves; 0 = auto: a training run shares the cluster's CPUs (up to one
+    # node's) among its workers after train.data_cpus; a tune trial's workers take 1 each.
+    cpus_per_worker: float = 0.0
+    torch_threads: int = 0  # intra-op threads per worker; 0 = the worker's CPUs, rounded up
+    data_cpus: float = 0.5  # CPUs a training run leaves to Ray Data (tune: tune.data_cpus)
     gpus_per_worker: float = 1.0  # used only with use_gpu
     patience: int = 3  # early stopping: epochs without improvement of the selection metric
     min_delta: float = 0.0  # improvement smaller than this does not count
@@ -142,7 +146,10 @@ class TrainConfig:
         _check(self.warmup_epochs >= 0.0, "train.warmup_epochs", "a float >= 0", self.warmup_epochs)
         _check(self.pos_weight >= 0.0, "train.pos_weight", "a float >= 0", self.pos_weight)
         _check(self.num_workers >= 0, "train.num_workers", "an int >= 0", self.num_workers)
-        _check(self.cpus_per_worker > 0, "train.cpus_per_worker", "a float > 0", self.cpus_per_worker)
+        _check(self.cpus_per_worker >= 0, "train.cpus_per_worker", "a float >= 0 (0 = auto)",
+               self.cpus_per_worker)
+        _check(self.torch_threads >= 0, "train.torch_threads", "an int >= 0 (0 = auto)", self.torch_threads)
+        _check(self.data_cpus >= 0, "train.data_cpus", "a float >= 0", self.data_cpus)
         _check(self.gpus_per_worker > 0, "train.gpus_per_worker", "a float > 0", self.gpus_per_worker)
         _check(self.patience >= 1, "train.patience", "an int >= 1", self.patience)
         _check(self.min_delta >= 0.0, "train.min_delta", "a float >= 0", self.min_delta)
@@ -217,7 +224,9 @@ class ScoreConfig:
     memory_per_actor_gb: float = 1.0  # heap memory reserved per predictor actor (Ray "memory")
     decode_cpus: float = 1.0  # CPUs reserved by each read+decode task
     decode_batch_size: int = 32  # files per read+decode task call
-    amp: bool = True  # bf16 autocast + channels_last on CUDA (ignored on CPU)
+    # bf16 autocast + channels_last on CUDA (ignored on CPU). Off by default: the stored
+    # threshold was chosen on fp32 validation probabilities (checkpoint.json val_precision).
+    amp: bool = False
     compile: bool = False  # torch.compile the model in each actor
     rows_per_file: int = 10_000  # rows per output Parquet file (a committed unit for --resume)
 
@@ -265,6 +274,9 @@ class ExperimentConfig:
     def to_yaml(self, path: str | os.PathLike) -> None:
         """Write the resolved config as YAML (next to runs and inside checkpoints)."""
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+SECTIONS = tuple(f.name for f in dataclasses.fields(ExperimentConfig))  # top-level config sections
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -345,6 +357,21 @@ def apply_overrides(cfg: ExperimentConfig, overrides: Mapping[str, Any]) -> Expe
             value = str(value)
         node[name] = value
     return ExperimentConfig.from_dict(data)
+
+
+def config_diff(a: ExperimentConfig, b: ExperimentConfig) -> list[str]:
+    """Leaf keys whose values differ, as ``"key: a_value -> b_value"`` lines."""
+    def leaves(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            if isinstance(v, Mapping) and prefix + k in SECTIONS:
+                out.update(leaves(v, prefix + k + "."))
+            else:
+                out[prefix + k] = v
+        return out
+
+    la, lb = leaves(a.to_dict()), leaves(b.to_dict())
+    return [f"{k}: {la[k]!r} -> {lb[k]!r}" for k in la if la[k] != lb[k]]
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: Iterable[str] = ()) -> ExperimentConfig:

@@ -10,7 +10,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -75,8 +75,12 @@ class EpochResult:
 
 def train_one_epoch(model: nn.Module, batches: Iterable[Batch], optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler | None, loss_fn: nn.Module,
-                    device: torch.device, amp: bool = False) -> EpochResult:
-    """One optimisation pass; returns the mean loss per image, image count and wall time."""
+                    device: torch.device, amp: bool = False,
+                    on_batch: Callable[[int, float], None] | None = None) -> EpochResult:
+    """One optimisation pass; returns the mean loss per image, image count and wall time.
+
+    ``on_batch(images_so_far, seconds_so_far)`` is called after every step (progress).
+    """
     model.train()
     total, n, start = 0.0, 0, time.perf_counter()
     for x, y in batches:
@@ -90,6 +94,8 @@ def train_one_epoch(model: nn.Module, batches: Iterable[Batch], optimizer: torch
             scheduler.step()
         total += float(loss.detach()) * len(y)
         n += len(y)
+        if on_batch is not None:
+            on_batch(n, time.perf_counter() - start)
     return EpochResult(total / max(n, 1), n, time.perf_counter() - start)
 
 

@@ -9,17 +9,19 @@ and early stopping that all workers decide together.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 import ray.train
 import ray.train.torch
+import torch
 import torch.distributed as dist
 import torch.nn as nn
 import yaml
@@ -27,33 +29,53 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from cxr_ray.checkpoint import MODEL_FILE, load_train_state, safe_load, save_checkpoint, unwrap
-from cxr_ray.config import ExperimentConfig
+from cxr_ray.config import ConfigError, ExperimentConfig, config_diff
 from cxr_ray.data import io
-from cxr_ray.data.pipeline import TorchCollate, split_datasets
-from cxr_ray.engine import (EarlyStopping, make_optimizer, make_scheduler, pos_weight_from_counts,
-                            predict, train_one_epoch)
+from cxr_ray.data.catalog import DataError
+from cxr_ray.data.pipeline import TorchCollate, epoch_batches, split_datasets
+from cxr_ray.engine import (EarlyStopping, make_optimizer, make_scheduler, pos_weight_from_counts, predict,
+                            train_one_epoch)
 from cxr_ray.metrics import SELECTION_METRIC, validation_metrics
 from cxr_ray.models import build_model
+from cxr_ray.progress import ProgressPrinter, ProgressReporter
 from cxr_ray.runtime import check_shared_paths
 
 log = logging.getLogger(__name__)
 
 REPORTED = ("epoch", "train_loss", "val_loss", "roc_auc", "pr_auc", "accuracy", "precision", "recall",
-            "specificity", "f1", "threshold", SELECTION_METRIC, "best_" + SELECTION_METRIC,
-            "train_images_per_s", "stop")
+            "specificity", "f1", "threshold", "n", SELECTION_METRIC, "best_epoch", "train_images_per_s", "stop")
+VAL_PRECISION = "fp32"  # validation (and so the stored threshold) runs in fp32, as evaluate does
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _gather(values: np.ndarray) -> np.ndarray:
     """Concatenate an array across all Ray Train workers (identity for one worker)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if _world() == 1:
         return values
     parts: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(parts, values)
     return np.concatenate(parts)
 
 
+def _broadcast(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every worker (identity for one worker)."""
+    if _world() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 class TrainLoopRunner:
-    """One Ray Train worker's run: build, maybe restore, then epochs until done or stopped."""
+    """One Ray Train worker's run: build, maybe restore, then epochs until done or stopped.
+
+    Training reads this worker's shard of ``train``; validation runs on rank 0 over the
+    whole ``val`` split (never sharded, so no image is dropped or counted twice, whatever
+    the number of workers) and its metrics are broadcast so all workers stop together.
+    """
 
     def __init__(self, config: dict[str, Any]):
         self.cfg = ExperimentConfig.from_dict(config["cfg"])
@@ -62,12 +84,19 @@ class TrainLoopRunner:
         self.rank = self.ctx.get_world_rank()
         self.device = ray.train.torch.get_device()
         self.gpu = self.device.type == "cuda"
+        if not self.gpu and t.cpus_per_worker:  # Ray pins one thread per reserved CPU, rounded down
+            torch.set_num_threads(t.torch_threads or math.ceil(t.cpus_per_worker))
+        self.selection = config.get("selection_metric", SELECTION_METRIC)
+        self.progress = ProgressReporter(config.get("progress") if self.rank == 0 else None)
+        # With a progress queue the driver prints each epoch; worker log lines would repeat it.
+        self.log = log.info if self.rank == 0 and config.get("progress") is None else log.debug
         torch.manual_seed(t.seed + self.rank)
         model = build_model(self.cfg.model)
         if self.gpu:
             model = model.to(memory_format=torch.channels_last)
         self.model = ray.train.torch.prepare_model(model)
         steps = max(1, int(np.ceil(config["n_train"] / (t.batch_size * max(1, self.ctx.get_world_size())))))
+        self.images_per_worker = int(np.ceil(config["n_train"] / max(1, self.ctx.get_world_size())))
         self.optimizer = make_optimizer(self.model, t)
         self.scheduler = make_scheduler(self.optimizer, int(t.warmup_epochs * steps), t.epochs * steps)
         pos_weight = torch.tensor(config["pos_weight"], device=self.device)
@@ -78,7 +107,7 @@ class TrainLoopRunner:
         self.val_data = ray.train.get_dataset_shard("val")
 
     def restore(self) -> None:
-        """Continue from the latest reported checkpoint (after a worker-group restart)."""
+        """Continue from the latest reported checkpoint (``--resume``, or a worker-group restart)."""
         ckpt = ray.train.get_checkpoint()
         if ckpt is None:
             return
@@ -90,70 +119,88 @@ class TrainLoopRunner:
         self.scheduler.load_state_dict(state["scheduler"])
         self.stopper.load_state_dict(state["early_stopping"])
         self.start_epoch = int(state["epoch"]) + 1
-        if self.rank == 0:
-            log.info("[train] resumed from checkpoint after epoch %d", state["epoch"])
+        self.log("[train] resumed from checkpoint after epoch %d", state["epoch"])
 
     def batches(self, split: str, epoch: int):
-        """Model-ready ``(x, y)`` batches of this worker's shard of ``split``."""
-        train = split == "train"
-        data = self.train_data if train else self.val_data
+        """Model-ready ``(x, y)`` batches: this worker's shuffled shard of ``train``, or all of ``val``."""
+        t, train = self.cfg.train, split == "train"
         collate = TorchCollate(self.device, self.cfg.augment if train else None,
-                               seed=self.cfg.train.seed + 1000 * self.rank, epoch=epoch,
-                               channels_last=self.gpu)
-        return data.iter_torch_batches(
-            batch_size=self.cfg.train.batch_size, collate_fn=collate, prefetch_batches=2,
-            local_shuffle_buffer_size=4 * self.cfg.train.batch_size if train else None,
-            local_shuffle_seed=(self.cfg.train.seed + epoch) if train else None)
+                               seed=t.seed + 1000 * self.rank, epoch=epoch, channels_last=self.gpu)
+        return epoch_batches(self.train_data if train else self.val_data, t.batch_size, collate,
+                             shuffle_seed=t.seed * 1000 + self.rank if train else None, epoch=epoch)
+
+    def validate(self, epoch: int) -> dict[str, Any]:
+        """Rank 0: metrics over the whole validation split, in fp32 (``VAL_PRECISION``).
+
+        The unwrapped model runs outside DDP, so no collective waits on the other workers.
+        """
+        probs, labels, val_loss = predict(unwrap(self.model), self.batches("val", epoch), self.device,
+                                          amp=False, loss_fn=self.loss_fn)
+        metrics = validation_metrics(labels, probs, self.cfg.metric.min_specificity)
+        metrics["val_loss"] = val_loss
+        return metrics
 
     def run_epoch(self, epoch: int) -> dict[str, Any]:
-        """Train one epoch, evaluate on the whole validation split, return the metrics."""
-        result = train_one_epoch(self.model, self.batches("train", epoch), self.optimizer,
-                                 self.scheduler, self.loss_fn, self.device, amp=self.gpu)
-        probs, labels, val_loss = predict(self.model, self.batches("val", epoch), self.device,
-                                          amp=self.gpu, loss_fn=self.loss_fn)
-        local_loss_sum = val_loss * len(probs) if len(probs) else 0.0  # a shard may be empty
-        probs, labels = _gather(probs), _gather(labels)
-        val_loss = float(_gather(np.array([local_loss_sum])).sum() / max(len(labels), 1))
-        metrics = validation_metrics(labels, probs, self.cfg.metric.min_specificity)
-        self.stopper.update(metrics[SELECTION_METRIC], epoch)
-        metrics.update(epoch=epoch, train_loss=result.loss, val_loss=val_loss,
-                       train_images_per_s=result.images_per_s,
+        """Train one epoch, validate on the whole validation split, return the metrics."""
+        result = train_one_epoch(self.model, self.batches("train", epoch), self.optimizer, self.scheduler,
+                                 self.loss_fn, self.device, amp=self.gpu,
+                                 on_batch=lambda n, sec: self.progress.batch(epoch, n, sec))
+        totals = _gather(np.array([[result.loss * result.images, result.images, result.seconds]]))
+        metrics = _broadcast(self.validate(epoch) if self.rank == 0 else None)
+        self.stopper.update(metrics[self.selection], epoch)
+        metrics.update(epoch=epoch, train_loss=float(totals[:, 0].sum() / max(totals[:, 1].sum(), 1)),
+                       train_images_per_s=float(totals[:, 1].sum() / max(totals[:, 2].max(), 1e-9)),
+                       best_epoch=self.stopper.best_epoch,
                        stop=self.stopper.should_stop or epoch + 1 >= self.cfg.train.epochs)
-        metrics["best_" + SELECTION_METRIC] = self.stopper.best
+        metrics["best_" + self.selection] = self.stopper.best
         return metrics
 
     def report(self, epoch: int, metrics: dict[str, Any]) -> None:
         """``ray.train.report`` the epoch; rank 0 attaches the checkpoint."""
-        scalars = {k: metrics[k] for k in REPORTED}
+        scalars = {k: metrics[k] for k in (*REPORTED, self.selection, "best_" + self.selection)}
         if self.rank != 0:
             ray.train.report(scalars, checkpoint=None)
             return
-        log.info("[train] epoch %d: loss %.4f val_loss %.4f auc %.4f %s %.4f (%.0f img/s)", epoch,
-                 metrics["train_loss"], metrics["val_loss"], metrics["roc_auc"], SELECTION_METRIC,
-                 metrics[SELECTION_METRIC], metrics["train_images_per_s"])
+        self.log("[train] epoch %d: loss %.4f val_loss %.4f auc %.4f %s %.4f (%.0f img/s)", epoch,
+                 metrics["train_loss"], metrics["val_loss"], metrics["roc_auc"], self.selection,
+                 metrics[self.selection], metrics["train_images_per_s"])
         with tempfile.TemporaryDirectory() as d:
             save_checkpoint(d, self.model, self.cfg, metrics["threshold"], metrics, epoch, {
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "early_stopping": self.stopper.state_dict(), "epoch": epoch})
+                "early_stopping": self.stopper.state_dict(), "epoch": epoch}, val_precision=VAL_PRECISION)
             ray.train.report(scalars, checkpoint=ray.train.Checkpoint.from_directory(d))
+        self.progress.emit("epoch", epoch=epoch, metrics=scalars)
 
     def run(self) -> None:
         """Epochs from the restored position until the last epoch or early stopping."""
         self.restore()
+        self.progress.emit("start", epochs=self.cfg.train.epochs, start_epoch=self.start_epoch,
+                           images=self.images_per_worker)
         for epoch in range(self.start_epoch, self.cfg.train.epochs):
             metrics = self.run_epoch(epoch)
             self.report(epoch, metrics)
-            if self.stopper.should_stop:  # every worker saw the same gathered metrics
-                if self.rank == 0:
-                    log.info("[train] early stop after epoch %d (best epoch %d)", epoch,
-                             self.stopper.best_epoch)
+            if self.stopper.should_stop:  # every worker saw the same broadcast metrics
+                self.log("[train] early stop after epoch %d (best epoch %d)", epoch, self.stopper.best_epoch)
+                self.progress.emit("stop", epoch=epoch, best_epoch=self.stopper.best_epoch)
                 break
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point; ``config`` holds ``cfg`` (a dict), ``pos_weight``, ``n_train``."""
+    """Ray Train entry point; ``config`` holds ``cfg`` (a dict), ``pos_weight``, ``n_train`` and
+    optionally ``selection_metric`` (default ``SELECTION_METRIC``) and ``progress`` (a queue)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if config.get("progress") is not None:
+        _quiet_console()
     TrainLoopRunner(config).run()
+
+
+def _quiet_console() -> None:
+    """Keep this worker's INFO lines out of the terminal (the driver prints progress; Ray Train
+    logs every report): they still go to Ray Train's log files, and warnings and errors still
+    reach the terminal."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.WARNING)
 
 
 def storage_uri(path: str) -> str:
@@ -162,8 +209,28 @@ def storage_uri(path: str) -> str:
 
 
 def run_name(cfg: ExperimentConfig, prefix: str = "train") -> str:
-    """The configured run name, else ``<prefix>-<model>-<timestamp>``."""
-    return cfg.train.name or f"{prefix}-{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    """The configured run name, else ``<prefix>-<model>-<timestamp>-<4 hex>`` (unique per start)."""
+    return cfg.train.name or f"{prefix}-{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
+
+
+def resolve_resources(cfg: ExperimentConfig, for_tune: bool = False) -> ExperimentConfig:
+    """``cfg`` with ``train.cpus_per_worker=0`` (auto) made concrete for the running cluster.
+
+    A training run shares the cluster's CPUs among its workers after ``train.data_cpus``
+    (never more than one node has), so a 1-worker run on a laptop trains on all its cores.
+    A tune trial's workers take 1 CPU each: concurrent trials share the machine instead.
+    """
+    t = cfg.train
+    if t.cpus_per_worker > 0:
+        return cfg
+    if for_tune:
+        cpus = 1.0
+    else:
+        nodes = [float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
+        free = float(ray.cluster_resources().get("CPU", 0.0)) - t.data_cpus
+        cpus = min(max(nodes, default=1.0), free / max(1, t.num_workers))
+        cpus = max(0.25, math.floor(cpus * 4) / 4)  # quarter CPUs: a tidy number in config.yaml
+    return cfg.replace(**{"train.cpus_per_worker": cpus})
 
 
 @dataclass
@@ -174,22 +241,48 @@ class TrainingInputs:
     loop_config: dict[str, Any]
 
 
-def training_inputs(cfg: ExperimentConfig, cache: Any) -> TrainingInputs:
-    """Datasets and the loop config (class weight from the train counts) for ``cfg``."""
-    # Per-epoch shard reads would print progress bars per epoch and worker; epochs are logged.
-    ray.data.DataContext.get_current().enable_progress_bars = False
+def check_splits(cache: Any) -> None:
+    """:class:`DataError` unless train and val each hold both classes (before any worker starts).
+
+    A one-class validation split has no ROC curve, so neither the threshold nor the
+    selection metric is defined; a one-class train split has no class weight.
+    """
+    for split in ("train", "val"):
+        n_normal, n_pneu = cache.split_counts(split)
+        if not n_normal or not n_pneu:
+            raise DataError(
+                f"the {split} split of {cache.meta['root']!r} has NORMAL={n_normal}, PNEUMONIA={n_pneu} "
+                f"decodable images; training needs both classes in train and in val (the threshold and "
+                f"the selection metric are undefined on one class). See: cxr-ray inspect --data ROOT")
+
+
+def training_inputs(cfg: ExperimentConfig, cache: Any, selection_metric: str = SELECTION_METRIC
+                    ) -> TrainingInputs:
+    """Datasets and the loop config (class weight from the train counts) for ``cfg``.
+
+    Only ``train`` is sharded across workers and reshuffled per epoch (seeded by
+    ``train.seed``); ``val`` is read whole by rank 0.
+    """
+    check_splits(cache)
+    # Per-epoch shard reads would print progress bars and start lines per epoch and worker.
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    ctx.execution_options.preserve_order = True  # reproducible row order under train.seed
     n_normal, n_pneu = cache.split_counts("train")
     pos_weight = cfg.train.pos_weight or pos_weight_from_counts(n_normal, n_pneu)
     return TrainingInputs(
-        datasets=split_datasets(cache, cfg.data.image_size, materialize_gb=cfg.data.materialize_gb),
-        loop_config={"cfg": cfg.to_dict(), "pos_weight": float(pos_weight), "n_train": n_normal + n_pneu})
+        datasets=split_datasets(cache, cfg.data.image_size, materialize_gb=cfg.data.materialize_gb,
+                                shuffle_seed=cfg.train.seed),
+        loop_config={"cfg": cfg.to_dict(), "pos_weight": float(pos_weight), "n_train": n_normal + n_pneu,
+                     "selection_metric": selection_metric})
 
 
 def build_trainer(cfg: ExperimentConfig, inputs: TrainingInputs, name: str, storage_path: str,
-                  callbacks: list | None = None, score_attribute: str = SELECTION_METRIC):
+                  callbacks: list | None = None):
     """A Ray Train V2 ``TorchTrainer`` for ``cfg`` (scale, checkpoints, failures from config).
 
-    The best ``train.keep_checkpoints`` checkpoints by ``score_attribute`` are kept.
+    The best ``train.keep_checkpoints`` checkpoints by the loop's selection metric are kept.
     """
     t = cfg.train
     resources = {"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if t.use_gpu else {})}
@@ -201,11 +294,11 @@ def build_trainer(cfg: ExperimentConfig, inputs: TrainingInputs, name: str, stor
         run_config=RunConfig(
             name=name, storage_path=storage_path, callbacks=callbacks,
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints,
-                                               checkpoint_score_attribute=score_attribute,
+                                               checkpoint_score_attribute=inputs.loop_config["selection_metric"],
                                                checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=t.max_failures)),
         datasets=inputs.datasets,
-        dataset_config=DataConfig(datasets_to_split="all"),
+        dataset_config=DataConfig(datasets_to_split=["train"]),  # val: whole, on rank 0
     )
 
 
@@ -215,8 +308,6 @@ def check_resources(cfg: ExperimentConfig, trials: int = 1, data_cpus: float = 1
     Train workers hold their CPUs for the whole run; the pipeline feeding them needs at least
     ``data_cpus`` more, or reading stalls forever (Ray Data warns, then hangs).
     """
-    from cxr_ray.config import ConfigError
-
     total = float(ray.cluster_resources().get("CPU", 0.0))
     t = cfg.train
     need = trials * max(1, t.num_workers) * t.cpus_per_worker
@@ -225,19 +316,65 @@ def check_resources(cfg: ExperimentConfig, trials: int = 1, data_cpus: float = 1
             f"train.num_workers={t.num_workers} x train.cpus_per_worker={t.cpus_per_worker}"
             f"{f' x {trials} concurrent trials' if trials > 1 else ''} = {need:g} CPUs, plus {data_cpus:g} "
             f"for Ray Data, exceeds the cluster's {total:g} CPUs; lower train.cpus_per_worker "
-            f"(fractions are fine) or train.num_workers")
+            f"(fractions are fine; 0 = auto) or train.num_workers")
     if t.use_gpu and float(ray.cluster_resources().get("GPU", 0.0)) < max(1, t.num_workers) * t.gpus_per_worker:
         raise ConfigError(f"train.use_gpu=true needs {max(1, t.num_workers) * t.gpus_per_worker:g} GPUs; "
                           f"the cluster has {ray.cluster_resources().get('GPU', 0):g}")
 
 
-def run_training(cfg: ExperimentConfig, cache: Any):
-    """Train ``cfg`` on a prepared cache; writes ``config.yaml`` next to the run. Returns the Result."""
-    check_resources(cfg)
-    name = run_name(cfg)
-    storage = storage_uri(cfg.train.storage_path)
+# Keys that may differ when a run is resumed: where and how fast it runs, not what it learns.
+RESUMABLE_CHANGES = ("train.cpus_per_worker", "train.torch_threads", "train.data_cpus", "train.num_workers",
+                     "train.gpus_per_worker", "train.max_failures", "train.storage_path", "train.name",
+                     "data.cache_dir", "data.materialize_gb")
+
+
+def read_run_config(run_dir: str) -> ExperimentConfig:
+    """The config a training run folder was started with (its ``config.yaml``)."""
+    path = io.join(run_dir, "config.yaml")
+    if not io.exists(path):
+        raise ConfigError(f"--resume {run_dir!r}: not a cxr-ray training run (no config.yaml there)")
+    return ExperimentConfig.from_dict(yaml.safe_load(io.read_bytes(path)))
+
+
+def check_run_dir(cfg: ExperimentConfig, run_dir: str, resume: bool) -> None:
+    """Refuse to start over an existing run, or to resume one with a different config.
+
+    Ray Train restores a run folder's latest checkpoint by name, so starting a "new" run in an
+    existing folder would silently continue the old one (old weights, optimizer and epoch).
+    """
+    if not resume:
+        if io.exists(run_dir):
+            raise ConfigError(
+                f"run folder {run_dir!r} already exists (train.name={cfg.train.name!r}): choose another "
+                f"train.name for a new run, or continue that one with: cxr-ray train --resume {run_dir}")
+        return
+    saved = read_run_config(run_dir)
+    changed = [d for d in config_diff(saved, cfg) if d.split(":", 1)[0] not in RESUMABLE_CHANGES]
+    if changed:
+        raise ConfigError(f"--resume {run_dir!r}: the config differs from the run's config.yaml in "
+                          f"{'; '.join(changed)}; a resumed run must train the same thing (start a new "
+                          f"run with another train.name instead)")
+
+
+def run_training(cfg: ExperimentConfig, cache: Any, resume: bool = False, progress: bool = True):
+    """Train ``cfg`` on a prepared cache; returns Ray Train's Result.
+
+    The run folder is ``train.storage_path/train.name`` (a generated name when empty); it
+    must not exist unless ``resume``. Its ``config.yaml`` is the resolved config. With
+    ``progress`` the driver prints a line per epoch and in-epoch progress.
+    """
+    cfg = resolve_resources(cfg)
+    check_resources(cfg, data_cpus=cfg.train.data_cpus)
+    storage, name = storage_uri(cfg.train.storage_path), run_name(cfg)
+    cfg = cfg.replace(**{"train.name": name, "train.storage_path": storage})
+    run_dir = io.join(storage, name)
+    check_run_dir(cfg, run_dir, resume)
+    inputs = training_inputs(cfg, cache)
     check_shared_paths({"train.storage_path": storage})
-    io.write_bytes(io.join(storage, name, "config.yaml"),
-                   yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
-    trainer = build_trainer(cfg, training_inputs(cfg, cache), name, storage)
-    return trainer.fit()
+    io.write_bytes(io.join(run_dir, "config.yaml"), yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
+    trainer = build_trainer(cfg, inputs, name, storage)
+    if not progress:
+        return trainer.fit()
+    with ProgressPrinter(SELECTION_METRIC) as printer:
+        inputs.loop_config["progress"] = printer.queue
+        return trainer.fit()

@@ -26,7 +26,7 @@ from cxr_ray.data import io
 from cxr_ray.data.cache import open_cache
 from cxr_ray.metrics import SELECTION_METRIC
 from cxr_ray.runtime import check_shared_paths
-from cxr_ray.train import build_trainer, check_resources, storage_uri, training_inputs
+from cxr_ray.train import build_trainer, check_resources, resolve_resources, storage_uri, training_inputs
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,13 @@ def validate_search_space(cfg: ExperimentConfig) -> None:
     """Unknown parameters, bad types, impossible ranges and unreported metrics, before any trial."""
     keys = valid_keys()
     for key, spec in cfg.tune.search_space.items():
+        if key.startswith("data."):
+            raise _space_error(key, "data settings cannot be searched: every trial reads the one cache "
+                                    "prepared for the experiment, and trials with different data or "
+                                    "validation splits would not be comparable; run one experiment per setting")
+        if key == "train.epochs":
+            raise _space_error(key, "train.epochs cannot be searched: ASHA decides how many epochs each "
+                                    "trial gets (up to train.epochs), and the LR schedule depends on it")
         if key not in keys or key.startswith("tune."):
             raise _space_error(key, f"unknown parameter; valid keys: {[k for k in keys if not k.startswith('tune.')]}")
         if not isinstance(spec, Mapping) or spec.get("type") not in SPACE_TYPES:
@@ -128,9 +135,10 @@ def train_driver_fn(params: dict[str, Any], base: dict[str, Any], cache_uri: str
     from ray.tune.integration.ray_train import TuneReportCallback
 
     trial_id = ray.tune.get_context().get_trial_id()
-    trainer = build_trainer(cfg, training_inputs(cfg, open_cache(cache_uri)), name=trial_id,
-                            storage_path=runs_uri, callbacks=[TuneReportCallback()],
-                            score_attribute=cfg.tune.metric)
+    # Early stopping and the kept checkpoints follow the experiment's metric.
+    inputs = training_inputs(cfg, open_cache(cache_uri), selection_metric=cfg.tune.metric)
+    trainer = build_trainer(cfg, inputs, name=trial_id, storage_path=runs_uri,
+                            callbacks=[TuneReportCallback()])
     trainer.fit()
 
 
@@ -262,7 +270,9 @@ def tracking_callbacks(mlflow_uri: str | None, name: str) -> list:
     if not mlflow_uri:
         return []
     try:
-        from ray.air.integrations.mlflow import MLflowLoggerCallback  # Ray's own MLflow integration
+        from ray.air.integrations.mlflow import (
+            MLflowLoggerCallback,  # Ray's own MLflow integration
+        )
     except ImportError as e:  # pragma: no cover - depends on the optional extra
         raise ConfigError("--mlflow needs the mlflow extra: pip install 'cxr_ray[mlflow]'") from e
     return [MLflowLoggerCallback(tracking_uri=mlflow_uri, experiment_name=name, save_artifact=False)]
@@ -272,6 +282,7 @@ def run_tune(cfg: ExperimentConfig, cache_uri: str, name: str, resume: bool = Fa
              mlflow_uri: str | None = None) -> TuneOutcome:
     """Run (or resume) the experiment ``name`` and write trials.csv and best/."""
     validate_search_space(cfg)
+    cfg = resolve_resources(cfg, for_tune=True)
     storage = storage_uri(cfg.train.storage_path)
     exp_uri = io.join(storage, name)
     check_resources(cfg, trials=1, data_cpus=cfg.tune.data_cpus)

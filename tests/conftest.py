@@ -1,10 +1,14 @@
-"""Shared fixtures: a real local Ray (2 CPUs), synthetic datasets, the shared real images."""
+"""Shared fixtures and helpers: a real local Ray (2 CPUs), synthetic datasets, the shared real
+images, running the ``cxr-ray`` CLI, writing small images, stopping every local Ray."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REAL_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cxr-kaggle-224-dev"
@@ -41,3 +45,23 @@ def ray_local():
 @pytest.fixture
 def cache_dir(tmp_path) -> str:
     return str(tmp_path / "cache")
+
+
+def run_cli(*args: str, timeout: float = 900, **kw) -> subprocess.CompletedProcess:
+    """Run ``cxr-ray ARGS`` as a user would (a fresh Python process); stdout/stderr captured."""
+    return subprocess.run([sys.executable, "-m", "cxr_ray.cli", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, **kw)
+
+
+def ray_stop() -> None:
+    """Stop every local Ray (``ray stop --force``): no half-stopped cluster may be joined later."""
+    subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True)
+
+
+def write_image(path: Path, size: int = 32, value: int = 128) -> Path:
+    """A small uniform grayscale JPEG/PNG at ``path`` (parents created)."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((size, size), value, np.uint8)).save(path)
+    return path

@@ -10,7 +10,9 @@ import torch
 from cxr_ray.config import ExperimentConfig
 from cxr_ray.data.cache import prepare_cache
 from cxr_ray.data.catalog import DataError
-from cxr_ray.data.pipeline import TorchCollate, split_dataset
+from cxr_ray.data.pipeline import TorchCollate, epoch_batches, split_dataset
+
+from conftest import write_image
 
 
 def _cfg(root, cache_dir, **over):
@@ -89,3 +91,43 @@ def test_unknown_split_rejected(ray_local, dataset, cache_dir):
     cache = prepare_cache(_cfg(dataset, cache_dir))
     with pytest.raises(DataError, match="unknown split"):
         split_dataset(cache, "holdout", 32)
+
+
+@pytest.fixture(scope="module")
+def skewed_root(tmp_path_factory):
+    """166 NORMAL and 474 PNEUMONIA training images (26/74, as in the real train split), one per patient."""
+    root = tmp_path_factory.mktemp("skewed")
+    for i in range(166):
+        write_image(root / "train" / "NORMAL" / f"IM-{i:04d}-0001.png", 16, 40 + i % 50)
+    for i in range(474):
+        write_image(root / "train" / "PNEUMONIA" / f"person{i}_virus_{i}.png", 16, 120 + i % 50)
+    for i in range(4):
+        write_image(root / "val" / "NORMAL" / f"IM-{900 + i}-0001.png", 16, 60)
+        write_image(root / "val" / "PNEUMONIA" / f"person{900 + i}_virus_1.png", 16, 150)
+    return root
+
+
+def _epochs_of_labels(cfg, cache, epochs=2):
+    """Label sequences of each epoch's training batches, read exactly as a training worker reads them."""
+    from cxr_ray.train import training_inputs
+
+    train = training_inputs(cfg, cache).datasets["train"]
+    return [[batch[1].tolist() for batch in epoch_batches(train, 32, lambda b: (b["key"], b["label"]),
+                                                          shuffle_seed=cfg.train.seed, epoch=e)]
+            for e in range(epochs)]
+
+
+def test_training_batches_mix_classes_and_reshuffle_every_epoch(ray_local, skewed_root, cache_dir):
+    cfg = _cfg(skewed_root, cache_dir, **{"data.image_size": 16, "data.val_split": "official"})
+    cache = prepare_cache(cfg)
+    epochs = _epochs_of_labels(cfg, cache)
+    for batches in epochs:
+        assert sum(len(b) for b in batches) == 640
+        mixed = np.mean([0 < sum(b) < len(b) for b in batches])
+        assert mixed >= 0.8, f"only {mixed:.0%} of batches hold both classes"
+        labels = np.concatenate(batches)
+        first, second = labels[:320].mean(), labels[320:].mean()
+        assert abs(first - second) < 0.10, (first, second)
+    assert epochs[0] != epochs[1]  # a new order every epoch
+    assert _epochs_of_labels(cfg, cache) == epochs  # reproducible under train.seed
+    assert _epochs_of_labels(cfg.replace(**{"train.seed": 1}), cache) != epochs

@@ -1,14 +1,8 @@
 """The cxr-ray command as a user runs it."""
 
-import subprocess
-import sys
 
 import pytest
-
-
-def cxr_ray(*args):
-    return subprocess.run([sys.executable, "-m", "cxr_ray.cli", *args], capture_output=True, text=True,
-                          timeout=600)
+from conftest import run_cli as cxr_ray
 
 
 def test_make_synthetic_then_inspect(tmp_path):

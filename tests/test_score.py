@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import run_cli
 from PIL import Image
 
 from cxr_ray.checkpoint import save_checkpoint
@@ -188,10 +189,9 @@ def test_resume_after_kill_loses_nothing_duplicates_nothing(checkpoint, tmp_path
     first = pd.read_parquet(out)  # only whole committed parts are visible
     n_files = len(list_inputs([str(root)]))
     assert 0 < len(first) < n_files and first["path"].is_unique
-    again = subprocess.run([sys.executable, "-m", "cxr_ray.cli", *args], capture_output=True, text=True, timeout=300)
+    again = run_cli(*args, timeout=300)
     assert again.returncode == 2 and "--resume" in again.stderr  # no silent second copy
-    resumed = subprocess.run([sys.executable, "-m", "cxr_ray.cli", *args, "--resume"], capture_output=True,
-                             text=True, timeout=300)
+    resumed = run_cli(*args, "--resume", timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     final = pd.read_parquet(out)
     assert len(final) == n_files and final["path"].is_unique

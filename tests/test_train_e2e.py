@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import run_cli as cxr_ray
 
 pytestmark = pytest.mark.slow
 
@@ -19,21 +20,32 @@ TRAIN_ARGS = ["--size", "48", "--set", "model.name=simple_cnn", "--set", "model.
               "--set", "train.batch_size=16", "--set", "train.lr=0.003"]
 
 
-def cxr_ray(*args, timeout=600, **kw):
-    return subprocess.run([sys.executable, "-m", "cxr_ray.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, **kw)
-
-
 def test_train_two_workers_then_evaluate(synthetic_root, tmp_path):
     run = cxr_ray("train", "--data", str(synthetic_root), "--cache", str(tmp_path / "cache"), *TRAIN_ARGS,
                   "--set", "train.epochs=3", "--set", f"train.storage_path={tmp_path / 'runs'}",
                   "--set", "train.name=e2e")
     assert run.returncode == 0, run.stderr[-3000:]
+    # What a user sees on stdout: the leak check, a line per epoch, the summary, the checkpoint.
+    assert "[data] patients shared between train and val: 0" in run.stdout
+    assert re.findall(r"\[train\] epoch (\d)/3: train_loss [\d.]+  val_loss [\d.]+  val roc_auc [\d.]+  "
+                      r"recall_at_specificity [\d.]+  [\d.]+ img/s  elapsed \S+  ETA \S+", run.stdout) == ["1", "2", "3"]
     ckpt = Path(run.stdout.strip().splitlines()[-1])
     assert ckpt.is_dir() and (ckpt / "model.pt").is_file()
     assert (tmp_path / "runs" / "e2e" / "config.yaml").is_file()
     meta = json.loads((ckpt / "checkpoint.json").read_text())
     assert 0.0 <= meta["threshold"] <= 1.0 + 1e-6 and "recall_at_specificity" in meta["metrics"]
+    assert meta["val_precision"] == "fp32"
+
+    # Validation saw the whole val split exactly once on 2 workers, and its figures are evaluate's.
+    val = tmp_path / "eval_val"
+    ev = cxr_ray("evaluate", "--checkpoint", str(ckpt), "--split", "val", "--out", str(val))
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    val_metrics = json.loads((val / "metrics.json").read_text())
+    val_preds = pd.read_parquet(val / "predictions.parquet")
+    assert meta["metrics"]["n"] == val_metrics["n"] == len(val_preds) == val_preds["path"].nunique()
+    for key in ("roc_auc", "pr_auc", "accuracy", "recall", "specificity", "precision", "f1", "threshold"):
+        assert meta["metrics"][key] == pytest.approx(val_metrics[key], abs=1e-6), key
+    assert meta["metrics"]["confusion_matrix"] == val_metrics["confusion_matrix"]
     out = tmp_path / "eval"
     ev = cxr_ray("evaluate", "--checkpoint", str(ckpt), "--split", "test", "--out", str(out))
     assert ev.returncode == 0, ev.stderr[-3000:]
@@ -42,7 +54,7 @@ def test_train_two_workers_then_evaluate(synthetic_root, tmp_path):
         assert isinstance(metrics[key], float), key
     assert metrics["threshold"] == pytest.approx(meta["threshold"])  # never re-tuned on test
     preds = pd.read_parquet(out / "predictions.parquet")
-    assert list(preds.columns) == ["path", "label", "probability", "prediction"]
+    assert list(preds.columns) == ["path", "patient", "label", "probability", "prediction"]
     assert len(preds) == metrics["n"] and preds["path"].str.contains("/test/").all()
     assert {"confusion_matrix.png", "roc_curve.png", "pr_curve.png"} <= {p.name for p in out.iterdir()}
     assert "roc_auc" in ev.stdout and "95% CI" in ev.stdout
@@ -80,11 +92,32 @@ def test_killed_worker_resumes_from_checkpoint(synthetic_root, tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, output[-3000:]
-    resumed = re.search(r"resumed from checkpoint after epoch (\d+)", output)
+    resumed = re.search(rf"resumed from checkpoint after epoch (\d+)/{epochs}", output)
     assert resumed, output[-3000:]
     assert f"[train] {epochs} epoch(s)" in output
-    after = [int(e) for e in re.findall(r"\[train\] epoch (\d+):", output.split(resumed.group(0))[1])]
-    assert after == list(range(int(resumed.group(1)) + 1, epochs))  # continues, not from scratch
+    after = [int(e) for e in re.findall(rf"\[train\] epoch (\d+)/{epochs}: train_loss", output.split(resumed.group(0))[1])]
+    assert after == list(range(int(resumed.group(1)) + 1, epochs + 1))  # continues, not from scratch
     epochs_seen = {json.loads((c / "checkpoint.json").read_text())["epoch"]
                    for c in (runs / "ft").glob("checkpoint_*") if (c / "checkpoint.json").exists()}
     assert epochs_seen == set(range(epochs))
+
+
+def test_run_names_are_not_reused_and_resume_keeps_the_config(synthetic_root, tmp_path):
+    args = ["--data", str(synthetic_root), "--cache", str(tmp_path / "cache"), "--size", "32",
+            "--set", "model.name=simple_cnn", "--set", "model.width=8", "--set", "train.epochs=2",
+            "--set", f"train.storage_path={tmp_path / 'runs'}", "--set", "train.name=r1"]
+    first = cxr_ray("train", *args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    config_before = (tmp_path / "runs" / "r1" / "config.yaml").read_text()
+    again = cxr_ray("train", *args, "--set", "train.lr=0.01")
+    assert again.returncode == 2 and "run folder" in again.stderr and "already exists" in again.stderr
+    assert "cxr-ray train --resume" in again.stderr
+    assert (tmp_path / "runs" / "r1" / "config.yaml").read_text() == config_before  # untouched
+    run_dir = str(tmp_path / "runs" / "r1")
+    changed = cxr_ray("train", "--resume", run_dir, "--set", "train.lr=0.01", "--set", "model.dropout=0.1")
+    assert changed.returncode == 2, changed.stderr[-2000:]
+    assert "train.lr: 0.0003 -> 0.01" in changed.stderr and "model.dropout: 0.3 -> 0.1" in changed.stderr
+    resumed = cxr_ray("train", "--resume", run_dir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "[train] resumed from checkpoint after epoch 2/2; 0 epoch(s) to go" in resumed.stdout
+    assert Path(resumed.stdout.strip().splitlines()[-1]).parent == Path(run_dir)

@@ -8,6 +8,8 @@ import time
 
 import pandas as pd
 import pytest
+from conftest import ray_stop
+from conftest import run_cli as cxr_ray
 
 from cxr_ray.config import ConfigError, ExperimentConfig
 from cxr_ray.tune import validate_search_space
@@ -18,11 +20,6 @@ TUNE_ARGS = ["--size", "32", "--set", "model.name=simple_cnn", "--set", "model.w
              "--set", "tune.reduction_factor=2",
              "--set", "tune.search_space={model.dropout: {type: uniform, low: 0.0, high: 0.5}, "
                       "train.lr: {type: loguniform, low: 0.0003, high: 0.01}}"]
-
-
-def cxr_ray(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "cxr_ray.cli", *args], capture_output=True, text=True,
-                          timeout=900, **kw)
 
 
 def _space(**space):
@@ -36,6 +33,9 @@ def _space(**space):
     ({"model.unfreeze_depth": {"type": "choice", "values": [1, 7]}}, "value 7 is impossible"),
     ({"train.lr": {"type": "loguniform", "low": 0, "high": 0.1}}, "loguniform needs low > 0"),
     ({"train.lr": {"type": "gaussian"}}, "expected a mapping with type"),
+    ({"data.image_size": {"type": "choice", "values": [64, 128]}}, "data settings cannot be searched"),
+    ({"data.val_fraction": {"type": "uniform", "low": 0.1, "high": 0.2}}, "one cache prepared"),
+    ({"train.epochs": {"type": "choice", "values": [3, 6]}}, "ASHA decides how many epochs"),
 ])
 def test_bad_search_space_is_refused_before_any_trial(space, message):
     with pytest.raises(ConfigError, match=message):
@@ -80,17 +80,13 @@ def test_tune_search_runs_trials_and_exports_best(synthetic_root, tmp_path):
     assert r.stdout.strip().splitlines()[-1] == str(exp / "best")
 
 
-def _ray_stop() -> None:
-    subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True)
-
-
 @pytest.mark.slow
 def test_resume_after_killed_driver_keeps_finished_trials(synthetic_root, tmp_path):
     runs = tmp_path / "runs"
     args = ["tune", "--data", str(synthetic_root), "--cache", str(tmp_path / "cache"), *TUNE_ARGS,
             "--set", "tune.num_samples=3", "--set", "tune.max_concurrent_trials=1", "--set", "tune.name=res",
             "--set", f"train.storage_path={runs}"]
-    _ray_stop()  # no half-stopped local Ray from an earlier test may be joined or collide on ports
+    ray_stop()  # no half-stopped local Ray from an earlier test may be joined or collide on ports
     log = open(tmp_path / "first_run.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "cxr_ray.cli", *args], stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
@@ -110,7 +106,7 @@ def test_resume_after_killed_driver_keeps_finished_trials(synthetic_root, tmp_pa
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     log.close()
-    _ray_stop()
+    ray_stop()
     assert not (runs / "res" / "trials.csv").exists()
     r = cxr_ray("tune", "--resume", str(runs / "res"))
     assert r.returncode == 0, r.stderr[-4000:]

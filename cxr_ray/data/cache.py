@@ -29,12 +29,13 @@ import pyarrow.parquet as pq
 
 from cxr_ray.config import ExperimentConfig
 from cxr_ray.data import io
-from cxr_ray.data.catalog import CLASSES, DataError, assign_splits, load_catalog, split_leaks
+from cxr_ray.data.catalog import (CLASSES, SPLIT_ALGORITHM, DataError, assign_splits, load_catalog,
+                                  split_leaks)
 from cxr_ray.data.decode import ImageDecodeError, decode_image
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1  # bump when the decode output or schema changes
+CACHE_FORMAT = 2  # bump when the decode output, schema or row order changes
 CACHE_SCHEMA_DOC = """\
 path str | label int64 (0 NORMAL, 1 PNEUMONIA) | patient str | split str | source_split str |
 key int64 (crc32 of path) | width int64, height int64 (original size) | sha1 str (file bytes) |
@@ -70,9 +71,9 @@ def fingerprint(catalog: pd.DataFrame, cfg: ExperimentConfig) -> str:
     h = hashlib.sha256()
     settings = {"format": CACHE_FORMAT, "size": cfg.data.resolved_cache_size,
                 "val_split": cfg.data.val_split, "val_fraction": cfg.data.val_fraction,
-                "seed": cfg.data.seed}
+                "seed": cfg.data.seed, "split_algorithm": SPLIT_ALGORITHM}
     h.update(json.dumps(settings, sort_keys=True).encode())
-    cols = ["path", "label", "source_split", "size_bytes", "mtime_ns"]
+    cols = ["path", "label", "patient", "source_split", "split", "size_bytes", "mtime_ns"]
     h.update(pd.util.hash_pandas_object(catalog[cols], index=False).values.tobytes())
     return h.hexdigest()[:16]
 
@@ -173,6 +174,9 @@ def prepare_cache(cfg: ExperimentConfig, catalog: pd.DataFrame | None = None) ->
     _delete(uri)  # an interrupted build leaves data without meta.json
     size = cfg.data.resolved_cache_size
     log.info("[prepare] decoding %d images at %dpx into %s", len(catalog), size, uri)
+    # Rows are written in a seeded random order, so every block (and so every training batch
+    # read from it) mixes the classes; a path-sorted cache would hold one class per block.
+    catalog = catalog.sample(frac=1.0, random_state=cfg.data.seed, ignore_index=True)
     n_blocks = max(1, min(len(catalog) // 64, 512))
     bounds = np.linspace(0, len(catalog), n_blocks + 1).astype(int)
     parts = [catalog.iloc[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]

@@ -1,7 +1,7 @@
 """Ray Data pipelines from the prepared cache to model-input batches.
 
 Each split is a Ray Dataset with columns ``image`` (uint8 ``(1, N, N)``), ``label``
-(float32) and ``key`` (int64; stable per-image id), plus ``path`` when asked for. Images
+(float32) and ``key`` (int64; stable per-image id), plus ``path`` and ``patient`` when asked for. Images
 stay uint8 through Ray's object store (4x smaller than float); augmentation and
 normalisation happen batched in :class:`cxr_ray.data.transforms.Collate`, which Ray Data
 runs in its prefetch threads on the consuming worker (on the GPU when training on one).
@@ -29,7 +29,7 @@ class TorchCollate(Collate, _NumpyCollateBase):
 
 def to_model_batch(batch: dict[str, Any], cache_size: int, image_size: int,
                    with_paths: bool = False) -> dict[str, np.ndarray]:
-    """Ray Data UDF: cache rows -> ``{"image", "label", "key"[, "path"]}`` (see module doc)."""
+    """Ray Data UDF: cache rows -> ``{"image", "label", "key"[, "path", "patient"]}`` (see module doc)."""
     images = to_model_size(pixels_to_array(batch["pixels"], cache_size), image_size)
     out = {
         "image": images,
@@ -38,6 +38,7 @@ def to_model_batch(batch: dict[str, Any], cache_size: int, image_size: int,
     }
     if with_paths:
         out["path"] = np.asarray(batch["path"], dtype=object)
+        out["patient"] = np.asarray(batch["patient"], dtype=object)
     return out
 
 
@@ -52,7 +53,7 @@ def split_dataset(cache: PreparedCache, split: str, image_size: int, with_paths:
         raise DataError(f"cache {cache.uri!r} has no {split!r} images")
     from ray.data.expressions import col
 
-    columns = ["pixels", "label", "key", "split", "error"] + (["path"] if with_paths else [])
+    columns = ["pixels", "label", "key", "split", "error"] + (["path", "patient"] if with_paths else [])
     ds = ray.data.read_parquet(cache.data_uri).select_columns(columns)
     ds = ds.filter(expr=(col("split") == split) & col("error").is_null())  # pushed into the read
     return ds.map_batches(
@@ -62,17 +63,51 @@ def split_dataset(cache: PreparedCache, split: str, image_size: int, with_paths:
 
 
 def split_datasets(cache: PreparedCache, image_size: int, splits: tuple[str, ...] = ("train", "val"),
-                   materialize_gb: float = 0.0) -> dict[str, Any]:
+                   materialize_gb: float = 0.0, shuffle_seed: int | None = None) -> dict[str, Any]:
     """``{split: Dataset}`` for the requested splits (e.g. the ``datasets`` of a TorchTrainer).
 
     A split whose model-size pixels fit in ``materialize_gb`` is materialised once in Ray's
     object store: later epochs stream its blocks instead of re-reading Parquet (augmentation
-    happens after, per batch, so every epoch still sees new random transforms).
+    happens after, per batch, so every epoch still sees new random transforms). With
+    ``shuffle_seed`` the ``train`` split's blocks come in a new seeded order every epoch
+    (see :func:`epoch_batches` for the rest of the shuffle).
     """
     out = {}
     for s in splits:
         ds = split_dataset(cache, s, image_size)
         if sum(cache.split_counts(s)) * image_size**2 <= materialize_gb * 1e9:
             ds = ds.materialize()
+        if s == "train" and shuffle_seed is not None:
+            ds = ds.randomize_block_order(seed=_per_epoch_seed(shuffle_seed))
         out[s] = ds
     return out
+
+
+def _per_epoch_seed(seed: int) -> Any:
+    """A Ray Data seed that gives each execution (epoch) its own, reproducible order."""
+    try:
+        from ray.data import RandomSeedConfig  # Ray >= 2.5x: seed + execution index
+    except ImportError:  # pragma: no cover - older Ray: a fixed seed repeats the order; use none
+        return None
+    return RandomSeedConfig(seed=seed, reseed_after_execution=True)
+
+
+# Rows held by the training iterator's local shuffle buffer. The cache is written in a seeded
+# random order and block order changes per epoch; this buffer then mixes ~SHUFFLE_BUFFER rows
+# across blocks. Measured in benchmarks/RESULTS.md ("Shuffling").
+SHUFFLE_BUFFER = 1024
+
+
+def epoch_batches(data: Any, batch_size: int, collate: Any, shuffle_seed: int | None = None,
+                  epoch: int = 0, prefetch_batches: int = 2):
+    """One epoch of ``(x, y)`` batches from a Ray Dataset or a Train shard (``DataIterator``).
+
+    With ``shuffle_seed`` (training) rows pass a local shuffle buffer seeded by
+    ``(shuffle_seed, epoch)``, so batches mix classes and differ between epochs; evaluation
+    passes None and reads every row once, in order.
+    """
+    shuffle = shuffle_seed is not None
+    return data.iter_torch_batches(
+        batch_size=batch_size, collate_fn=collate, prefetch_batches=prefetch_batches,
+        local_shuffle_buffer_size=max(SHUFFLE_BUFFER, 2 * batch_size) if shuffle else None,
+        local_shuffle_seed=(shuffle_seed * 1_000_003 + epoch) % 2**32 if shuffle else None)

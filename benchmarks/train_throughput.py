@@ -103,14 +103,20 @@ def main(argv=None) -> int:
     import ray
 
     from cxr_ray.data.cache import prepare_cache
+    from cxr_ray.runtime import init_ray
 
-    ray.init(num_cpus=2, log_to_driver=False)
+    init_ray(num_cpus=2)  # the local Ray cxr-ray itself starts (worker niceness included)
     ray.data.DataContext.get_current().enable_progress_bars = False
     cache = prepare_cache(cfg)
     arrays = load_train_arrays(cache.uri, cache.size, args.size)
-    plain = plain_epochs(cfg, arrays, args.epochs, device)  # all cores: torch's default threads
+    # Plain loop (all cores: torch's default threads) before and after the Ray run, averaged:
+    # this 2-core machine drifts by +-10% between minutes, which would bias a single baseline.
+    before = plain_epochs(cfg, arrays, args.epochs, device)
     ray_rate = ray_epochs(cfg, cache, args.epochs)
+    after = plain_epochs(cfg, arrays, args.epochs, device)
+    plain = (before + after) / 2
     ray.shutdown()
+    print(f"\nplain loop before/after the Ray run: {before:.1f} / {after:.1f} img/s")
     print(f"\n| model | images/epoch | plain PyTorch ({torch.get_num_threads()} threads) img/s | "
           f"Ray Train (1 worker, defaults) img/s | ratio |")
     print("|---|---|---|---|---|")

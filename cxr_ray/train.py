@@ -122,12 +122,17 @@ class TrainLoopRunner:
         self.log("[train] resumed from checkpoint after epoch %d", state["epoch"])
 
     def batches(self, split: str, epoch: int):
-        """Model-ready ``(x, y)`` batches: this worker's shuffled shard of ``train``, or all of ``val``."""
+        """Model-ready ``(x, y)`` batches: this worker's shuffled shard of ``train``, or all of ``val``.
+
+        On CPU the collate (augmentation) runs in this thread: in a prefetch thread it would
+        compete with the model's threads for the same cores. On GPU it prefetches.
+        """
         t, train = self.cfg.train, split == "train"
         collate = TorchCollate(self.device, self.cfg.augment if train else None,
                                seed=t.seed + 1000 * self.rank, epoch=epoch, channels_last=self.gpu)
         return epoch_batches(self.train_data if train else self.val_data, t.batch_size, collate,
-                             shuffle_seed=t.seed * 1000 + self.rank if train else None, epoch=epoch)
+                             shuffle_seed=t.seed * 1000 + self.rank if train else None, epoch=epoch,
+                             prefetch_batches=2 if self.gpu else 0)
 
     def validate(self, epoch: int) -> dict[str, Any]:
         """Rank 0: metrics over the whole validation split, in fp32 (``VAL_PRECISION``).
@@ -198,9 +203,10 @@ def _quiet_console() -> None:
     """Keep this worker's INFO lines out of the terminal (the driver prints progress; Ray Train
     logs every report): they still go to Ray Train's log files, and warnings and errors still
     reach the terminal."""
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
-            handler.setLevel(logging.WARNING)
+    for name in (None, "ray", "ray.data", "ray.train"):  # Ray configures some with their own handlers
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                handler.setLevel(logging.WARNING)
 
 
 def storage_uri(path: str) -> str:

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -41,6 +42,13 @@ path str | label int64 (0 NORMAL, 1 PNEUMONIA) | patient str | split str | sourc
 key int64 (crc32 of path) | width int64, height int64 (original size) | sha1 str (file bytes) |
 pixels binary (size*size uint8, row-major; empty when error) | error str (null when decoded)"""
 META_COLUMNS = ["path", "label", "patient", "split", "width", "height", "sha1", "error"]
+# One explicit schema for every part: a part in which every image decoded would otherwise get a
+# null-typed ``error`` column, and reading the parts together then fails (string vs null).
+CACHE_SCHEMA = pa.schema([
+    ("path", pa.string()), ("label", pa.int64()), ("patient", pa.string()), ("split", pa.string()),
+    ("source_split", pa.string()), ("key", pa.int64()), ("width", pa.int64()), ("height", pa.int64()),
+    ("sha1", pa.string()), ("pixels", pa.binary()), ("error", pa.string()),
+])
 
 
 @dataclass(frozen=True)
@@ -84,8 +92,8 @@ def cache_uri(catalog_root: str, cfg: ExperimentConfig, fp: str) -> str:
     return io.join(cfg.data.resolved_cache_dir, f"{name}-{cfg.data.resolved_cache_size}px-{fp}")
 
 
-def decode_batch(batch: pd.DataFrame, size: int) -> pd.DataFrame:
-    """Ray Data UDF: catalog rows -> cache rows (see ``CACHE_SCHEMA_DOC``).
+def decode_batch(batch: pd.DataFrame, size: int) -> pa.Table:
+    """Ray Data UDF: catalog rows -> cache rows (``CACHE_SCHEMA``; see ``CACHE_SCHEMA_DOC``).
 
     A file that cannot be read or decoded gets ``error`` set and empty ``pixels``; nothing
     is dropped, so every input is accounted for.
@@ -110,7 +118,7 @@ def decode_batch(batch: pd.DataFrame, size: int) -> pd.DataFrame:
     result = batch[["path", "label", "patient", "split", "source_split"]].reset_index(drop=True)
     for k, v in out.items():
         result[k] = pd.Series(v, dtype=object if k in ("pixels", "error", "sha1") else np.int64)
-    return result
+    return pa.Table.from_pandas(result, schema=CACHE_SCHEMA, preserve_index=False)
 
 
 def _read_meta(uri: str) -> dict[str, Any] | None:

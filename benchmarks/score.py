@@ -59,7 +59,7 @@ def plain_decode(path: str, size: int) -> np.ndarray:
 
 @torch.no_grad()
 def forward(model: torch.nn.Module, batch: np.ndarray, device: torch.device, amp: bool) -> np.ndarray:
-    x = normalize(torch.from_numpy(batch[:, None]).to(device))
+    x = normalize(torch.from_numpy(batch[:, None]).to(device), ExperimentConfig().data.normalize)  # as scored
     if amp:
         x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast("cuda", dtype=torch.bfloat16):

@@ -58,7 +58,8 @@ def plain_epochs(cfg: ExperimentConfig, arrays, epochs: int, device: torch.devic
     rates = []
     for epoch in range(epochs):
         order = np.random.default_rng((cfg.train.seed, epoch)).permutation(len(labels))  # reshuffled per epoch
-        collate = Collate(device, cfg.augment, seed=0, epoch=epoch, channels_last=channels_last)
+        collate = Collate(device, cfg.augment, seed=0, epoch=epoch, channels_last=channels_last,
+                          normalize=cfg.data.normalize)
         batches = (collate({"image": images[order[i:i + bs]], "label": labels[order[i:i + bs]],
                             "key": keys[order[i:i + bs]]}) for i in range(0, len(order), bs))
         rates.append(train_one_epoch(model, batches, opt, sched, loss_fn, device, amp=amp).images_per_s)

@@ -4,8 +4,9 @@ Layout::
 
     model.pt          state dict of the (unwrapped) model, loaded with weights_only=True
     config.yaml       the full ExperimentConfig the model was trained with
-    checkpoint.json   threshold, the precision it was chosen in (val_precision), class map,
-                      validation metrics, epoch, versions of torch/torchvision/ray/cxr_ray
+    checkpoint.json   threshold, the rule that chose it and the precision it was chosen in
+                      (threshold_rule, val_precision), class map, the validation metrics at it,
+                      epoch, versions of torch/torchvision/ray/cxr_ray
     train_state.pt    optimizer, scheduler, early stopping, epoch (resuming training only)
 
 Inference rebuilds the model *and the preprocessing* from ``config.yaml``, never from flags.
@@ -70,7 +71,8 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, cfg: ExperimentCo
     state = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
     torch.save(state, out / MODEL_FILE)
     cfg.to_yaml(out / CONFIG_FILE)
-    meta = {"threshold": float(threshold), "val_precision": val_precision, "class_map": {str(i): c for i, c in enumerate(CLASSES)},
+    meta = {"threshold": float(threshold), "threshold_rule": metrics.get("threshold_rule", "given"),
+            "val_precision": val_precision, "class_map": {str(i): c for i, c in enumerate(CLASSES)},
             "positive_class": CLASSES[1], "epoch": int(epoch), "metrics": _jsonable(metrics),
             "versions": versions()}
     (out / META_FILE).write_text(json.dumps(meta, indent=1))
@@ -153,7 +155,7 @@ def load_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
     for name in (MODEL_FILE, CONFIG_FILE, META_FILE):
         if not (folder / name).is_file():
             raise CheckpointError(f"{folder} is not a cxr_ray checkpoint: {name} is missing")
-    cfg = ExperimentConfig.from_dict(yaml.safe_load((folder / CONFIG_FILE).read_text()))
+    cfg = ExperimentConfig.from_saved(yaml.safe_load((folder / CONFIG_FILE).read_text()))
     meta = json.loads((folder / META_FILE).read_text())
     model = build_model(dataclasses.replace(cfg.model, weights="none"))
     state = safe_load(folder / MODEL_FILE)

@@ -144,7 +144,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if result.error is not None:
         print(f"cxr-ray train: training failed: {result.error}", file=sys.stderr)
         return 1
-    best = result.get_best_checkpoint(SELECTION_METRIC, "max")
+    selection = cfg.metric.selection
+    best = result.get_best_checkpoint(selection, "max")
     m = result.metrics or {}
     shutdown_ray()  # no worker log lines may arrive after the checkpoint path below
     if best is None:
@@ -152,9 +153,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 1
     b = next(bm for c, bm in result.best_checkpoints if c.path == best.path)
     print(f"[train] {m.get('epoch', -1) + 1} epoch(s); best epoch {b['epoch'] + 1}: val roc_auc "
-          f"{b['roc_auc']:.4f}, {SELECTION_METRIC} {b[SELECTION_METRIC]:.4f}, recall {b['recall']:.4f} and "
-          f"specificity {b['specificity']:.4f} at threshold {b['threshold']:.4f} (chosen on {b['n']} "
-          f"validation images)")
+          f"{b['roc_auc']:.4f}, pAUC {b['pauc']:.4f} ({selection} {b[selection]:.4f}); recall "
+          f"{b['recall']:.4f} and specificity {b['specificity']:.4f} (95% lower bound "
+          f"{b['specificity_lower_bound']:.4f}) at threshold {b['threshold']:.4f}, chosen by "
+          f"{cfg.metric.threshold_rule} on {b['n']} validation images")
     print(f"[train] run folder: {result.path}")
     print(best.path)
     return 0
@@ -229,13 +231,18 @@ DEMO_OVERRIDES = {
 }
 
 
+DEMO_DATA = {"n": 900, "size": 96, "seed": 0, "split_shares": {"train": 0.6, "val": 0.15, "test": 0.25}}
+
+
 def demo_dataset(cfg: ExperimentConfig) -> str:
-    """The synthetic demo dataset under the cache folder, generated on first use."""
+    """The synthetic demo dataset under the cache folder, generated on first use: 900 images,
+    ~225 of them in test so the test report's CIs mean something."""
     from cxr_ray.data.synthetic import make_synthetic_dataset
 
-    root = Path(cfg.data.resolved_cache_dir) / "demo-synthetic-300"
-    if not (root / "test").is_dir():
-        make_synthetic_dataset(root, n=300, size=96, seed=0)
+    root = Path(cfg.data.resolved_cache_dir) / "demo-synthetic-900"
+    if not (root / ".complete").is_file():  # a folder left by an interrupted first run is rewritten
+        make_synthetic_dataset(root, **DEMO_DATA)
+        (root / ".complete").write_text("ok")
     return str(root)
 
 
@@ -281,8 +288,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if args.resume:
         cfg = cfg.replace(**{"train.storage_path": str(Path(args.resume.rstrip("/")).parent)})
     outcome = run_tune(cfg, cache.uri, name, resume=bool(args.resume), mlflow_uri=args.mlflow)
-    print(f"[tune] {len(outcome.trials)} trials, {outcome.n_failed} failed; ranked by {cfg.tune.metric}:")
-    print(format_trials(outcome.trials, cfg.tune.metric))
+    print(f"[tune] {len(outcome.trials)} trials, {outcome.n_failed} failed; ranked by {cfg.tune_metric}:")
+    print(format_trials(outcome.trials, cfg.tune_metric))
     if outcome.best_checkpoint is None:
         print("[tune] no trial produced a checkpoint", file=sys.stderr)
         return 1

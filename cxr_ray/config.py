@@ -30,6 +30,9 @@ def _check(ok: bool, key: str, expected: str, got: Any) -> None:
         raise ConfigError(f"{key}: expected {expected}, got {got!r}")
 
 
+NORMALIZATIONS = ("fixed", "per_image")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where images come from, how they are split and decoded."""
@@ -43,6 +46,10 @@ class DataConfig:
     seed: int = 0  # seeds the patient split
     max_bad_fraction: float = 0.01  # fail when more than this share of images cannot be decoded
     materialize_gb: float = 2.0  # keep a split's decoded pixels in Ray's object store up to this size
+    # intensity normalisation the model sees: "per_image" (each image to zero mean, unit std:
+    # a scanner's exposure and contrast cancel) or "fixed" (one gray mean/std, ImageNet's averaged;
+    # what configs saved before this key existed used, see SAVED_DEFAULTS)
+    normalize: str = "per_image"
 
     def __post_init__(self) -> None:
         _check(16 <= self.image_size <= 4096, "data.image_size", "an int in [16, 4096]", self.image_size)
@@ -54,6 +61,7 @@ class DataConfig:
                "one of 'grouped', 'official'", self.val_split)
         _check(0.0 < self.val_fraction < 1.0, "data.val_fraction", "a float in (0, 1)", self.val_fraction)
         _check(self.materialize_gb >= 0.0, "data.materialize_gb", "a float >= 0", self.materialize_gb)
+        _check(self.normalize in NORMALIZATIONS, "data.normalize", f"one of {list(NORMALIZATIONS)}", self.normalize)
         _check(0.0 <= self.max_bad_fraction <= 1.0, "data.max_bad_fraction", "a float in [0, 1]",
                self.max_bad_fraction)
 
@@ -80,6 +88,11 @@ class AugmentConfig:
     scale_min: float = 0.9  # random zoom-in crop keeping [scale_min, 1] of the side
     brightness: float = 0.1  # additive jitter in [-b, b] on the [0, 1] image
     contrast: float = 0.1  # multiplicative jitter in [1 - c, 1 + c] around the image mean
+    # Acquisition differences between scanners and sites (0 switches each off):
+    gamma: float = 0.0  # exposure curve: x ** exp(u), u uniform in [-gamma, gamma]
+    blur: float = 0.0  # up to this share of a Gaussian blur (sigma 1.5 px at 224 px, scaled with size)
+    sharpen: float = 0.0  # up to this unsharp-mask amount (same sigma); one image is blurred or sharpened
+    noise: float = 0.0  # Gaussian noise, std uniform in [0, noise] on the [0, 1] image
 
     def __post_init__(self) -> None:
         _check(0.0 <= self.hflip_p <= 1.0, "augment.hflip_p", "a float in [0, 1]", self.hflip_p)
@@ -88,6 +101,10 @@ class AugmentConfig:
         _check(0.0 < self.scale_min <= 1.0, "augment.scale_min", "a float in (0, 1]", self.scale_min)
         _check(0.0 <= self.brightness < 1.0, "augment.brightness", "a float in [0, 1)", self.brightness)
         _check(0.0 <= self.contrast < 1.0, "augment.contrast", "a float in [0, 1)", self.contrast)
+        _check(0.0 <= self.gamma <= 1.0, "augment.gamma", "a float in [0, 1]", self.gamma)
+        _check(0.0 <= self.blur <= 1.0, "augment.blur", "a float in [0, 1]", self.blur)
+        _check(0.0 <= self.sharpen <= 2.0, "augment.sharpen", "a float in [0, 2]", self.sharpen)
+        _check(0.0 <= self.noise <= 0.2, "augment.noise", "a float in [0, 0.2]", self.noise)
 
 
 MODEL_NAMES = ("resnet50", "simple_cnn")
@@ -160,15 +177,29 @@ class TrainConfig:
                self.keep_checkpoints)
 
 
+SELECTIONS = ("selection_score", "pauc", "recall_at_specificity", "roc_auc")
+THRESHOLD_RULES = ("spec_lower_bound", "point")
+
+
 @dataclass(frozen=True)
 class MetricConfig:
-    """The model-selection metric: recall at a minimum specificity."""
+    """Model selection and the operating threshold, both decided on the validation split
+    (see ``cxr_ray/metrics.py`` for the definitions)."""
 
-    min_specificity: float = 0.90  # threshold chosen on validation must keep at least this
+    min_specificity: float = 0.90  # the operating region: specificity the threshold must keep
+    # what early stopping and kept checkpoints rank by: selection_score = pAUC over specificity
+    # >= min_specificity with a validation-loss tie-break (does not saturate; chance = 0.5)
+    selection: str = "selection_score"
+    # spec_lower_bound: lowest threshold whose 95% patient-bootstrap lower bound of validation
+    # specificity >= min_specificity; point: the point estimate (sits on one image)
+    threshold_rule: str = "spec_lower_bound"
 
     def __post_init__(self) -> None:
         _check(0.0 < self.min_specificity < 1.0, "metric.min_specificity", "a float in (0, 1)",
                self.min_specificity)
+        _check(self.selection in SELECTIONS, "metric.selection", f"one of {list(SELECTIONS)}", self.selection)
+        _check(self.threshold_rule in THRESHOLD_RULES, "metric.threshold_rule",
+               f"one of {list(THRESHOLD_RULES)}", self.threshold_rule)
 
 
 def default_search_space() -> dict[str, dict[str, Any]]:
@@ -191,7 +222,7 @@ class TuneConfig:
     searcher: str = "optuna"  # "optuna" (TPE) or "random"
     # {dotted key: {"type": choice|uniform|loguniform|randint, "values" or "low"/"high"}}
     search_space: dict[str, Any] = field(default_factory=default_search_space)
-    metric: str = "recall_at_specificity"  # any metric the trials report; higher is better
+    metric: str = ""  # what trials are ranked by; "" -> metric.selection (any reported metric; higher is better)
     grace_period: int = 1  # ASHA: epochs every trial gets before it can be stopped
     reduction_factor: int = 3  # ASHA: keep the top 1/reduction_factor at each rung
     max_concurrent_trials: int = 0  # 0 -> as many as the cluster's CPUs/GPUs allow
@@ -258,6 +289,11 @@ class ExperimentConfig:
     tune: TuneConfig = field(default_factory=TuneConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
 
+    @property
+    def tune_metric(self) -> str:
+        """What tune ranks trials by: ``tune.metric``, else ``metric.selection``."""
+        return self.tune.metric or self.metric.selection
+
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (YAML/JSON safe) that :meth:`from_dict` turns back into this object."""
         return dataclasses.asdict(self)
@@ -266,6 +302,19 @@ class ExperimentConfig:
     def from_dict(cls, data: Mapping[str, Any]) -> "ExperimentConfig":
         """Build from a nested dict; unknown keys and bad types raise :class:`ConfigError`."""
         return _build(cls, data, prefix="")
+
+    @classmethod
+    def from_saved(cls, data: Mapping[str, Any]) -> "ExperimentConfig":
+        """A config saved by a run or checkpoint (complete at the time it was written).
+
+        A key missing there is filled with the value that version used (``SAVED_DEFAULTS``),
+        not today's default, so an old checkpoint keeps its preprocessing and scores as before.
+        """
+        data = {k: dict(v) if isinstance(v, Mapping) else v for k, v in data.items()}
+        for key, value in SAVED_DEFAULTS.items():
+            section, name = key.split(".")
+            data.setdefault(section, {}).setdefault(name, value)
+        return cls.from_dict(data)
 
     def replace(self, **overrides: Any) -> "ExperimentConfig":
         """Copy with dotted-key overrides applied, e.g. ``replace(**{"data.image_size": 128})``."""
@@ -277,6 +326,9 @@ class ExperimentConfig:
 
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(ExperimentConfig))  # top-level config sections
+# Keys whose default changed that change what a model computes: the value a config saved before
+# the key existed meant. Every saved config (checkpoint, run, experiment) is read through these.
+SAVED_DEFAULTS = {"data.normalize": "fixed"}
 
 
 def _field_types(cls: type) -> dict[str, Any]:

@@ -32,22 +32,16 @@ TABLE_METRICS = ("accuracy", "precision", "recall", "f1", "roc_auc", "specificit
 def predict_split(ckpt: LoadedCheckpoint, cache: Any, split: str, batch_size: int = 64
                   ) -> pd.DataFrame:
     """``path, patient, label, probability`` for every decodable image of ``split`` (driver process)."""
-    from cxr_ray.data.pipeline import split_dataset
+    from cxr_ray.data.pipeline import collated_keeping, split_dataset
 
     ds = split_dataset(cache, split, ckpt.cfg.data.image_size, with_paths=True)
-    collate = Collate("cpu")
-    paths: list[str] = []
-    patients: list[str] = []
-
-    def batches():
-        for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
-            paths.extend(batch["path"].tolist())
-            patients.extend(batch["patient"].tolist())
-            yield collate(batch)
-
-    probs, labels, _ = predict(ckpt.model, batches(), torch.device("cpu"))
-    return pd.DataFrame({"path": paths, "patient": patients, "label": labels.astype(np.int64),
-                         "probability": probs.astype(np.float32)}).sort_values("path", ignore_index=True)
+    kept: dict[str, list] = {}
+    batches = collated_keeping(ds.iter_batches(batch_size=batch_size, batch_format="numpy"), Collate("cpu", normalize=ckpt.cfg.data.normalize),
+                               ("path", "patient"), kept)
+    probs, labels, _ = predict(ckpt.model, batches, torch.device("cpu"))
+    return pd.DataFrame({"path": kept.get("path", []), "patient": kept.get("patient", []),
+                         "label": labels.astype(np.int64), "probability": probs.astype(np.float32)}
+                        ).sort_values("path", ignore_index=True)
 
 
 def metrics_report(preds: pd.DataFrame, threshold: float, n_boot: int = 1000) -> dict[str, Any]:

@@ -1,10 +1,23 @@
-"""Binary metrics, the selection metric, and bootstrap confidence intervals.
+"""Binary metrics, model selection, the operating threshold, and bootstrap confidence intervals.
 
-Label 1 = PNEUMONIA is the positive class. The selection metric is
-``recall_at_specificity``: the highest recall any threshold reaches while keeping
-specificity >= ``min_specificity``. Missing a pneumonia is the costly error, but plain
-recall crowns the model that calls everything pneumonia (recall 1.0, specificity 0.0);
-that model scores 0 here.
+Label 1 = PNEUMONIA is the positive class. Missing a pneumonia is the costly error, but plain
+recall crowns the model that calls everything pneumonia (recall 1.0, specificity 0.0).
+
+**Selection** (``selection_score``, what early stopping, kept checkpoints and tune rank by):
+the standardised partial ROC-AUC over specificity >= ``min_specificity`` (McClish; sklearn's
+``roc_auc_score(max_fpr=1 - min_specificity)``): how well the model ranks pneumonia above
+normal in the operating region. Unlike ``recall_at_specificity`` (also reported) it does not
+saturate at 1.0 once one threshold separates the validation set, and the all-pneumonia (or
+any constant) model scores 0.5, chance level. Tie-break: ``selection_score = pauc - 0.001 *
+min(val_loss, 1)``: at equal pAUC the lower validation loss wins, and the loss can never
+outweigh a pAUC difference larger than 0.001.
+
+**Threshold** (``threshold_rule``): ``spec_lower_bound`` (default) takes the lowest threshold at
+which the lower end of the 95% patient-bootstrap CI of validation specificity still reaches
+``min_specificity``, so the threshold does not sit on the single lowest-scoring image that a
+point estimate would pick; ``point`` is that point estimate (the highest recall whose
+validation specificity >= ``min_specificity``). See ``benchmarks/real_accuracy.py`` for how each
+holds on a shifted copy of the validation images.
 """
 
 from __future__ import annotations
@@ -15,8 +28,24 @@ import numpy as np
 from sklearn.metrics import (average_precision_score, confusion_matrix, f1_score, precision_score,
                              recall_score, roc_auc_score, roc_curve)
 
-SELECTION_METRIC = "recall_at_specificity"
+SELECTION_METRIC = "selection_score"
+SELECTION_METRICS = (SELECTION_METRIC, "pauc", "recall_at_specificity", "roc_auc")  # metric.selection choices
+THRESHOLD_RULES = ("spec_lower_bound", "point")
 CI_METRICS = ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc")
+LOSS_TIE_BREAK = 1e-3
+
+
+def partial_auc(labels: np.ndarray, probs: np.ndarray, min_specificity: float) -> float:
+    """Standardised partial ROC-AUC over specificity >= ``min_specificity`` (0.5 = chance, 1 = perfect)."""
+    labels = np.asarray(labels).astype(int)
+    require_both_classes(labels, "partial ROC-AUC")
+    return float(roc_auc_score(labels, np.asarray(probs, dtype=np.float64), max_fpr=1.0 - min_specificity))
+
+
+def selection_score(pauc: float, val_loss: float) -> float:
+    """``pauc - 0.001 * min(val_loss, 1)``: pAUC, ties broken by the lower validation loss."""
+    loss = val_loss if np.isfinite(val_loss) else 1.0
+    return float(pauc - LOSS_TIE_BREAK * min(max(loss, 0.0), 1.0))
 
 
 def threshold_for_specificity(labels: np.ndarray, probs: np.ndarray, min_specificity: float
@@ -66,11 +95,55 @@ def binary_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float) -> d
     }
 
 
-def validation_metrics(labels: np.ndarray, probs: np.ndarray, min_specificity: float) -> dict[str, Any]:
-    """Metrics at the threshold chosen on this set, plus the selection metric."""
-    score, threshold = threshold_for_specificity(labels, probs, min_specificity)
+def spec_lower_bounds(labels: np.ndarray, probs: np.ndarray, thresholds: np.ndarray,
+                      groups: np.ndarray | None = None, n_boot: int = 1000, seed: int = 0,
+                      level: float = 0.95) -> np.ndarray:
+    """Lower end of the bootstrap CI of specificity at each of ``thresholds``.
+
+    Only NORMAL images enter specificity, so only they are resampled: whole NORMAL patients
+    when ``groups`` is given (a cluster bootstrap), else single images.
+    """
+    labels, probs = np.asarray(labels).astype(int), np.asarray(probs, dtype=np.float64)
+    neg = probs[labels == 0]
+    draw = _cluster_resampler(None if groups is None else np.asarray(groups)[labels == 0], len(neg),
+                              np.random.default_rng(seed))
+    # specificity at threshold t = share of the resampled NORMAL scores below t
+    spec = np.stack([np.searchsorted(np.sort(sample), thresholds, side="left") / len(sample)
+                     for sample in (neg[draw()] for _ in range(n_boot))])
+    return np.percentile(spec, (1 - level) / 2 * 100, axis=0)
+
+
+def threshold_spec_lower_bound(labels: np.ndarray, probs: np.ndarray, min_specificity: float,
+                               groups: np.ndarray | None = None) -> tuple[float, float]:
+    """``(threshold, specificity lower bound)``: the lowest threshold (so the highest recall)
+    whose 95% bootstrap lower bound of specificity is >= ``min_specificity``; above every
+    score when none qualifies."""
+    labels = np.asarray(labels).astype(int)
+    require_both_classes(labels, "threshold selection")
+    candidates = np.append(np.unique(np.asarray(probs, dtype=np.float64)), np.nextafter(1.0, 2.0))
+    lower = spec_lower_bounds(labels, probs, candidates, groups)
+    ok = np.flatnonzero(lower >= min_specificity - 1e-12)
+    i = int(ok[0]) if len(ok) else len(candidates) - 1
+    return float(min(candidates[i], np.nextafter(1.0, 2.0))), float(lower[i])
+
+
+def validation_metrics(labels: np.ndarray, probs: np.ndarray, min_specificity: float,
+                       groups: np.ndarray | None = None, rule: str = "spec_lower_bound",
+                       val_loss: float = float("nan")) -> dict[str, Any]:
+    """Metrics at the threshold ``rule`` chooses on this set (see the module doc), plus
+    ``pauc``, ``selection_score``, ``recall_at_specificity``, ``threshold_rule`` and
+    ``specificity_lower_bound`` (the 95% bootstrap lower bound at the chosen threshold)."""
+    if rule not in THRESHOLD_RULES:
+        raise ValueError(f"threshold rule {rule!r}: expected one of {list(THRESHOLD_RULES)}")
+    best_recall, threshold = threshold_for_specificity(labels, probs, min_specificity)
+    if rule == "spec_lower_bound":
+        threshold, lower = threshold_spec_lower_bound(labels, probs, min_specificity, groups)
+    else:
+        lower = float(spec_lower_bounds(labels, probs, np.array([threshold]), groups)[0])
     metrics = binary_metrics(labels, probs, threshold)
-    metrics[SELECTION_METRIC] = score
+    pauc = partial_auc(labels, probs, min_specificity)
+    metrics.update(recall_at_specificity=best_recall, pauc=pauc, selection_score=selection_score(pauc, val_loss),
+                   threshold_rule=rule, specificity_lower_bound=lower)
     return metrics
 
 

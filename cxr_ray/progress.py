@@ -126,9 +126,11 @@ class ProgressPrinter:
             remaining = self.epochs - (e["epoch"] + 1)
             eta = (time.monotonic() - self.training_started) / self.epochs_done * remaining
             best = "  (best)" if m.get("best_epoch") == e["epoch"] else ""
+            # selection_score is pAUC with a tiny loss tie-break: show the pAUC people know
+            shown = "pauc" if self.metric == "selection_score" else self.metric
             return (f"[train] epoch {e['epoch'] + 1}/{self.epochs}: train_loss {m['train_loss']:.4f}  "
                     f"val_loss {m['val_loss']:.4f}  val roc_auc {m['roc_auc']:.4f}  "
-                    f"{self.metric} {m[self.metric]:.4f}  {m['train_images_per_s']:.1f} img/s  "
+                    f"{shown} {m[shown]:.4f}  {m['train_images_per_s']:.1f} img/s  "
                     f"elapsed {_duration(elapsed)}  ETA {_duration(eta) if remaining else '-'}{best}")
         if kind == "stop":
             return (f"[train] early stop after epoch {e['epoch'] + 1}: no improvement of {self.metric} "

@@ -129,7 +129,7 @@ class Predictor:
             model = model.to(memory_format=torch.channels_last)
         self.model = torch.compile(model) if self.score.compile else model
         self.threshold, self.model_id = np.float32(ckpt.threshold), ckpt.model_id
-        self.collate = Collate(self.device, channels_last=self.amp)
+        self.collate = Collate(self.device, channels_last=self.amp, normalize=ckpt.cfg.data.normalize)
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """PNEUMONIA probabilities of uint8 ``(B, 1, N, N)`` images: evaluation's own

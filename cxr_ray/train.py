@@ -32,10 +32,10 @@ from cxr_ray.checkpoint import MODEL_FILE, load_train_state, safe_load, save_che
 from cxr_ray.config import ConfigError, ExperimentConfig, config_diff
 from cxr_ray.data import io
 from cxr_ray.data.catalog import DataError
-from cxr_ray.data.pipeline import TorchCollate, epoch_batches, split_datasets
+from cxr_ray.data.pipeline import TorchCollate, collated_keeping, epoch_batches, split_datasets
 from cxr_ray.engine import (EarlyStopping, make_optimizer, make_scheduler, pos_weight_from_counts, predict,
                             train_one_epoch)
-from cxr_ray.metrics import SELECTION_METRIC, validation_metrics
+from cxr_ray.metrics import SELECTION_METRICS, validation_metrics
 from cxr_ray.models import build_model
 from cxr_ray.progress import ProgressPrinter, ProgressReporter
 from cxr_ray.runtime import check_shared_paths
@@ -43,7 +43,8 @@ from cxr_ray.runtime import check_shared_paths
 log = logging.getLogger(__name__)
 
 REPORTED = ("epoch", "train_loss", "val_loss", "roc_auc", "pr_auc", "accuracy", "precision", "recall",
-            "specificity", "f1", "threshold", "n", SELECTION_METRIC, "best_epoch", "train_images_per_s", "stop")
+            "specificity", "f1", "threshold", "n", *SELECTION_METRICS, "specificity_lower_bound", "best_epoch",
+            "train_images_per_s", "stop")
 VAL_PRECISION = "fp32"  # validation (and so the stored threshold) runs in fp32, as evaluate does
 
 
@@ -86,7 +87,7 @@ class TrainLoopRunner:
         self.gpu = self.device.type == "cuda"
         if not self.gpu and t.cpus_per_worker:  # Ray pins one thread per reserved CPU, rounded down
             torch.set_num_threads(t.torch_threads or math.ceil(t.cpus_per_worker))
-        self.selection = config.get("selection_metric", SELECTION_METRIC)
+        self.selection = config.get("selection_metric") or self.cfg.metric.selection
         self.progress = ProgressReporter(config.get("progress") if self.rank == 0 else None)
         # With a progress queue the driver prints each epoch; worker log lines would repeat it.
         self.log = log.info if self.rank == 0 and config.get("progress") is None else log.debug
@@ -121,33 +122,38 @@ class TrainLoopRunner:
         self.start_epoch = int(state["epoch"]) + 1
         self.log("[train] resumed from checkpoint after epoch %d", state["epoch"])
 
-    def batches(self, split: str, epoch: int):
-        """Model-ready ``(x, y)`` batches: this worker's shuffled shard of ``train``, or all of ``val``.
+    def train_batches(self, epoch: int):
+        """Model-ready ``(x, y)`` batches of this worker's shard of ``train``, reshuffled per epoch.
 
         On CPU the collate (augmentation) runs in this thread: in a prefetch thread it would
         compete with the model's threads for the same cores. On GPU it prefetches.
         """
-        t, train = self.cfg.train, split == "train"
-        collate = TorchCollate(self.device, self.cfg.augment if train else None,
-                               seed=t.seed + 1000 * self.rank, epoch=epoch, channels_last=self.gpu)
-        return epoch_batches(self.train_data if train else self.val_data, t.batch_size, collate,
-                             shuffle_seed=t.seed * 1000 + self.rank if train else None, epoch=epoch,
-                             prefetch_batches=2 if self.gpu else 0)
+        t = self.cfg.train
+        collate = TorchCollate(self.device, self.cfg.augment, seed=t.seed + 1000 * self.rank, epoch=epoch,
+                               channels_last=self.gpu, normalize=self.cfg.data.normalize)
+        return epoch_batches(self.train_data, t.batch_size, collate, shuffle_seed=t.seed * 1000 + self.rank,
+                             epoch=epoch, prefetch_batches=2 if self.gpu else 0)
 
     def validate(self, epoch: int) -> dict[str, Any]:
-        """Rank 0: metrics over the whole validation split, in fp32 (``VAL_PRECISION``).
+        """Rank 0: metrics over the whole validation split, in fp32 (``VAL_PRECISION``), with the
+        threshold chosen by ``metric.threshold_rule`` over patients.
 
         The unwrapped model runs outside DDP, so no collective waits on the other workers.
         """
-        probs, labels, val_loss = predict(unwrap(self.model), self.batches("val", epoch), self.device,
-                                          amp=False, loss_fn=self.loss_fn)
-        metrics = validation_metrics(labels, probs, self.cfg.metric.min_specificity)
+        kept: dict[str, list] = {}
+        collate = TorchCollate(self.device, channels_last=self.gpu, normalize=self.cfg.data.normalize)
+        batches = collated_keeping(self.val_data.iter_batches(batch_size=self.cfg.train.batch_size,
+                                                              batch_format="numpy"), collate, ("patient",), kept)
+        probs, labels, val_loss = predict(unwrap(self.model), batches, self.device, amp=False, loss_fn=self.loss_fn)
+        m = self.cfg.metric
+        metrics = validation_metrics(labels, probs, m.min_specificity, groups=np.asarray(kept.get("patient", [])),
+                                     rule=m.threshold_rule, val_loss=val_loss)
         metrics["val_loss"] = val_loss
         return metrics
 
     def run_epoch(self, epoch: int) -> dict[str, Any]:
         """Train one epoch, validate on the whole validation split, return the metrics."""
-        result = train_one_epoch(self.model, self.batches("train", epoch), self.optimizer, self.scheduler,
+        result = train_one_epoch(self.model, self.train_batches(epoch), self.optimizer, self.scheduler,
                                  self.loss_fn, self.device, amp=self.gpu,
                                  on_batch=lambda n, sec: self.progress.batch(epoch, n, sec))
         totals = _gather(np.array([[result.loss * result.images, result.images, result.seconds]]))
@@ -192,7 +198,7 @@ class TrainLoopRunner:
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point; ``config`` holds ``cfg`` (a dict), ``pos_weight``, ``n_train`` and
-    optionally ``selection_metric`` (default ``SELECTION_METRIC``) and ``progress`` (a queue)."""
+    optionally ``selection_metric`` (default ``metric.selection``) and ``progress`` (a queue)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if config.get("progress") is not None:
         _quiet_console()
@@ -262,8 +268,7 @@ def check_splits(cache: Any) -> None:
                 f"the selection metric are undefined on one class). See: cxr-ray inspect --data ROOT")
 
 
-def training_inputs(cfg: ExperimentConfig, cache: Any, selection_metric: str = SELECTION_METRIC
-                    ) -> TrainingInputs:
+def training_inputs(cfg: ExperimentConfig, cache: Any, selection_metric: str = "") -> TrainingInputs:
     """Datasets and the loop config (class weight from the train counts) for ``cfg``.
 
     Only ``train`` is sharded across workers and reshuffled per epoch (seeded by
@@ -281,7 +286,7 @@ def training_inputs(cfg: ExperimentConfig, cache: Any, selection_metric: str = S
         datasets=split_datasets(cache, cfg.data.image_size, materialize_gb=cfg.data.materialize_gb,
                                 shuffle_seed=cfg.train.seed),
         loop_config={"cfg": cfg.to_dict(), "pos_weight": float(pos_weight), "n_train": n_normal + n_pneu,
-                     "selection_metric": selection_metric})
+                     "selection_metric": selection_metric or cfg.metric.selection})
 
 
 def build_trainer(cfg: ExperimentConfig, inputs: TrainingInputs, name: str, storage_path: str,
@@ -339,7 +344,7 @@ def read_run_config(run_dir: str) -> ExperimentConfig:
     path = io.join(run_dir, "config.yaml")
     if not io.exists(path):
         raise ConfigError(f"--resume {run_dir!r}: not a cxr-ray training run (no config.yaml there)")
-    return ExperimentConfig.from_dict(yaml.safe_load(io.read_bytes(path)))
+    return ExperimentConfig.from_saved(yaml.safe_load(io.read_bytes(path)))
 
 
 def check_run_dir(cfg: ExperimentConfig, run_dir: str, resume: bool) -> None:
@@ -381,6 +386,6 @@ def run_training(cfg: ExperimentConfig, cache: Any, resume: bool = False, progre
     trainer = build_trainer(cfg, inputs, name, storage)
     if not progress:
         return trainer.fit()
-    with ProgressPrinter(SELECTION_METRIC) as printer:
+    with ProgressPrinter(cfg.metric.selection) as printer:
         inputs.loop_config["progress"] = printer.queue
         return trainer.fit()

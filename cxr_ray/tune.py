@@ -24,15 +24,14 @@ import yaml
 from cxr_ray.config import ConfigError, ExperimentConfig, valid_keys
 from cxr_ray.data import io
 from cxr_ray.data.cache import open_cache
-from cxr_ray.metrics import SELECTION_METRIC
+from cxr_ray.metrics import SELECTION_METRIC, SELECTION_METRICS
 from cxr_ray.runtime import check_shared_paths
 from cxr_ray.train import build_trainer, check_resources, resolve_resources, storage_uri, training_inputs
 
 log = logging.getLogger(__name__)
 
 SPACE_TYPES = ("choice", "uniform", "loguniform", "randint")
-TUNABLE_METRICS = (SELECTION_METRIC, "roc_auc", "pr_auc", "accuracy", "f1", "recall", "specificity",
-                   "precision")
+TUNABLE_METRICS = (*SELECTION_METRICS, "pr_auc", "accuracy", "f1", "recall", "specificity", "precision")
 EXPERIMENT_CONFIG = "experiment_config.yaml"
 DRIVER_CPUS = 0.01
 
@@ -83,11 +82,14 @@ def validate_search_space(cfg: ExperimentConfig) -> None:
             raise _space_error(key, f"randint needs int bounds, got {low!r}, {high!r}")
         _probe(cfg, key, low)
         _probe(cfg, key, high - 1 if kind == "randint" else high)
-    if cfg.tune.metric not in TUNABLE_METRICS:
-        raise ConfigError(f"tune.metric: no trial reports {cfg.tune.metric!r}; choose one of {list(TUNABLE_METRICS)}")
-    if cfg.tune.metric in ("recall", "precision", "specificity"):
+    if cfg.tune_metric not in TUNABLE_METRICS:
+        raise ConfigError(f"tune.metric: no trial reports {cfg.tune_metric!r}; choose one of {list(TUNABLE_METRICS)}")
+    if cfg.tune.metric and cfg.tune.metric != cfg.metric.selection:
+        log.info("[tune] trials are ranked by tune.metric=%s; each trial's early stopping follows it too",
+                 cfg.tune.metric)
+    if cfg.tune_metric in ("recall", "precision", "specificity"):
         log.warning("[tune] tune.metric=%s can be won by a trivial model; %s is the safe choice",
-                    cfg.tune.metric, SELECTION_METRIC)
+                    cfg.tune_metric, SELECTION_METRIC)
 
 
 def param_space(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -136,7 +138,7 @@ def train_driver_fn(params: dict[str, Any], base: dict[str, Any], cache_uri: str
 
     trial_id = ray.tune.get_context().get_trial_id()
     # Early stopping and the kept checkpoints follow the experiment's metric.
-    inputs = training_inputs(cfg, open_cache(cache_uri), selection_metric=cfg.tune.metric)
+    inputs = training_inputs(cfg, open_cache(cache_uri), selection_metric=cfg.tune_metric)
     trainer = build_trainer(cfg, inputs, name=trial_id, storage_path=runs_uri,
                             callbacks=[TuneReportCallback()])
     trainer.fit()
@@ -146,7 +148,7 @@ def _searcher(cfg: ExperimentConfig):
     if cfg.tune.searcher == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
-        return OptunaSearch(metric=cfg.tune.metric, mode="max", seed=cfg.tune.seed)
+        return OptunaSearch(metric=cfg.tune_metric, mode="max", seed=cfg.tune.seed)
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     return BasicVariantGenerator(random_state=cfg.tune.seed)
@@ -171,7 +173,7 @@ def build_tuner(cfg: ExperimentConfig, cache_uri: str, storage: str, name: str, 
         _trainable(cfg, cache_uri, io.join(storage, name)),
         param_space=param_space(cfg),
         tune_config=ray.tune.TuneConfig(
-            metric=cfg.tune.metric, mode="max", num_samples=cfg.tune.num_samples,
+            metric=cfg.tune_metric, mode="max", num_samples=cfg.tune.num_samples,
             search_alg=_searcher(cfg), scheduler=scheduler,
             max_concurrent_trials=max_concurrent_trials(cfg)),
         run_config=ray.tune.RunConfig(name=name, storage_path=storage, callbacks=callbacks,
@@ -216,7 +218,7 @@ def _best_row(df: pd.DataFrame, metric: str) -> pd.Series | None:
 def trials_table(grid: Any, cfg: ExperimentConfig) -> pd.DataFrame:
     """One row per trial: parameters, epochs run, stop reason, best metric (and its AUC, checkpoint)."""
     rows = []
-    metric = cfg.tune.metric
+    metric = cfg.tune_metric
     for result in grid:
         df = result.metrics_dataframe if result.metrics_dataframe is not None else pd.DataFrame()
         row: dict[str, Any] = {"trial_id": (result.metrics or {}).get("trial_id") or Path(result.path).name}
@@ -225,7 +227,8 @@ def trials_table(grid: Any, cfg: ExperimentConfig) -> pd.DataFrame:
         row["stop_reason"] = _stop_reason(df, result.error, cfg.train.epochs)
         best = _best_row(df, metric)
         row["best_" + metric] = float(best[metric]) if best is not None else float("nan")
-        row["roc_auc"] = float(best["roc_auc"]) if best is not None else float("nan")
+        for k in ("pauc", "roc_auc"):
+            row[k] = float(best[k]) if best is not None and k in best else float("nan")
         row["best_epoch"] = int(best["epoch"]) if best is not None else -1
         row["checkpoint_path"] = best.get("checkpoint_path") if best is not None else None
         row["error"] = str(result.error).strip().splitlines()[0][:500] if result.error else ""
@@ -262,7 +265,7 @@ def read_experiment_config(exp_uri: str) -> tuple[ExperimentConfig, str]:
     if not io.exists(path):
         raise ConfigError(f"--resume {exp_uri!r}: not a cxr_ray tune experiment ({EXPERIMENT_CONFIG} missing)")
     doc = yaml.safe_load(io.read_bytes(path))
-    return ExperimentConfig.from_dict(doc["config"]), doc["cache_uri"]
+    return ExperimentConfig.from_saved(doc["config"]), doc["cache_uri"]
 
 
 def tracking_callbacks(mlflow_uri: str | None, name: str) -> list:

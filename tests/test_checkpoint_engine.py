@@ -31,6 +31,19 @@ def test_checkpoint_round_trip(tmp_path):
     assert loaded.meta["epoch"] == 4
 
 
+def test_checkpoint_saved_before_data_normalize_existed_keeps_fixed_normalisation(tmp_path):
+    import yaml
+
+    cfg = _cfg()
+    assert cfg.data.normalize == "per_image"  # today's default for new runs
+    model = build_model(cfg.model).eval()
+    save_checkpoint(tmp_path / "old", model, cfg.replace(**{"data.normalize": "fixed"}), 0.5, {}, epoch=0)
+    saved = yaml.safe_load((tmp_path / "old" / "config.yaml").read_text())
+    del saved["data"]["normalize"]  # as written by cxr_ray before the key existed
+    (tmp_path / "old" / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert load_checkpoint(tmp_path / "old").cfg.data.normalize == "fixed"
+
+
 def test_checkpoint_loads_from_a_uri(tmp_path, monkeypatch):
     monkeypatch.setenv("CXR_RAY_CACHE", str(tmp_path / "cache"))
     cfg = _cfg()

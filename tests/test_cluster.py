@@ -99,7 +99,7 @@ def test_demo_tune_via_ray_jobs_then_scoring_on_two_nodes(cluster, tmp_path):
     assert any("cxr_worker" in n["resources_total"] for n in nodes.values())
 
     # Score a folder on the same cluster, from a driver that joins it with --address.
-    folder = shared / "cache" / "demo-synthetic-300" / "test"
+    folder = shared / "cache" / "demo-synthetic-900" / "test"
     out = shared / "scores"
     score = _run([sys.executable, "-m", "cxr_ray.cli", "score", "--address", gcs, "--checkpoint", str(exp / "best"),
                   "--input", str(folder), "--output", str(out), "--with-labels",

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from cxr_ray.metrics import (SELECTION_METRIC, binary_metrics, bootstrap_ci, threshold_for_specificity,
-                             validation_metrics)
+from cxr_ray.metrics import (SELECTION_METRIC, binary_metrics, bootstrap_ci, selection_score,
+                             threshold_for_specificity, validation_metrics)
 
 
 def test_binary_metrics_hand_computed():
@@ -35,10 +35,36 @@ def test_everything_is_pneumonia_model_cannot_win():
     y = np.array([0] * 30 + [1] * 70)
     constant = np.full(100, 0.99)
     assert binary_metrics(y, constant, 0.5)["recall"] == 1.0  # plain recall is fooled
-    assert validation_metrics(y, constant, 0.9)[SELECTION_METRIC] == 0.0
+    trivial = validation_metrics(y, constant, 0.9, val_loss=0.5)
+    assert trivial["recall_at_specificity"] == 0.0 and trivial["pauc"] == pytest.approx(0.5)  # chance level
     rng = np.random.default_rng(0)
     decent = np.clip(y * 0.5 + rng.normal(0.25, 0.15, 100), 0, 1)
-    assert validation_metrics(y, decent, 0.9)[SELECTION_METRIC] > 0.5
+    assert validation_metrics(y, decent, 0.9, val_loss=0.5)[SELECTION_METRIC] > trivial[SELECTION_METRIC] + 0.2
+
+
+def test_selection_does_not_saturate_and_ties_go_to_the_lower_loss():
+    y = np.array([0] * 40 + [1] * 60)
+    good = np.r_[np.linspace(0.0, 0.5, 40), np.linspace(0.48, 1.0, 60)]  # 2 NORMAL outrank some PNEUMONIA
+    better = np.r_[np.linspace(0.0, 0.5, 40), np.linspace(0.49, 1.0, 60)]  # 1 does
+    a, b = validation_metrics(y, good, 0.9), validation_metrics(y, better, 0.9)
+    assert a["recall_at_specificity"] == b["recall_at_specificity"] == 1.0  # saturated: cannot tell them apart
+    assert b["pauc"] > a["pauc"] and b["selection_score"] > a["selection_score"]
+    # equal pAUC: the lower validation loss wins, but never against a larger pAUC difference
+    assert selection_score(0.95, 0.2) > selection_score(0.95, 0.4)
+    assert selection_score(0.952, 5.0) > selection_score(0.95, 0.0)
+
+
+def test_threshold_rules_point_sits_on_one_image_lower_bound_keeps_a_margin():
+    rng = np.random.default_rng(2)
+    patients = np.arange(140) // 2
+    y = np.repeat(rng.random(70) < 0.7, 2).astype(int)
+    p = np.clip(np.where(y == 1, rng.normal(0.7, 0.15, 140), rng.normal(0.3, 0.15, 140)), 0, 1)
+    point = validation_metrics(y, p, 0.9, groups=patients, rule="point")
+    robust = validation_metrics(y, p, 0.9, groups=patients)
+    assert robust["threshold_rule"] == "spec_lower_bound" and point["threshold_rule"] == "point"
+    assert point["specificity"] >= 0.9 and point["threshold"] in set(p[y == 1])  # sits on a pneumonia score
+    assert robust["threshold"] > point["threshold"] and robust["specificity"] > point["specificity"]
+    assert robust["specificity_lower_bound"] >= 0.9 > point["specificity_lower_bound"]
 
 
 def test_bootstrap_ci_contains_point_estimate():

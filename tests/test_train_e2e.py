@@ -28,13 +28,14 @@ def test_train_two_workers_then_evaluate(synthetic_root, tmp_path):
     # What a user sees on stdout: the leak check, a line per epoch, the summary, the checkpoint.
     assert "[data] patients shared between train and val: 0" in run.stdout
     assert re.findall(r"\[train\] epoch (\d)/3: train_loss [\d.]+  val_loss [\d.]+  val roc_auc [\d.]+  "
-                      r"recall_at_specificity [\d.]+  [\d.]+ img/s  elapsed \S+  ETA \S+", run.stdout) == ["1", "2", "3"]
+                      r"pauc [\d.]+  [\d.]+ img/s  elapsed \S+  ETA \S+", run.stdout) == ["1", "2", "3"]
     ckpt = Path(run.stdout.strip().splitlines()[-1])
     assert ckpt.is_dir() and (ckpt / "model.pt").is_file()
     assert (tmp_path / "runs" / "e2e" / "config.yaml").is_file()
     meta = json.loads((ckpt / "checkpoint.json").read_text())
     assert 0.0 <= meta["threshold"] <= 1.0 + 1e-6 and "recall_at_specificity" in meta["metrics"]
-    assert meta["val_precision"] == "fp32"
+    assert meta["val_precision"] == "fp32" and meta["threshold_rule"] == "spec_lower_bound"
+    assert meta["metrics"]["specificity_lower_bound"] <= meta["metrics"]["specificity"]
 
     # Validation saw the whole val split exactly once on 2 workers, and its figures are evaluate's.
     val = tmp_path / "eval_val"

@@ -65,3 +65,42 @@ def test_to_model_size(src, dst):
     imgs = np.full((3, src, src), 200, np.uint8)
     out = to_model_size(imgs, dst)
     assert out.shape == (3, 1, dst, dst) and out.dtype == np.uint8 and (out == 200).all()
+
+
+ONLY_GEOMETRY_OFF = dict(hflip_p=0, rotation_deg=0, scale_min=1.0, brightness=0, contrast=0)
+
+
+@pytest.mark.parametrize("knob", [{"gamma": 0.4}, {"blur": 1.0}, {"sharpen": 1.0}, {"noise": 0.05}])
+def test_acquisition_augmentations_change_images_reproducibly_and_stay_in_range(knob):
+    x = torch.from_numpy(_batch(8, 96)["image"])
+    cfg = AugmentConfig(**ONLY_GEOMETRY_OFF, **knob)
+    a = augment(x, cfg, torch.Generator().manual_seed(5))
+    b = augment(x, cfg, torch.Generator().manual_seed(5))
+    assert torch.equal(a, b) and a.min() >= 0 and a.max() <= 1
+    assert (a - x.float() / 255).abs().mean() > 0.005, knob
+
+
+def test_blur_lowers_and_sharpen_raises_image_detail():
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.integers(60, 200, (16, 1, 96, 96), dtype=np.uint8))
+
+    def detail(t):  # mean |Laplacian|, the sharpness cue that differs between scanners
+        return (4 * t[..., 1:-1, 1:-1] - t[..., :-2, 1:-1] - t[..., 2:, 1:-1] - t[..., 1:-1, :-2]
+                - t[..., 1:-1, 2:]).abs().mean()
+
+    base = detail(x.float() / 255)
+    blurred = augment(x, AugmentConfig(**ONLY_GEOMETRY_OFF, blur=1.0), torch.Generator().manual_seed(0))
+    sharpened = augment(x, AugmentConfig(**ONLY_GEOMETRY_OFF, sharpen=1.0), torch.Generator().manual_seed(0))
+    assert detail(blurred) < 0.8 * base < base < detail(sharpened)
+
+
+def test_per_image_normalisation_cancels_exposure_and_contrast():
+    x = torch.from_numpy(_batch(4, 32)["image"]).float() / 255
+    flatter_brighter = (x - 0.5) * 0.6 + 0.7  # another scanner's exposure and contrast
+    a, b = normalize(x, "per_image"), normalize(flatter_brighter, "per_image")
+    assert torch.allclose(a, b, atol=1e-4)
+    assert torch.allclose(a.mean(dim=(1, 2, 3)), torch.zeros(4), atol=1e-5)
+    assert not torch.allclose(normalize(x), normalize(flatter_brighter), atol=1e-2)  # fixed keeps them apart
+    batch = _batch(4, 32)
+    out, _ = Collate("cpu", normalize="per_image")(batch)
+    assert torch.allclose(out, normalize(torch.from_numpy(batch["image"]), "per_image"))

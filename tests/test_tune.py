@@ -63,19 +63,19 @@ def test_tune_search_runs_trials_and_exports_best(synthetic_root, tmp_path):
     assert trials[["model.dropout", "train.lr"]].drop_duplicates().shape[0] == 3  # distinct parameters
     assert set(trials["stop_reason"]) <= {"completed", "asha", "early_stopping"}
     assert (trials["epochs_run"] >= 1).all() and (trials["epochs_run"] <= 3).all()
-    best_row = trials.loc[trials["best_recall_at_specificity"].idxmax()]
+    best_row = trials.loc[trials["best_selection_score"].idxmax()]
     assert trials.iloc[0]["trial_id"] == best_row["trial_id"]  # ranked best first
     # trials.csv matches Tune's own per-trial results
     for row in trials.itertuples():
         progress = next(exp.glob(f"*{row.trial_id}*/progress.csv"))
         tune_df = pd.read_csv(progress)
         assert len(tune_df) == row.epochs_run
-        assert tune_df["recall_at_specificity"].max() == pytest.approx(row.best_recall_at_specificity)
+        assert tune_df["selection_score"].max() == pytest.approx(row.best_selection_score)
     assert (exp / "best" / "model.pt").is_file() and (exp / "best" / "config.yaml").is_file()
     from cxr_ray.checkpoint import load_checkpoint
 
     best = load_checkpoint(exp / "best")
-    assert best.meta["metrics"]["recall_at_specificity"] == pytest.approx(best_row["best_recall_at_specificity"])
+    assert best.meta["metrics"]["selection_score"] == pytest.approx(best_row["best_selection_score"])
     assert (exp / "best_test_report" / "metrics.json").is_file()
     assert r.stdout.strip().splitlines()[-1] == str(exp / "best")
 

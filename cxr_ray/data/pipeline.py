@@ -9,7 +9,7 @@ runs in its prefetch threads on the consuming worker (on the GPU when training o
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 
@@ -70,11 +70,12 @@ def split_datasets(cache: PreparedCache, image_size: int, splits: tuple[str, ...
     object store: later epochs stream its blocks instead of re-reading Parquet (augmentation
     happens after, per batch, so every epoch still sees new random transforms). With
     ``shuffle_seed`` the ``train`` split's blocks come in a new seeded order every epoch
-    (see :func:`epoch_batches` for the rest of the shuffle).
+    (see :func:`epoch_batches` for the rest of the shuffle). Other splits keep ``path`` and
+    ``patient`` (for patient-level CIs and threshold rules).
     """
     out = {}
     for s in splits:
-        ds = split_dataset(cache, s, image_size)
+        ds = split_dataset(cache, s, image_size, with_paths=s != "train")  # evaluation keeps patients
         if sum(cache.split_counts(s)) * image_size**2 <= materialize_gb * 1e9:
             ds = ds.materialize()
         if s == "train" and shuffle_seed is not None:
@@ -111,3 +112,13 @@ def epoch_batches(data: Any, batch_size: int, collate: Any, shuffle_seed: int | 
         batch_size=batch_size, collate_fn=collate, prefetch_batches=prefetch_batches,
         local_shuffle_buffer_size=max(SHUFFLE_BUFFER, 2 * batch_size) if shuffle else None,
         local_shuffle_seed=(shuffle_seed * 1_000_003 + epoch) % 2**32 if shuffle else None)
+
+
+def collated_keeping(batches: Iterable[Mapping[str, Any]], collate: Any, columns: tuple[str, ...],
+                     kept: dict[str, list]) -> Iterator[Any]:
+    """``collate(batch)`` for each numpy batch, appending its ``columns`` (e.g. ``path``,
+    ``patient``) to ``kept[column]`` in the same order: predictions stay aligned with them."""
+    for batch in batches:
+        for c in columns:
+            kept.setdefault(c, []).extend(np.asarray(batch[c]).tolist())
+        yield collate(batch)

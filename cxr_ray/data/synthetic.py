@@ -63,11 +63,13 @@ def _patient_names(label: int, patient: int, n: int, rng: np.random.Generator) -
     return [f"{prefix}-{patient:04d}-{k + 1:04d}.jpeg" for k in range(n)]
 
 
-def make_synthetic_dataset(out: str | os.PathLike, n: int = 400, size: int = 128, seed: int = 0) -> Path:
+def make_synthetic_dataset(out: str | os.PathLike, n: int = 400, size: int = 128, seed: int = 0,
+                           split_shares: dict[str, float] | None = None) -> Path:
     """Write ~``n`` synthetic images to ``OUT/{train,val,test}/{NORMAL,PNEUMONIA}``.
 
-    Patients (1-3 images each) never cross splits. Returns the dataset root. Deterministic
-    for a given (n, size, seed).
+    ``split_shares`` (default ``SPLIT_SHARES``) gives each split's share of ``n``. Patients
+    (1-3 images each) never cross splits. Returns the dataset root. Deterministic for a given
+    (n, size, seed, split_shares).
     """
     if n < 20:
         raise ValueError(f"n: expected at least 20 images (enough for every split and class), got {n}")
@@ -75,13 +77,13 @@ def make_synthetic_dataset(out: str | os.PathLike, n: int = 400, size: int = 128
         raise ValueError(f"size: expected an int in [32, 4096], got {size}")
     rng = np.random.default_rng(seed)
     root = Path(out)
-    for split in SPLIT_SHARES:
+    shares = split_shares or SPLIT_SHARES
+    for split in shares:
         for cls in CLASSES:
             (root / split / cls).mkdir(parents=True, exist_ok=True)
     patient = 100
-    splits = list(SPLIT_SHARES)
-    quota = {s: max(4, round(n * share)) for s, share in SPLIT_SHARES.items()}
-    for split in splits:
+    quota = {s: max(4, round(n * share)) for s, share in shares.items()}
+    for split in shares:
         count = {0: 0, 1: 0}
         target = {1: round(quota[split] * PNEUMONIA_SHARE)}
         target[0] = quota[split] - target[1]

@@ -5,7 +5,8 @@ The chain for every image is::
     file --decode.decode_image--> uint8 (S, S)      # S = data.cache_size, done once and cached
          --to_model_size-------> uint8 (1, N, N)    # N = data.image_size
          --augment (train only)-> float [0, 1]
-         --normalize-----------> float, (x - GRAY_MEAN) / GRAY_STD
+         --normalize-----------> float, (x - GRAY_MEAN) / GRAY_STD   (data.normalize=fixed)
+                                        or (x - mean(x)) / std(x) per image  (per_image)
 
 One channel is normalised with a single mean/std (the averages of ImageNet's RGB
 statistics). Feeding that gray image to a network whose first convolution has its RGB
@@ -46,10 +47,17 @@ def to_model_size(images: np.ndarray, image_size: int) -> np.ndarray:
     return t.round_().clamp_(0, 255).to(torch.uint8).numpy()
 
 
-def normalize(x: torch.Tensor) -> torch.Tensor:
-    """uint8 or [0, 1] float images -> the normalised float32 the model sees."""
+def normalize(x: torch.Tensor, mode: str = "fixed") -> torch.Tensor:
+    """uint8 or [0, 1] float ``(B, 1, H, W)`` images -> the normalised float32 the model sees.
+
+    ``fixed``: one gray mean/std for every image. ``per_image``: each image to zero mean and
+    unit standard deviation, so a scanner's overall exposure and contrast do not reach the model.
+    """
     if x.dtype == torch.uint8:
         x = x.float().div_(255.0)
+    if mode == "per_image":
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        return (x - mean) / x.std(dim=(1, 2, 3), keepdim=True).clamp_(min=1e-3)
     return (x - GRAY_MEAN) / GRAY_STD
 
 
@@ -72,8 +80,38 @@ def _affine_grid(theta: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return xy.permute(0, 2, 3, 1)  # (B, h, w, 2) with (x, y) last, as grid_sample expects
 
 
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of a ``(B, 1, H, W)`` float batch (reflect padding)."""
+    radius = max(1, math.ceil(3 * sigma))
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = k / k.sum()
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
+    return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), k.view(1, 1, -1, 1))
+
+
+def blur_sigma(size: int) -> float:
+    """Blur/sharpen scale: 1.5 px at 224 px, proportional to the image side, at least 0.5 px."""
+    return max(0.5, 1.5 * size / 224)
+
+
+def _acquisition(x: torch.Tensor, cfg: AugmentConfig, uniform: Any, generator: torch.Generator) -> torch.Tensor:
+    """Exposure (gamma), blur or sharpening, and noise: how scanners differ, not lungs."""
+    b = x.shape[0]
+    if cfg.gamma > 0:
+        x = x.clamp(min=1e-4) ** torch.exp(uniform(-cfg.gamma, cfg.gamma)).to(x.device).view(b, 1, 1, 1)
+    if cfg.blur > 0 or cfg.sharpen > 0:
+        amount = uniform(-cfg.blur, cfg.sharpen).to(x.device).view(b, 1, 1, 1)  # < 0 blurs, > 0 sharpens
+        x = x + amount * (x - gaussian_blur(x, sigma=blur_sigma(x.shape[-1])))
+    if cfg.noise > 0:
+        std = uniform(0.0, cfg.noise).view(b, 1, 1, 1)
+        x = x + (std * torch.randn(x.shape, generator=generator)).to(x.device)
+    return x
+
+
 def augment(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
-    """Random flip, rotation, zoom-crop and brightness/contrast on a ``(B, 1, H, W)`` batch.
+    """Random flip, rotation, zoom-crop, acquisition changes (gamma, blur/sharpen, noise) and
+    brightness/contrast on a ``(B, 1, H, W)`` batch.
 
     Input uint8 or float in [0, 1]; output float in [0, 1]. Flip, rotation and zoom are one
     affine warp per image (a single batched ``grid_sample``); parameters come from
@@ -99,6 +137,7 @@ def augment(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator) -> 
     ], 1).to(x.device)
     grid = _affine_grid(theta, x.shape[-2], x.shape[-1])
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    x = _acquisition(x, cfg, uniform, generator)
     brightness = uniform(-cfg.brightness, cfg.brightness).to(x.device).view(b, 1, 1, 1)
     contrast = uniform(1 - cfg.contrast, 1 + cfg.contrast).to(x.device).view(b, 1, 1, 1)
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
@@ -115,8 +154,9 @@ class Collate:
     """
 
     def __init__(self, device: torch.device | str = "cpu", augment: AugmentConfig | None = None,
-                 seed: int = 0, epoch: int = 0, channels_last: bool = False):
+                 seed: int = 0, epoch: int = 0, channels_last: bool = False, normalize: str = "fixed"):
         self.device = torch.device(device)
+        self.normalize = normalize
         self.augment_cfg = augment
         self.seed, self.epoch = seed, epoch
         self.channels_last = channels_last
@@ -130,7 +170,7 @@ class Collate:
         if self.augment_cfg is not None and self.augment_cfg.enabled:
             g = torch.Generator().manual_seed(batch_seed(self.seed, self.epoch, batch["key"]))
             x = augment(x, self.augment_cfg, g)
-        x = normalize(x)
+        x = normalize(x, self.normalize)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, y

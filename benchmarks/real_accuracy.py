@@ -1,0 +1,184 @@
+"""Accuracy on the shared real images: clean validation vs a simulated other-scanner copy.
+
+    python benchmarks/real_accuracy.py [--epochs 8] [--set KEY=VALUE ...] [--label NAME]
+
+Trains ``configs/scratch_cnn_cpu.yaml`` (plus ``--set`` overrides) for ``--epochs`` epochs on
+``../shared/data/cxr-kaggle-224-dev`` with ``cxr-ray train``'s own code (a local Ray, 2 CPUs),
+then scores the best checkpoint's patient-grouped validation split twice: as is ("clean") and
+as if taken on other scanners ("shifted", :mod:`cxr_ray.data.shift`, applied to the 224 px
+files before the training preprocessing). The shifted copy is for checking only: nothing is
+trained, selected or tuned on it.
+
+Prints, for the stored threshold and for each threshold rule (each chosen on the clean
+validation split only): ROC-AUC, recall, specificity and accuracy with 95% patient-bootstrap
+CIs on both copies, specificity per simulated scanner, the acquisition cues (sharpness and
+darkest-5% grey level per class on the training images), the minutes it took, and the targets:
+clean ROC-AUC >= 0.97 and recall >= 0.95 at specificity >= 0.90 (the best threshold on the clean
+split: what the model can do there); shifted specificity >= 0.80 with recall >= 0.90 at the
+stored threshold (what a user gets on new images). ``--json FILE`` also writes everything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io as _io
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import real_root  # noqa: E402
+
+from cxr_ray.checkpoint import load_checkpoint  # noqa: E402
+from cxr_ray.config import load_config  # noqa: E402
+from cxr_ray.data.decode import decode_image  # noqa: E402
+from cxr_ray.data.shift import shifted_copy  # noqa: E402
+from cxr_ray.data.transforms import Collate, to_model_size  # noqa: E402
+from cxr_ray.engine import predict  # noqa: E402
+from cxr_ray.evaluate import metrics_report  # noqa: E402
+from cxr_ray.metrics import THRESHOLD_RULES, validation_metrics  # noqa: E402
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "scratch_cnn_cpu.yaml"
+SHOWN = ("roc_auc", "recall", "specificity", "accuracy")
+
+
+def acquisition_cues(paths: list[str], labels: np.ndarray, per_class: int = 300) -> dict:
+    """Mean |Laplacian| (sharpness) and the darkest-5% grey level per class, on 224 px images."""
+    rng = np.random.default_rng(0)
+    out = {}
+    for label, name in ((0, "NORMAL"), (1, "PNEUMONIA")):
+        idx = np.flatnonzero(labels == label)
+        chosen = rng.choice(idx, min(per_class, len(idx)), replace=False)
+        lap, p5 = [], []
+        for i in chosen:
+            a = np.asarray(Image.open(paths[i]).convert("L"), dtype=np.float32)
+            lap.append(np.abs(4 * a[1:-1, 1:-1] - a[:-2, 1:-1] - a[2:, 1:-1] - a[1:-1, :-2] - a[1:-1, 2:]).mean())
+            p5.append(np.percentile(a, 5))
+        out[name] = {"n": len(chosen), "mean_abs_laplacian": float(np.mean(lap)), "p5_grey": float(np.mean(p5))}
+    return out
+
+
+def model_input(gray_224: np.ndarray, cache_size: int, image_size: int) -> np.ndarray:
+    """A 224 px grey image through the training preprocessing (decode at cache size, then model size)."""
+    buf = _io.BytesIO()
+    Image.fromarray(gray_224).save(buf, format="PNG")
+    pixels, _, _ = decode_image(buf.getvalue(), cache_size, "<shifted>")
+    return to_model_size(pixels[None], image_size)[0]
+
+
+@torch.no_grad()
+def probabilities(model: torch.nn.Module, images: np.ndarray, normalize: str, batch: int = 64) -> np.ndarray:
+    """PNEUMONIA probabilities of uint8 ``(B, 1, N, N)`` model-size images (evaluation's path)."""
+    collate = Collate("cpu", normalize=normalize)
+    batches = (collate({"image": images[i:i + batch], "label": np.zeros(len(images[i:i + batch]), np.float32)})
+               for i in range(0, len(images), batch))
+    return predict(model, batches, torch.device("cpu"))[0]
+
+
+def report(preds: pd.DataFrame, threshold: float) -> dict:
+    return metrics_report(preds, threshold, n_boot=1000)
+
+
+def fmt(m: dict) -> str:
+    return "  ".join(f"{k} {m[k]:.3f} [{m['ci'][k][0]:.3f}, {m['ci'][k][1]:.3f}]" for k in SHOWN)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    p.add_argument("--label", default="", help="a name for this configuration in the output")
+    p.add_argument("--json", help="also write the figures to this JSON file")
+    p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "cxr-bench"))
+    args = p.parse_args(argv)
+    start = time.perf_counter()
+    cfg = load_config(CONFIG, [f"data.root={real_root()}", f"data.cache_dir={args.workdir}/cache",
+                               f"train.epochs={args.epochs}",
+                               f"train.storage_path={tempfile.mkdtemp(prefix='cxr-acc-runs-')}", *args.set])
+    import ray
+
+    from cxr_ray.data.cache import prepare_cache
+    from cxr_ray.evaluate import predict_split
+    from cxr_ray.runtime import init_ray
+    from cxr_ray.train import run_training
+
+    init_ray(num_cpus=2)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    cache = prepare_cache(cfg)
+    result = run_training(cfg, cache, progress=False)
+    ckpt = load_checkpoint(result.get_best_checkpoint(cfg.metric.selection, "max").path)
+    clean = predict_split(ckpt, cache, "val")
+    train_minutes = (time.perf_counter() - start) / 60
+    ray.shutdown()
+
+    gray = np.stack([np.asarray(Image.open(f).convert("L").resize((224, 224))) for f in clean["path"]])
+    moved, scanners = shifted_copy(gray, seed=0)
+    size, n = cfg.data.resolved_cache_size, cfg.data.image_size
+    shifted = clean.copy()
+    shifted["probability"] = probabilities(ckpt.model, np.stack([model_input(g, size, n) for g in moved]),
+                                           ckpt.cfg.data.normalize)
+    shifted["scanner"] = scanners
+
+    rules = {"stored": ckpt.threshold}
+    y, prob, groups = clean["label"].to_numpy(), clean["probability"].to_numpy(), clean["patient"].to_numpy()
+    for rule in THRESHOLD_RULES:
+        rules[rule] = validation_metrics(y, prob, cfg.metric.min_specificity, groups=groups, rule=rule)["threshold"]
+    figures: dict = {"label": args.label, "overrides": args.set, "epochs_run": int(result.metrics["epoch"]) + 1,
+                     "stored_rule": ckpt.meta.get("threshold_rule"), "train_minutes": train_minutes, "rules": {}}
+    print(f"\n[{args.label or 'run'}] {' '.join(args.set) or 'configs/scratch_cnn_cpu.yaml as is'}; "
+          f"{figures['epochs_run']} epochs; best epoch {ckpt.meta['epoch'] + 1}; {len(clean)} validation images "
+          f"({int(y.sum())} PNEUMONIA, {len(set(groups))} patients); train + evaluate {train_minutes:.1f} min")
+    for name, thr in rules.items():
+        c, s = report(clean, thr), report(shifted, thr)
+        per_scanner = {k: float((g["probability"][g["label"] == 0] < thr).mean())
+                       for k, g in shifted.groupby("scanner")}
+        figures["rules"][name] = {"threshold": thr, "clean": c, "shifted": s, "shifted_specificity_by_scanner": per_scanner}
+        print(f"  threshold {name:<17} {thr:.4f}")
+        print(f"    clean    {fmt(c)}")
+        print(f"    shifted  {fmt(s)}")
+        print("    shifted specificity by scanner: " + ", ".join(f"{k} {v:.2f}" for k, v in per_scanner.items()))
+    st = figures["rules"]["stored"]
+    capability = validation_metrics(y, prob, 0.90, groups=groups)["recall_at_specificity"]
+    figures["clean_recall_at_specificity_0.90"] = capability
+    print(f"  clean: best recall at validation specificity >= 0.90 (any threshold): {capability:.3f}")
+    targets = {
+        "clean roc_auc >= 0.97": st["clean"]["roc_auc"] >= 0.97,
+        "clean recall >= 0.95 at specificity >= 0.90 (best threshold)": capability >= 0.95,
+        "shifted specificity >= 0.80 with recall >= 0.90 (stored threshold)":
+            st["shifted"]["specificity"] >= 0.80 and st["shifted"]["recall"] >= 0.90,
+    }
+    figures["targets"] = targets
+    print("  targets (stored threshold): " + "; ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in targets.items()))
+    cat = cache_paths_labels(cache)
+    figures["acquisition_cues"] = acquisition_cues(*cat)
+    print("  acquisition cues on training images (224 px): " + "; ".join(
+        f"{k}: mean |Laplacian| {v['mean_abs_laplacian']:.2f}, darkest-5% grey {v['p5_grey']:.1f} (n={v['n']})"
+        for k, v in figures["acquisition_cues"].items()))
+    figures["minutes"] = (time.perf_counter() - start) / 60
+    print(f"  total {figures['minutes']:.1f} min")
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=1, default=float))
+    return 0
+
+
+def cache_paths_labels(cache) -> tuple[list[str], np.ndarray]:
+    """Paths and labels of the cache's decodable training images (from its metadata columns)."""
+    import pyarrow.parquet as pq
+
+    from cxr_ray.data import io
+
+    fs, path = io.resolve(cache.data_uri)
+    t = pq.read_table(path, columns=["path", "label", "split", "error"], filesystem=fs).to_pandas()
+    t = t[(t["split"] == "train") & t["error"].isna()]
+    return t["path"].tolist(), t["label"].to_numpy()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,10 +1,10 @@
 """Ray Data pipelines from the prepared cache to model-input batches.
 
 Each split is a Ray Dataset with columns ``image`` (uint8 ``(1, N, N)``), ``label``
-(float32) and ``key`` (int64; stable per-image id), plus ``path`` and ``patient`` when asked for. Images
-stay uint8 through Ray's object store (4x smaller than float); augmentation and
-normalisation happen batched in :class:`cxr_ray.data.transforms.Collate`, which Ray Data
-runs in its prefetch threads on the consuming worker (on the GPU when training on one).
+(float32) and ``key`` (int64; stable per-image id), plus ``path`` and ``patient`` when asked
+for. Images stay uint8 through Ray's object store (4x smaller than float); augmentation and
+normalisation happen batched in :class:`cxr_ray.data.transforms.Collate` on the consuming
+worker (in Ray Data's prefetch threads on GPU, in the training thread on CPU).
 """
 
 from __future__ import annotations

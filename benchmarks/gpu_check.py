@@ -68,7 +68,8 @@ def train_rate(depth: int, amp: bool, args: argparse.Namespace, device: torch.de
     if amp:
         model = model.to(memory_format=torch.channels_last)
     bs = args.train_batch
-    x = normalize(torch.randint(0, 256, (bs, 1, args.size, args.size), dtype=torch.uint8, device=device))
+    x = normalize(torch.randint(0, 256, (bs, 1, args.size, args.size), dtype=torch.uint8, device=device),
+                  cfg.data.normalize)
     if amp:
         x = x.contiguous(memory_format=torch.channels_last)
     y = (torch.arange(bs, device=device) % 2).float()
@@ -98,7 +99,9 @@ def calibrated_model(cfg: ExperimentConfig, images: np.ndarray, device: torch.de
     """
     torch.manual_seed(0)
     model = build_model(cfg.model).to(device).eval()
-    z = model(normalize(torch.from_numpy(images).to(device))).squeeze(1)
+    # the normalisation the Predictor applies (cfg.data.normalize), or the logits seen here are
+    # not the ones it produces and the rescaling misses
+    z = model(normalize(torch.from_numpy(images).to(device), cfg.data.normalize)).squeeze(1)
     scale = 2.0 / z.std().clamp_min(1e-6)
     head = model.fc[-1]
     head.weight.mul_(scale)
@@ -232,6 +235,7 @@ def run(args: argparse.Namespace) -> dict:
               "inference": {"batch": args.infer_batch, "eager_images_per_s": eager_rate,
                             "compiled_images_per_s": compiled_rate, "compile_first_call_s": compile_s},
               "bf16_vs_fp32_max_abs_diff": max_diff,
+              "fp32_probability_range": [float(p_fp32.min()), float(p_fp32.max())],
               "decode": {"workers": workers, "images_per_s": decode, "original_size": args.original_size},
               "limit": limit, "seconds": time.perf_counter() - t0}
     print(format_table(result))
@@ -252,7 +256,8 @@ def format_table(r: dict) -> str:
               f"   (first call {inf['compile_first_call_s']:.0f} s)",
               f"{'decode 2000x1600 -> model input':<34}{r['decode']['workers']:>6}{r['decode']['images_per_s']:>9.0f}"
               f"   (processes)",
-              f"bf16 vs fp32 probabilities: max abs diff {r['bf16_vs_fp32_max_abs_diff']:.2e}",
+              f"bf16 vs fp32 probabilities: max abs diff {r['bf16_vs_fp32_max_abs_diff']:.2e}"
+              f" (p over {r['fp32_probability_range'][0]:.3f}..{r['fp32_probability_range'][1]:.3f})",
               f"scoring limit: {r['limit']}; check took {r['seconds']:.0f} s"]
     return "\n".join(lines)
 

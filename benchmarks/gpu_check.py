@@ -3,7 +3,7 @@
     python benchmarks/gpu_check.py                                   # on a GPU machine (no Ray needed)
     python benchmarks/gpu_check.py --images .gpu_sample --out $OUT/gpu_check.json
     python benchmarks/gpu_check.py --device cpu --tiny               # the CPU smoke run the tests do
-    python benchmarks/gpu_check.py --make-sample .gpu_sample         # copy ~200 real images to carry
+    python benchmarks/gpu_check.py --make-sample .gpu_sample         # copy the shared real images to carry
 
 It runs the project's own code, not copies: ``engine.train_one_epoch`` (the Ray-free training
 step Ray Train workers run) on ``models.build_model``'s ResNet-50, and ``score.Predictor`` /
@@ -12,7 +12,10 @@ step Ray Train workers run) on ``models.build_model``'s ResNet-50, and ``score.P
 1. training images/s at 224 px for unfreeze depths 0, 2, 4; fp32 vs bf16 autocast + channels_last;
    peak GPU memory of each;
 2. inference images/s of the Predictor (bf16, channels_last, batch 256), eager vs ``torch.compile``;
-3. bf16 vs fp32 probabilities on the same batch: max absolute difference;
+3. bf16 vs fp32 probabilities on the same batch: max absolute difference, on a random-weight
+   model whose head is rescaled (a worst case: see ``calibrated_model``) and on a ResNet-50
+   trained here for a few seconds on the real sample, scored on held-out patients (max and mean
+   difference, ROC-AUC both ways, decisions that flip at the fp32 threshold);
 4. the scoring pipeline's CPU side: read + decode + resize of real images upscaled to 2000x1600
    (like original X-rays) in one process per core, against the GPU inference rate: which is
    the limit.
@@ -31,17 +34,20 @@ import shutil
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
+from sklearn.metrics import roc_auc_score
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # runs from a plain checkout (the GPU machine has no install)
 
 from cxr_ray.checkpoint import save_checkpoint  # noqa: E402
 from cxr_ray.config import ExperimentConfig, ScoreConfig, TrainConfig  # noqa: E402
+from cxr_ray.data.catalog import patient_id  # noqa: E402
 from cxr_ray.data.transforms import normalize  # noqa: E402
 from cxr_ray.engine import make_optimizer, train_one_epoch  # noqa: E402
 from cxr_ray.models import build_model  # noqa: E402
@@ -109,6 +115,74 @@ def calibrated_model(cfg: ExperimentConfig, images: np.ndarray, device: torch.de
     return model.cpu()
 
 
+def load_sample(src: Path, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Real images under ``src/{NORMAL,PNEUMONIA}/``: (uint8 images, labels, patient ids)."""
+    files = sorted(p for p in src.rglob("*") if p.suffix.lower() in (".jpeg", ".jpg", ".png")
+                   and p.parent.name.upper() in ("NORMAL", "PNEUMONIA"))
+    if not files:
+        raise SystemExit(f"no NORMAL/PNEUMONIA images under {src}; make a sample with --make-sample")
+    labels = np.array([p.parent.name.upper() == "PNEUMONIA" for p in files], np.int8)
+    out = read_and_decode({"path": np.asarray([str(p) for p in files], dtype=object), "label": labels},
+                          size, size)
+    bad = [str(files[i]) for i, e in enumerate(out["error"]) if e]
+    if bad:
+        raise SystemExit(f"{len(bad)} sample images failed to decode, e.g. {bad[0]}")
+    patients = np.array([patient_id(p.name) for p in files])
+    return np.asarray(out["image"]).reshape(len(files), 1, size, size), labels, patients
+
+
+def trained_agreement(args: argparse.Namespace, device: torch.device, tmp: Path) -> dict:
+    """bf16 vs fp32 Predictor on a ResNet-50 trained (from random weights, bf16) on the sample.
+
+    Patients are split 80/20 by a hash of the id; the model trains ``--agree-epochs`` epochs on
+    the 80% and both Predictors score the held-out 20%.
+    """
+    images, labels, patients = load_sample(Path(args.images) if args.images else SHARED, args.size)
+    held = np.array([zlib.crc32(p.encode()) % 5 == 0 for p in patients])
+    if args.tiny:
+        held[:2], held[2:] = True, False  # toy sample: a fixed tiny split
+    cfg = resnet_cfg(4, args.size)
+    torch.manual_seed(0)
+    model = build_model(cfg.model).to(device)
+    amp = device.type == "cuda"
+    if amp:
+        model = model.to(memory_format=torch.channels_last)
+    opt = make_optimizer(model, TrainConfig(lr=1e-3))
+    pos = float((labels[~held] == 0).sum()) / max(1, int((labels[~held] == 1).sum()))
+    loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos, device=device))
+    x_all = torch.from_numpy(images[~held]).to(device)
+    y_all = torch.from_numpy(labels[~held]).float().to(device)
+    gen = torch.Generator().manual_seed(0)
+    bs = min(args.agree_batch, len(x_all))
+    start = time.perf_counter()
+    for _ in range(args.agree_epochs):
+        order = torch.randperm(len(x_all), generator=gen).to(device)
+        batches = []
+        for i in range(0, len(order) - bs + 1, bs):
+            x = normalize(x_all[order[i:i + bs]], cfg.data.normalize)
+            if amp:
+                x = x.contiguous(memory_format=torch.channels_last)
+            batches.append((x, y_all[order[i:i + bs]]))
+        res = train_one_epoch(model, batches, opt, None, loss_fn, device, amp=amp)
+    sync(device)
+    train_s = time.perf_counter() - start
+    ckpt = str(save_checkpoint(tmp / "trained", model.float().cpu().to(memory_format=torch.contiguous_format),
+                               cfg, 0.5, {}, args.agree_epochs))
+    del model, opt
+    x_held, y_held = images[held], labels[held]
+    p_amp = make_predictor(ckpt, device, amp=amp, compile_=False, batch=args.infer_batch).probabilities(x_held)
+    p_fp32 = make_predictor(ckpt, device, amp=False, compile_=False, batch=args.infer_batch).probabilities(x_held)
+    diff = np.abs(p_amp.astype(np.float64) - p_fp32)
+    both = len(np.unique(y_held)) == 2
+    return {"train_images": int((~held).sum()), "held_out_images": int(held.sum()),
+            "epochs": args.agree_epochs, "train_seconds": train_s, "final_train_loss": res.loss,
+            "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
+            "auc_fp32": float(roc_auc_score(y_held, p_fp32)) if both else float("nan"),
+            "auc_bf16": float(roc_auc_score(y_held, p_amp)) if both else float("nan"),
+            "flips_at_0.5": int(((p_amp >= 0.5) != (p_fp32 >= 0.5)).sum()),
+            "fp32_probability_range": [float(p_fp32.min()), float(p_fp32.max())]}
+
+
 def make_predictor(ckpt: str, device: torch.device, amp: bool, compile_: bool, batch: int) -> Predictor:
     score = ScoreConfig(batch_size=batch, gpus_per_actor=1.0 if device.type == "cuda" else 0.0,
                         amp=amp, compile=compile_, torch_threads=os.cpu_count() or 1)
@@ -170,14 +244,13 @@ def decode_rate(paths: list[str], workers: int, image_size: int, repeat: int) ->
     return ok / seconds
 
 
-def make_sample(out: Path, n: int) -> None:
-    """Copy ``n`` shared real images (both classes) into ``out`` to carry to a GPU machine."""
-    files = sorted(SHARED.rglob("*.jpeg"))
-    step = max(1, len(files) // n)
-    out.mkdir(parents=True, exist_ok=True)
-    for f in files[::step][:n]:
-        shutil.copy(f, out / f"{f.parent.name}_{f.name}")
-    print(f"copied {min(n, len(files[::step]))} images to {out}")
+def make_sample(out: Path) -> None:
+    """Copy the shared real train images into ``out/{NORMAL,PNEUMONIA}/`` (~11 MB) to carry."""
+    files = sorted((SHARED / "train").rglob("*.jpeg"))
+    for f in files:
+        (out / f.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, out / f.parent.name / f.name)
+    print(f"copied {len(files)} images to {out}")
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -217,6 +290,12 @@ def run(args: argparse.Namespace) -> dict:
         print(f"[agree] max |p_bf16 - p_fp32| = {max_diff:.2e} (p spread {p_fp32.min():.3f}..{p_fp32.max():.3f})",
               flush=True)
         del eager, fp32
+        trained = trained_agreement(args, device, Path(tmp))
+        print(f"[agree] trained ({trained['train_images']} images, {trained['epochs']} epochs, "
+              f"{trained['train_seconds']:.0f} s), {trained['held_out_images']} held out: max |dp| "
+              f"{trained['max_abs_diff']:.2e}, mean {trained['mean_abs_diff']:.2e}, AUC fp32 "
+              f"{trained['auc_fp32']:.4f} bf16 {trained['auc_bf16']:.4f}, flips at 0.5: {trained['flips_at_0.5']}",
+              flush=True)
         compiled_rate, compile_s = float("nan"), float("nan")
         if not args.no_compile:
             compiled = make_predictor(ckpt, device, amp=amp, compile_=True, batch=args.infer_batch)
@@ -236,6 +315,7 @@ def run(args: argparse.Namespace) -> dict:
                             "compiled_images_per_s": compiled_rate, "compile_first_call_s": compile_s},
               "bf16_vs_fp32_max_abs_diff": max_diff,
               "fp32_probability_range": [float(p_fp32.min()), float(p_fp32.max())],
+              "trained_agreement": trained,
               "decode": {"workers": workers, "images_per_s": decode, "original_size": args.original_size},
               "limit": limit, "seconds": time.perf_counter() - t0}
     print(format_table(result))
@@ -257,7 +337,11 @@ def format_table(r: dict) -> str:
               f"{'decode 2000x1600 -> model input':<34}{r['decode']['workers']:>6}{r['decode']['images_per_s']:>9.0f}"
               f"   (processes)",
               f"bf16 vs fp32 probabilities: max abs diff {r['bf16_vs_fp32_max_abs_diff']:.2e}"
-              f" (p over {r['fp32_probability_range'][0]:.3f}..{r['fp32_probability_range'][1]:.3f})",
+              f" (random weights, p over {r['fp32_probability_range'][0]:.3f}..{r['fp32_probability_range'][1]:.3f})",
+              f"bf16 vs fp32, trained model on {r['trained_agreement']['held_out_images']} held-out images: "
+              f"max {r['trained_agreement']['max_abs_diff']:.2e}, mean {r['trained_agreement']['mean_abs_diff']:.2e}, "
+              f"AUC {r['trained_agreement']['auc_fp32']:.4f} vs {r['trained_agreement']['auc_bf16']:.4f}, "
+              f"{r['trained_agreement']['flips_at_0.5']} flips at 0.5",
               f"scoring limit: {r['limit']}; check took {r['seconds']:.0f} s"]
     return "\n".join(lines)
 
@@ -268,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tiny", action="store_true", help="seconds-long smoke run (tests, CPU)")
     p.add_argument("--images", help="folder of real images (default: ../shared/data/cxr-kaggle-224-dev)")
     p.add_argument("--out", help="also write the results as JSON here")
-    p.add_argument("--make-sample", metavar="DIR", help="copy ~200 shared real images to DIR and exit")
+    p.add_argument("--make-sample", metavar="DIR", help="copy the shared real train images to DIR and exit")
     p.add_argument("--train-batch", type=int, default=256)
     p.add_argument("--infer-batch", type=int, default=256)
     p.add_argument("--steps", type=int, default=20)
@@ -279,15 +363,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decode-workers", type=int, default=0, help="default: all cores")
     p.add_argument("--original-size", type=int, nargs=2, default=[2000, 1600])
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--agree-epochs", type=int, default=15, help="training epochs of the trained-model agreement")
+    p.add_argument("--agree-batch", type=int, default=64)
     args = p.parse_args(argv)
     if args.make_sample:
-        make_sample(Path(args.make_sample), 200)
+        make_sample(Path(args.make_sample))
         return 0
     if args.tiny:  # same code paths, toy sizes
         args.train_batch, args.infer_batch, args.size = 2, 4, 64
         args.steps, args.warmup, args.decode_images, args.decode_repeat = 1, 1, 8, 1
         args.original_size, args.decode_workers = [300, 240], min(2, os.cpu_count() or 1)
-        args.no_compile = True
+        args.no_compile, args.agree_epochs, args.agree_batch = True, 1, 4
     result = run(args)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1, default=lambda v: None if v != v else v))

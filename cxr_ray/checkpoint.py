@@ -6,7 +6,9 @@ Layout::
     config.yaml       the full ExperimentConfig the model was trained with
     checkpoint.json   threshold, the rule that chose it and the precision it was chosen in
                       (threshold_rule, val_precision), class map, the validation metrics at it,
-                      epoch, versions of torch/torchvision/ray/cxr_ray
+                      epoch, versions of torch/torchvision/ray/cxr_ray, and ``digest``: a
+                      SHA-256 of the weights, the config and the threshold (the model's
+                      identity: scoring output's ``model`` column, the URI fetch cache)
     train_state.pt    optimizer, scheduler, early stopping, epoch (resuming training only)
 
 Inference rebuilds the model *and the preprocessing* from ``config.yaml``, never from flags.
@@ -71,7 +73,8 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, cfg: ExperimentCo
     state = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
     torch.save(state, out / MODEL_FILE)
     cfg.to_yaml(out / CONFIG_FILE)
-    meta = {"threshold": float(threshold), "threshold_rule": metrics.get("threshold_rule", "given"),
+    meta = {"digest": content_digest(out, float(threshold)), "threshold": float(threshold),
+            "threshold_rule": metrics.get("threshold_rule", "given"),
             "val_precision": val_precision, "class_map": {str(i): c for i, c in enumerate(CLASSES)},
             "positive_class": CLASSES[1], "epoch": int(epoch), "metrics": _jsonable(metrics),
             "versions": versions()}
@@ -79,6 +82,19 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, cfg: ExperimentCo
     if train_state is not None:
         torch.save(train_state, out / STATE_FILE)
     return out
+
+
+def content_digest(folder: Path, threshold: float) -> str:
+    """``sha256:<hex>`` of model.pt, config.yaml and the threshold: what decides every score."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in (MODEL_FILE, CONFIG_FILE):
+        with open(folder / name, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    h.update(repr(float(threshold)).encode())
+    return f"sha256:{h.hexdigest()}"
 
 
 def _jsonable(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -106,19 +122,30 @@ class LoadedCheckpoint:
     meta: dict[str, Any]
 
     @property
+    def digest(self) -> str:
+        """The content digest (see :func:`content_digest`)."""
+        return str(self.meta["digest"])
+
+    @property
     def model_id(self) -> str:
-        """A short stable id of the checkpoint (folder name + epoch)."""
+        """Which model: folder name, epoch and the first 12 hex digits of the content digest,
+        so a checkpoint re-exported at the same path is a different model."""
         from cxr_ray.data import io
 
         path = str(self.path).rstrip("/")
         path = path if io.is_uri(path) else str(Path(path).resolve())
         run, name = path.rsplit("/", 2)[-2:]
-        return f"{run}/{name}@epoch{self.meta.get('epoch')}"
+        return f"{run}/{name}@epoch{self.meta.get('epoch')}#{self.digest.split(':', 1)[1][:12]}"
 
 
 def fetch_checkpoint(uri: str) -> Path:
-    """A local copy of a checkpoint folder at ``s3://`` / ``gs://`` ..., cached by URI."""
-    import hashlib
+    """A local copy of a checkpoint folder at ``s3://`` / ``gs://`` ..., cached by content.
+
+    Its small ``checkpoint.json`` is read every time; the copy is keyed on the digest in it,
+    so a checkpoint re-exported at the same URI is fetched again, never served stale.
+    (Checkpoints saved before digests existed are fetched, then keyed on their computed digest.)
+    """
+    import shutil
 
     import pyarrow.fs as pafs
 
@@ -126,21 +153,32 @@ def fetch_checkpoint(uri: str) -> Path:
     from cxr_ray.data import io
 
     cache = Path(DataConfig().resolved_cache_dir) / "checkpoints"  # $CXR_RAY_CACHE or ~/.cache/cxr_ray
-    local = cache / hashlib.sha1(uri.rstrip("/").encode()).hexdigest()[:16]
-    if not (local / META_FILE).is_file():
-        fs, src = io.resolve(uri)
-        if fs.get_file_info(src).type != pafs.FileType.Directory:
-            raise CheckpointError(f"{uri} is not a cxr_ray checkpoint: no such folder")
-        tmp = Path(f"{local}.tmp{os.getpid()}")
-        tmp.mkdir(parents=True, exist_ok=True)
-        for name in (MODEL_FILE, CONFIG_FILE, META_FILE):  # meta last: the copy's commit marker
-            info = fs.get_file_info(f"{src}/{name}")
-            if info.type != pafs.FileType.File:
-                raise CheckpointError(f"{uri} is not a cxr_ray checkpoint: {name} is missing")
-            (tmp / name).write_bytes(io.read_bytes(io.join(uri, name)))
-        if not local.exists():
-            tmp.rename(local)
+    fs, src = io.resolve(uri)
+    if fs.get_file_info(src).type != pafs.FileType.Directory:
+        raise CheckpointError(f"{uri} is not a cxr_ray checkpoint: no such folder")
+    if fs.get_file_info(f"{src}/{META_FILE}").type != pafs.FileType.File:
+        raise CheckpointError(f"{uri} is not a cxr_ray checkpoint: {META_FILE} is missing")
+    meta = json.loads(io.read_bytes(io.join(uri, META_FILE)))
+    if "digest" in meta and (cache / _digest_key(meta["digest"]) / META_FILE).is_file():
+        return cache / _digest_key(meta["digest"])
+    tmp = cache / f"fetch.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in (MODEL_FILE, CONFIG_FILE):
+        if fs.get_file_info(f"{src}/{name}").type != pafs.FileType.File:
+            raise CheckpointError(f"{uri} is not a cxr_ray checkpoint: {name} is missing")
+        (tmp / name).write_bytes(io.read_bytes(io.join(uri, name)))
+    (tmp / META_FILE).write_text(json.dumps(meta))  # the same meta whose digest keys the copy
+    local = cache / _digest_key(meta.get("digest") or content_digest(tmp, float(meta["threshold"])))
+    if local.exists():
+        shutil.rmtree(tmp)
+    else:
+        tmp.rename(local)
     return local
+
+
+def _digest_key(digest: str) -> str:
+    return digest.split(":", 1)[-1][:24]
 
 
 def load_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
@@ -158,7 +196,12 @@ def load_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
     cfg = ExperimentConfig.from_saved(yaml.safe_load((folder / CONFIG_FILE).read_text()))
     meta = json.loads((folder / META_FILE).read_text())
     model = build_model(dataclasses.replace(cfg.model, weights="none"))
-    state = safe_load(folder / MODEL_FILE)
+    state = safe_load(folder / MODEL_FILE)  # first: a file that would run code is refused as such
+    actual = content_digest(folder, float(meta["threshold"]))
+    if meta.setdefault("digest", actual) != actual:  # checkpoints saved before digests: computed
+        raise CheckpointError(f"{folder}: model.pt, config.yaml or the threshold changed after the checkpoint "
+                              f"was saved (digest {actual[:19]}..., checkpoint.json says {meta['digest'][:19]}...); "
+                              f"re-export it instead of editing it in place")
     try:
         model.load_state_dict(state)
     except RuntimeError as e:

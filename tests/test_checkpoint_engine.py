@@ -1,3 +1,4 @@
+import json
 import os
 import pickle
 
@@ -41,6 +42,9 @@ def test_checkpoint_saved_before_data_normalize_existed_keeps_fixed_normalisatio
     saved = yaml.safe_load((tmp_path / "old" / "config.yaml").read_text())
     del saved["data"]["normalize"]  # as written by cxr_ray before the key existed
     (tmp_path / "old" / "config.yaml").write_text(yaml.safe_dump(saved))
+    meta = json.loads((tmp_path / "old" / "checkpoint.json").read_text())
+    del meta["digest"]  # nor did digests exist then
+    (tmp_path / "old" / "checkpoint.json").write_text(json.dumps(meta))
     assert load_checkpoint(tmp_path / "old").cfg.data.normalize == "fixed"
 
 
@@ -53,9 +57,34 @@ def test_checkpoint_loads_from_a_uri(tmp_path, monkeypatch):
     loaded = load_checkpoint(uri)
     x = torch.randn(2, 1, 32, 32)
     assert torch.equal(model(x), loaded.model(x)) and loaded.path == uri
-    assert loaded.model_id == "exp/best@epoch2" == load_checkpoint(tmp_path / "runs" / "exp" / "best").model_id
+    model_id = load_checkpoint(tmp_path / "runs" / "exp" / "best").model_id
+    assert loaded.model_id == model_id and model_id.startswith("exp/best@epoch2#")
+    assert model_id.endswith("#" + loaded.digest[len("sha256:"):][:12])
     with pytest.raises(CheckpointError, match="no such folder"):
         load_checkpoint(f"file://{tmp_path}/runs/exp/missing")
+
+
+def test_reexported_checkpoint_is_a_new_model_and_edits_are_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("CXR_RAY_CACHE", str(tmp_path / "cache"))
+    cfg = ExperimentConfig().replace(**{"model.name": "simple_cnn", "model.width": 8, "data.image_size": 32})
+    best = tmp_path / "runs" / "exp" / "best"
+    torch.manual_seed(0)
+    save_checkpoint(best, build_model(cfg.model).eval(), cfg, 0.4, {}, epoch=2)
+    first = load_checkpoint(f"file://{best}")
+    torch.manual_seed(1)  # the search re-exports best/ at the same URI with other weights
+    new_model = build_model(cfg.model).eval()
+    save_checkpoint(best, new_model, cfg, 0.4, {}, epoch=2)
+    second = load_checkpoint(f"file://{best}")  # fetched again: the cached copy is keyed on content
+    x = torch.randn(2, 1, 32, 32)
+    assert torch.equal(second.model(x), new_model(x)) and second.model_id != first.model_id
+    meta = json.loads((best / "checkpoint.json").read_text())
+    meta["threshold"] = 0.1  # edited in place: no longer the model that was validated
+    (best / "checkpoint.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="changed after the checkpoint was saved"):
+        load_checkpoint(best)
+    del meta["digest"]  # a checkpoint from before digests: its digest is computed
+    (best / "checkpoint.json").write_text(json.dumps(meta))
+    assert load_checkpoint(best).digest.startswith("sha256:")
 
 
 def test_checkpoint_of_frozen_resnet_round_trips(tmp_path):

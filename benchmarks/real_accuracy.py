@@ -139,7 +139,8 @@ def main(argv=None) -> int:
         c, s = report(clean, thr), report(shifted, thr)
         per_scanner = {k: float((g["probability"][g["label"] == 0] < thr).mean())
                        for k, g in shifted.groupby("scanner")}
-        figures["rules"][name] = {"threshold": thr, "clean": c, "shifted": s, "shifted_specificity_by_scanner": per_scanner}
+        figures["rules"][name] = {"threshold": thr, "clean": c, "shifted": s,
+                                  "shifted_specificity_by_scanner": per_scanner}
         print(f"  threshold {name:<17} {thr:.4f}")
         print(f"    clean    {fmt(c)}")
         print(f"    shifted  {fmt(s)}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -133,17 +134,13 @@ def train_config_from_args(args: argparse.Namespace) -> ExperimentConfig:
 def cmd_train(args: argparse.Namespace) -> int:
     """Train on Ray Train; prints a summary and, last, the best checkpoint's path."""
     from cxr_ray.data import io
-    from cxr_ray.metrics import SELECTION_METRIC
     from cxr_ray.train import check_run_dir, run_training, storage_uri
 
     cfg = train_config_from_args(args)
     if cfg.train.name:  # a named run folder is checked before the cache is built (again in run_training)
         check_run_dir(cfg, io.join(storage_uri(cfg.train.storage_path), cfg.train.name), bool(args.resume))
     cfg, cache = _prepare(args, cfg, check_leaks=True)
-    result = run_training(cfg, cache, resume=bool(args.resume))
-    if result.error is not None:
-        print(f"cxr-ray train: training failed: {result.error}", file=sys.stderr)
-        return 1
+    result = run_training(cfg, cache, resume=bool(args.resume))  # a failure raises (Train V2)
     selection = cfg.metric.selection
     best = result.get_best_checkpoint(selection, "max")
     m = result.metrics or {}
@@ -195,7 +192,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     init_ray(args.address)
     try:
         summary = run_score(ckpt, args.input, args.output, cfg.score, listing,
-                            resume=args.resume, with_labels=args.with_labels)
+                            resume=args.resume, with_labels=args.with_labels, limits=cfg.data)
     except KeyboardInterrupt:
         print(f"cxr-ray score: interrupted; finished rows are committed in {args.output}. "
               f"Re-run with --resume to score the rest.", file=sys.stderr)
@@ -377,6 +374,51 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, DataError, CheckpointError, WeightsError, ClusterError) as e:
         print(f"cxr-ray {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # noqa: BLE001 - a Ray worker's failure, or a bug: one line + the log
+        print(f"cxr-ray {args.command}: failed: {describe_failure(e)}\n"
+              f"  full traceback: {write_failure_log(args.command, e)}", file=sys.stderr)
+        return 1
+
+
+def root_cause(e: BaseException) -> BaseException:
+    """The exception that started it, unwrapped from Ray's wrappers: Train V2's
+    ``WorkerGroupError.worker_failures`` / ``ControllerError.controller_failure``, a
+    ``RayTaskError``'s ``cause`` (Ray Data tasks and actors), then ``__cause__`` chains."""
+    seen: set[int] = set()
+    while id(e) not in seen:
+        seen.add(id(e))
+        failures = getattr(e, "worker_failures", None)
+        inner = (failures[min(failures)] if failures else
+                 getattr(e, "controller_failure", None) or getattr(e, "cause", None) or e.__cause__)
+        if not isinstance(inner, BaseException):
+            break
+        e = inner
+    return e
+
+
+def describe_failure(e: BaseException) -> str:
+    """One line for the user: the root cause's type and first message line, and where it ran."""
+    cause = root_cause(e)
+    lines = [ln.strip() for ln in str(cause).splitlines() if ln.strip() and not ln.startswith("Traceback")]
+    where = " (in a Ray worker)" if cause is not e else ""
+    text = lines[0] if lines else ""
+    return f"{type(cause).__name__}: {text[:300]}{where}".rstrip(": ")
+
+
+def write_failure_log(command: str, e: BaseException) -> str:
+    """Write the whole traceback (Ray's remote tracebacks included) to a log file; its path."""
+    import time
+    import traceback
+
+    from cxr_ray.config import DataConfig
+
+    folder = os.path.join(DataConfig().resolved_cache_dir, "logs")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"cxr-ray-{command}-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.log")
+    with open(path, "w") as f:
+        f.write("".join(traceback.format_exception(e)))
+        f.write("\nRay's own logs (local Ray): /tmp/ray/session_latest/logs\n")
+    return path
 
 
 if __name__ == "__main__":

@@ -50,8 +50,16 @@ class DataConfig:
     # a scanner's exposure and contrast cancel) or "fixed" (one gray mean/std, ImageNet's averaged;
     # what configs saved before this key existed used, see SAVED_DEFAULTS)
     normalize: str = "per_image"
+    # input safety, for prepare and score alike: an image whose header claims more pixels is an
+    # error row, refused before decoding (a 4000x4000 X-ray is 16 MP); a read that has not
+    # finished after read_timeout_s seconds (stalled mount) is an error row (0 = wait forever)
+    max_pixels: int = 100_000_000
+    read_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
+        _check(self.max_pixels >= 64, "data.max_pixels", "an int >= 64", self.max_pixels)
+        _check(self.read_timeout_s >= 0, "data.read_timeout_s", "a float >= 0 (0 = no limit)",
+               self.read_timeout_s)
         _check(16 <= self.image_size <= 4096, "data.image_size", "an int in [16, 4096]", self.image_size)
         _check(self.cache_size == 0 or 16 <= self.cache_size <= 4096, "data.cache_size",
                "0 or an int in [16, 4096]", self.cache_size)

@@ -36,8 +36,8 @@ def predict_split(ckpt: LoadedCheckpoint, cache: Any, split: str, batch_size: in
 
     ds = split_dataset(cache, split, ckpt.cfg.data.image_size, with_paths=True)
     kept: dict[str, list] = {}
-    batches = collated_keeping(ds.iter_batches(batch_size=batch_size, batch_format="numpy"), Collate("cpu", normalize=ckpt.cfg.data.normalize),
-                               ("path", "patient"), kept)
+    batches = collated_keeping(ds.iter_batches(batch_size=batch_size, batch_format="numpy"),
+                               Collate("cpu", normalize=ckpt.cfg.data.normalize), ("path", "patient"), kept)
     probs, labels, _ = predict(ckpt.model, batches, torch.device("cpu"))
     return pd.DataFrame({"path": kept.get("path", []), "patient": kept.get("patient", []),
                          "label": labels.astype(np.int64), "probability": probs.astype(np.float32)}

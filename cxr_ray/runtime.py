@@ -13,39 +13,29 @@ class ClusterError(RuntimeError):
     """The Ray cluster cannot run the job as configured (e.g. node-local storage on many nodes)."""
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> str:
-    """Join a cluster, or start a local Ray when none is given; returns how ("joined"/"local").
+def init_ray(address: str | None = None) -> None:
+    """Join the cluster the user meant, or start a Ray private to this command.
 
-    Order: ``address`` (``--address``), then ``$RAY_ADDRESS``, then a cluster already running
-    on this node (``ray start``, as on a node of ``ray up`` where ``ray submit`` runs the
-    script, or inside a Ray Job), else a new local Ray. Does nothing when Ray is already
-    initialised in this process.
+    Ray's own discovery, in order: ``address`` (``--address``), ``$RAY_ADDRESS`` (set inside a
+    Ray Job), the cluster last started on this node with ``ray start`` (a node of ``ray up``,
+    where ``ray submit`` runs the script); else a new local Ray that ends with this command.
+    Never ``address="auto"``: that joins *any* Ray on the machine, including another
+    cxr-ray command's private one, which has no CPUs to spare and shuts down under us.
+    Does nothing when Ray is already initialised in this process.
     """
     import ray
 
     if ray.is_initialized():
-        return "joined"
+        return
     address = address or os.environ.get("RAY_ADDRESS") or None
-    if address:
-        log.info("joining Ray cluster at %s", address)
-        ray.init(address=address, log_to_driver=True)
-        mode = "joined"
-    else:
-        try:
-            ray.init(address="auto", log_to_driver=True)
-            log.info("joined the Ray cluster running on this node")
-            mode = "joined"
-        except ConnectionError:
-            # Ray runs its workers at niceness 15 by default, so on a laptop every wake-up of
-            # Ray's own daemons preempts the training threads (measured: Ray Train at ~0.77x a
-            # plain loop instead of ~0.9x on 2 cores). This local Ray is ours: run them at 0.
-            os.environ.setdefault("RAY_worker_niceness", "0")
-            # The dashboard serves the state API that Ray Train uses to clean up after stopped trials.
-            ray.init(num_cpus=num_cpus, log_to_driver=True)
-            mode = "local"
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = True
-    return mode
+    # Ray runs its workers at niceness 15 by default, so on a laptop every wake-up of Ray's own
+    # daemons preempts the training threads (measured: Ray Train at ~0.77x a plain loop instead
+    # of ~0.9x on 2 cores). Read only by a Ray that this process starts; a joined cluster keeps
+    # its own setting.
+    os.environ.setdefault("RAY_worker_niceness", "0")
+    ray.init(address=address, log_to_driver=True)
+    log.info("Ray at %s", ray.get_runtime_context().gcs_address)
+    ray.data.DataContext.get_current().enable_progress_bars = True
 
 
 def alive_nodes() -> list[dict]:

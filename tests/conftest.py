@@ -53,6 +53,31 @@ def run_cli(*args: str, timeout: float = 900, **kw) -> subprocess.CompletedProce
                           text=True, timeout=timeout, **kw)
 
 
+def start_cli(*args: str, **kw) -> subprocess.Popen:
+    """Start ``cxr-ray ARGS`` in the background, in its own process group (to kill it whole)."""
+    kw = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **kw}
+    return subprocess.Popen([sys.executable, "-m", "cxr_ray.cli", *map(str, args)], text=True,
+                            start_new_session=True, **kw)
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory) -> str:
+    """A small CNN checkpoint whose cache size differs from its input size (two resize steps)."""
+    import torch
+
+    from cxr_ray.checkpoint import save_checkpoint
+    from cxr_ray.config import ExperimentConfig
+    from cxr_ray.models import build_model
+
+    cfg = ExperimentConfig().replace(**{"model.name": "simple_cnn", "model.weights": "none",
+                                        "model.width": 8, "data.image_size": 48, "data.cache_size": 80})
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    with torch.no_grad():  # spread the logits so probabilities differ visibly between images
+        model.head[-1].weight.mul_(500.0)
+    return str(save_checkpoint(tmp_path_factory.mktemp("ckpt") / "model", model, cfg, 0.5, {}, 0))
+
+
 def ray_stop() -> None:
     """Stop every local Ray (``ray stop --force``): no half-stopped cluster may be joined later."""
     subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True)

@@ -96,7 +96,8 @@ def test_killed_worker_resumes_from_checkpoint(synthetic_root, tmp_path):
     resumed = re.search(rf"resumed from checkpoint after epoch (\d+)/{epochs}", output)
     assert resumed, output[-3000:]
     assert f"[train] {epochs} epoch(s)" in output
-    after = [int(e) for e in re.findall(rf"\[train\] epoch (\d+)/{epochs}: train_loss", output.split(resumed.group(0))[1])]
+    after = [int(e) for e in re.findall(rf"\[train\] epoch (\d+)/{epochs}: train_loss",
+                                        output.split(resumed.group(0))[1])]
     assert after == list(range(int(resumed.group(1)) + 1, epochs + 1))  # continues, not from scratch
     epochs_seen = {json.loads((c / "checkpoint.json").read_text())["epoch"]
                    for c in (runs / "ft").glob("checkpoint_*") if (c / "checkpoint.json").exists()}

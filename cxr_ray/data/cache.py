@@ -7,16 +7,22 @@ A prepared cache is a folder (local or URI)::
         meta.json        written last: counts, bad files, duplicates, settings
 
 ``meta.json`` is the commit marker: a folder without it is an interrupted build and is
-rebuilt. The fingerprint covers the file list (path, size, mtime), labels, splits and
-the decode settings, so a changed dataset or size gets a new cache and an unchanged one
-is reused: training epochs and tuning trials never decode a JPEG again.
+rebuilt. A local cache is built in a temporary sibling folder and renamed into place whole;
+``<name>.lease`` beside it names the job building it (see ``cxr_ray.data.lease``).
+The fingerprint covers the file list (path, size, mtime; manifests' files too), labels,
+splits, the split/patient algorithm and the decode settings, so a changed dataset or size
+gets a new cache and an unchanged one is reused: training epochs and tuning trials never
+decode a JPEG again.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
+import os
+import shutil
 import time
 import zlib
 from dataclasses import dataclass
@@ -32,7 +38,8 @@ from cxr_ray.config import ExperimentConfig
 from cxr_ray.data import io
 from cxr_ray.data.catalog import (CLASSES, SPLIT_ALGORITHM, DataError, assign_splits, load_catalog,
                                   split_leaks)
-from cxr_ray.data.decode import ImageDecodeError, decode_image
+from cxr_ray.data.decode import DecodedFile, decode_path
+from cxr_ray.data.lease import Lease, LeaseHeld, acquire
 
 log = logging.getLogger(__name__)
 
@@ -92,32 +99,23 @@ def cache_uri(catalog_root: str, cfg: ExperimentConfig, fp: str) -> str:
     return io.join(cfg.data.resolved_cache_dir, f"{name}-{cfg.data.resolved_cache_size}px-{fp}")
 
 
-def decode_batch(batch: pd.DataFrame, size: int) -> pa.Table:
+def decode_batch(batch: pd.DataFrame, size: int, max_pixels: int, timeout_s: float) -> pa.Table:
     """Ray Data UDF: catalog rows -> cache rows (``CACHE_SCHEMA``; see ``CACHE_SCHEMA_DOC``).
 
-    A file that cannot be read or decoded gets ``error`` set and empty ``pixels``; nothing
-    is dropped, so every input is accounted for.
+    A file that the listing refused (its ``error``), or that cannot be read or decoded for
+    any reason, gets ``error`` set and empty ``pixels`` (``decode.decode_path``); nothing is
+    dropped, so every input is accounted for.
     """
-    out = {k: [] for k in ("key", "width", "height", "sha1", "pixels", "error")}
-    for path in batch["path"]:
-        width = height = 0
-        sha1, pixels, error = "", b"", None
-        try:
-            data = io.read_bytes(path)
-            sha1 = hashlib.sha1(data).hexdigest()
-            arr, width, height = decode_image(data, size, path)
-            pixels = arr.tobytes()
-        except ImageDecodeError as e:
-            error = e.reason
-        except OSError as e:
-            error = f"cannot read file ({e})"
-        out["key"].append(zlib.crc32(path.encode()))
-        for k, v in (("width", width), ("height", height), ("sha1", sha1), ("pixels", pixels),
-                     ("error", error)):
-            out[k].append(v)
+    listed = batch["error"] if "error" in batch else pd.Series("", index=batch.index)
+    decoded = [DecodedFile(np.zeros((size, size), np.uint8), 0, 0, "", err) if err
+               else decode_path(p, size, max_pixels, timeout_s) for p, err in zip(batch["path"], listed)]
     result = batch[["path", "label", "patient", "split", "source_split"]].reset_index(drop=True)
-    for k, v in out.items():
-        result[k] = pd.Series(v, dtype=object if k in ("pixels", "error", "sha1") else np.int64)
+    result["key"] = [zlib.crc32(p.encode("utf-8", "surrogateescape")) for p in result["path"]]
+    result["width"] = [d.width for d in decoded]
+    result["height"] = [d.height for d in decoded]
+    result["sha1"] = [d.sha1 for d in decoded]
+    result["pixels"] = [b"" if d.error else d.pixels.tobytes() for d in decoded]
+    result["error"] = pd.Series([d.error for d in decoded], dtype=object)
     return pa.Table.from_pandas(result, schema=CACHE_SCHEMA, preserve_index=False)
 
 
@@ -162,23 +160,57 @@ def prepare_cache(cfg: ExperimentConfig, catalog: pd.DataFrame | None = None) ->
 
     Raises :class:`DataError` before any decoding for a malformed dataset, and after it
     when more than ``data.max_bad_fraction`` of the images cannot be decoded (the bad files
-    and reasons are listed; the half-built cache is removed).
+    and reasons are listed; the half-built cache is removed). One job builds a given cache
+    at a time (a lease beside it); another job that needs it meanwhile waits, then reuses it.
     """
-    import ray
-
     root = cfg.data.root
     if catalog is None:
         catalog = assign_splits(load_catalog(root), cfg.data)
     fp = fingerprint(catalog, cfg)
     uri = cache_uri(root, cfg, fp)
     meta = _read_meta(uri)
-    if meta is not None:
-        log.info("[prepare] reusing cache %s (%d images)", uri, meta["n_images"])
-        return PreparedCache(uri, meta)
+    if meta is None:
+        with _build_lease(uri) as lease:
+            meta = _read_meta(uri)  # built by the job we waited for
+            if meta is None:
+                meta = _build(cfg, catalog, uri, fp, lease.run_id)
+                return PreparedCache(uri, meta)
+    log.info("[prepare] reusing cache %s (%d images)", uri, meta["n_images"])
+    return PreparedCache(uri, meta)
+
+
+def _build_lease(uri: str, poll_s: float = 2.0) -> Lease:
+    """The build lease of cache ``uri``; while another live job holds it, wait (its cache may
+    be ready when it ends)."""
+    announced = False
+    while True:
+        try:
+            return acquire(uri.rstrip("/") + ".lease", "prepare")
+        except LeaseHeld as e:
+            if not announced:
+                log.info("[prepare] waiting: %s (building this cache)", e)
+                announced = True
+            time.sleep(poll_s)
+
+
+def _build(cfg: ExperimentConfig, catalog: pd.DataFrame, uri: str, fp: str, run_id: str) -> dict[str, Any]:
+    """Decode every image into the cache at ``uri`` (the caller holds its lease); its meta.
+
+    Local caches are built in ``<uri>.tmp-<run>`` and renamed into place once meta.json is
+    written, so no reader ever sees a half-built folder; on object stores (no folder rename)
+    the parts are written in place and meta.json, written last, is the commit marker.
+    """
+    import ray
+
     from cxr_ray.runtime import check_shared_paths
 
     # Decode tasks on any node read the images and write the cache: both must be shared.
     check_shared_paths({"data.root": catalog["path"].iat[0], "data.cache_dir": cfg.data.resolved_cache_dir})
+    local = not io.is_uri(uri)
+    if local:
+        for old in glob.glob(glob.escape(uri) + ".tmp-*"):  # interrupted builds (we hold the lease)
+            shutil.rmtree(old, ignore_errors=True)
+    build = f"{uri}.tmp-{run_id}" if local else uri
     _delete(uri)  # an interrupted build leaves data without meta.json
     size = cfg.data.resolved_cache_size
     log.info("[prepare] decoding %d images at %dpx into %s", len(catalog), size, uri)
@@ -189,17 +221,23 @@ def prepare_cache(cfg: ExperimentConfig, catalog: pd.DataFrame | None = None) ->
     bounds = np.linspace(0, len(catalog), n_blocks + 1).astype(int)
     parts = [catalog.iloc[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
     ds = ray.data.from_pandas(parts).map_batches(
-        decode_batch, fn_kwargs={"size": size}, batch_format="pandas", batch_size=64)
-    ds.write_parquet(io.join(uri, "data"))
-    meta = summarize_cache(uri, size, fp, root)
-    if meta["n_bad"] > cfg.data.max_bad_fraction * meta["n_images"]:
-        _delete(uri)
-        listing = "\n".join(f"  {b['path']}: {b['error']}" for b in meta["bad_files"][:50])
-        raise DataError(
-            f"{meta['n_bad']} of {meta['n_images']} images could not be decoded, more than "
-            f"data.max_bad_fraction={cfg.data.max_bad_fraction}:\n{listing}")
-    io.write_bytes(io.join(uri, "meta.json"), json.dumps(meta, indent=1).encode())
-    return PreparedCache(uri, meta)
+        decode_batch, batch_format="pandas", batch_size=64,
+        fn_kwargs={"size": size, "max_pixels": cfg.data.max_pixels, "timeout_s": cfg.data.read_timeout_s})
+    try:
+        ds.write_parquet(io.join(build, "data"))
+        meta = summarize_cache(build, size, fp, cfg.data.root)
+        if meta["n_bad"] > cfg.data.max_bad_fraction * meta["n_images"]:
+            listing = "\n".join(f"  {b['path']}: {b['error']}" for b in meta["bad_files"][:50])
+            raise DataError(
+                f"{meta['n_bad']} of {meta['n_images']} images could not be decoded, more than "
+                f"data.max_bad_fraction={cfg.data.max_bad_fraction}:\n{listing}")
+        io.write_bytes(io.join(build, "meta.json"), json.dumps(meta, indent=1).encode())
+        if local:
+            os.rename(build, uri)  # atomic: the cache appears whole, meta.json included
+    except BaseException:
+        _delete(build)
+        raise
+    return meta
 
 
 def open_cache(uri: str) -> PreparedCache:

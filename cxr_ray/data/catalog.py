@@ -8,7 +8,9 @@ The catalog is a pandas DataFrame, one row per image, with columns:
   parsed from a Kermany file name (the file stem when the name has no known form)
 - ``source_split`` (str): the folder/manifest split it came from (train, val, test)
 - ``split`` (str): the split cxr_ray uses (after :func:`assign_splits`)
-- ``size_bytes`` (int), ``mtime_ns`` (int): for the cache fingerprint (0 when unknown)
+- ``size_bytes`` (int), ``mtime_ns`` (int): for the cache fingerprint (-1 when the file is missing)
+- ``error`` (str): "" for a file to decode, else why the listing already knows it cannot be
+  (a name that is not valid UTF-8); such files become bad-file rows of the cache
 
 Everything here reads file names and listings only, never pixels, so it runs on the
 driver before Ray starts and fails fast on a malformed dataset.
@@ -33,7 +35,7 @@ log = logging.getLogger(__name__)
 CLASSES = ("NORMAL", "PNEUMONIA")  # index = label
 SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".dcm")
-CATALOG_COLUMNS = ["path", "label", "patient", "source_split", "size_bytes", "mtime_ns"]
+CATALOG_COLUMNS = ["path", "label", "patient", "source_split", "size_bytes", "mtime_ns", "error"]
 
 # Kermany names: personN_bacteria_M / personN_virus_M (pneumonia); IM-XXXX-YYYY, IM-XXXX-YYYY-ZZZZ
 # and NORMAL2-IM-XXXX-YYYY[-ZZZZ] (normal). The patient is personN / [NORMAL2-]IM-XXXX.
@@ -81,14 +83,45 @@ def _list_dir(fs: pafs.FileSystem, path: str) -> list[pafs.FileInfo]:
     return [i for i in fs.get_file_info(pafs.FileSelector(path)) if not i.base_name.startswith((".", "__"))]
 
 
-def _scan_class_folder(fs: pafs.FileSystem, folder: pafs.FileInfo) -> list[pafs.FileInfo]:
-    infos = fs.get_file_info(pafs.FileSelector(folder.path, recursive=True))
-    return [
-        i for i in infos
-        if i.type == pafs.FileType.File
-        and not i.base_name.startswith(".")
-        and i.base_name.lower().endswith(IMAGE_EXTENSIONS)
-    ]
+def _scan_class_folder(fs: pafs.FileSystem, folder: pafs.FileInfo, like: str) -> list[tuple]:
+    """(path, size, mtime_ns, error) of the images below a class folder. Local folders are
+    walked without following folder symlinks (:func:`io.walk_local`), URIs through pyarrow."""
+    if io.is_uri(like):
+        infos = fs.get_file_info(pafs.FileSelector(folder.path, recursive=True))
+        return [(io.full_path(fs, i.path, like), i.size or 0, i.mtime_ns or 0, "") for i in infos
+                if i.type == pafs.FileType.File and not i.base_name.startswith(".")
+                and i.base_name.lower().endswith(IMAGE_EXTENSIONS)]
+    return [(path, *_stat(path), error) for path, error in io.walk_local(folder.path)
+            if path.lower().endswith(IMAGE_EXTENSIONS)]
+
+
+def stat_paths(paths: list[str]) -> tuple[list[int], list[int]]:
+    """(sizes, mtimes in ns) of local files and URIs (one listing call per URI filesystem);
+    -1 for a file that is missing or cannot be read (it is reported when decoded)."""
+    sizes, mtimes = [-1] * len(paths), [-1] * len(paths)
+    remote: dict[str, list[int]] = {}
+    for i, path in enumerate(paths):
+        if io.is_uri(path):
+            remote.setdefault(path.split("://", 1)[0] + "://" + path.split("://", 1)[1].split("/", 1)[0], []).append(i)
+        else:
+            sizes[i], mtimes[i] = _stat(path)
+    for bucket, idx in remote.items():
+        fs, _ = io.resolve(bucket)
+        infos = fs.get_file_info([io.resolve(paths[i])[1] for i in idx])
+        for i, info in zip(idx, infos):
+            if info.type == pafs.FileType.File:
+                sizes[i] = int(info.size or 0)
+                mtimes[i] = int(info.mtime_ns or 0)
+    return sizes, mtimes
+
+
+def _stat(path: str) -> tuple[int, int]:
+    """(size, mtime_ns) of a local file (through symlinks); (-1, -1) when it cannot be read."""
+    try:
+        st = os.stat(path)
+        return st.st_size, st.st_mtime_ns
+    except (OSError, ValueError):
+        return -1, -1
 
 
 def scan_layout(root: str) -> pd.DataFrame:
@@ -123,13 +156,11 @@ def scan_layout(root: str) -> pd.DataFrame:
             where = io.join(root, splits[split].base_name, name)
             if name not in classes:
                 raise DataError(f"missing class folder {where!r} (expected {list(CLASSES)} in each split)")
-            files = _scan_class_folder(fs, classes[name])
+            files = _scan_class_folder(fs, classes[name], root)
             if not files:
                 raise DataError(f"class folder {where!r} has no {'/'.join(IMAGE_EXTENSIONS)} images")
-            for f in files:
-                rows.append((io.full_path(fs, f.path, root), CLASSES.index(name), split,
-                             f.size or 0, f.mtime_ns or 0))
-    df = pd.DataFrame(rows, columns=["path", "label", "source_split", "size_bytes", "mtime_ns"])
+            rows += [(path, CLASSES.index(name), split, size, mtime, error) for path, size, mtime, error in files]
+    df = pd.DataFrame(rows, columns=["path", "label", "source_split", "size_bytes", "mtime_ns", "error"])
     df["patient"] = patients(df["path"])
     return df[CATALOG_COLUMNS].sort_values("path", ignore_index=True)
 
@@ -190,8 +221,9 @@ def read_manifest(path: str) -> pd.DataFrame:
     if bad:
         raise DataError(f"manifest {path!r}: unknown split value(s) {bad}; expected {list(SPLITS)}")
     out["patient"] = patients(out["path"], df["patient"] if "patient" in df else None)
-    out["size_bytes"] = 0
-    out["mtime_ns"] = 0
+    # the cache fingerprint must see an image re-exported at the same path: stat every row
+    out["size_bytes"], out["mtime_ns"] = stat_paths(out["path"].tolist())
+    out["error"] = ""
     if out.empty:
         raise DataError(f"manifest {path!r} lists no images")
     return out[CATALOG_COLUMNS].sort_values("path", ignore_index=True)

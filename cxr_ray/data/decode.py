@@ -10,14 +10,24 @@ like the shared 224 px copies, the aspect ratio is not kept (the whole chest sta
 
 from __future__ import annotations
 
+import hashlib
 import io as _io
+import os
+import re
+import stat
+import threading
 import warnings
+from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-# A hospital export can hold huge scans; a 4000x4000 image is 16 MP, far below this.
-Image.MAX_IMAGE_PIXELS = 200_000_000
+T = TypeVar("T")
+# data.max_pixels's default: a 4000x4000 detector image is 16 MP; a header claiming more than
+# 100 MP is a corrupt or hostile file whose decode would need gigabytes.
+DEFAULT_MAX_PIXELS = 100_000_000
+DEFAULT_READ_TIMEOUT_S = 60.0
 
 
 class ImageDecodeError(ValueError):
@@ -66,7 +76,7 @@ def _dicom_luts():
     return apply_modality_lut, apply_voi_lut
 
 
-def _open_dicom(data: bytes, path: str) -> Image.Image:
+def _open_dicom(data: bytes, path: str, max_pixels: int) -> Image.Image:
     """A DICOM file as a float ('F') image, as a radiologist's viewer would show it.
 
     Applies the modality LUT (rescale slope/intercept), then the VOI LUT or the first
@@ -81,14 +91,18 @@ def _open_dicom(data: bytes, path: str) -> Image.Image:
                                      "(pip install 'cxr_ray[dicom]')") from e
     try:
         ds = pydicom.dcmread(_io.BytesIO(data), force=path.lower().endswith(DICOM_EXTENSIONS))
+        rows, cols = int(getattr(ds, "Rows", 0) or 0), int(getattr(ds, "Columns", 0) or 0)
+        frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+        _check_pixels(path, cols, rows * max(frames, 1), max_pixels)  # from the header, before decoding
         arr = ds.pixel_array
+    except ImageDecodeError:
+        raise
     except InvalidDicomError as e:
         raise ImageDecodeError(path, f"not a valid DICOM file ({e})") from e
     except (AttributeError, KeyError) as e:
         raise ImageDecodeError(path, f"DICOM file has no pixel data ({e})") from e
     except Exception as e:  # noqa: BLE001 - pydicom raises many types for broken/unsupported data
         raise ImageDecodeError(path, f"cannot decode DICOM pixel data ({type(e).__name__}: {e})") from e
-    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
     if frames > 1:
         raise ImageDecodeError(path, f"multi-frame DICOM ({frames} frames) is not a chest radiograph")
     photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
@@ -97,37 +111,64 @@ def _open_dicom(data: bytes, path: str) -> Image.Image:
             raise ImageDecodeError(path, f"unsupported DICOM pixel layout {arr.shape} ({photometric})")
         return Image.fromarray(arr[..., :3].astype(np.float32).mean(axis=-1))
     apply_modality_lut, apply_voi_lut = _dicom_luts()
-    values = apply_voi_lut(apply_modality_lut(arr, ds), ds).astype(np.float32)
+    try:
+        values = apply_voi_lut(apply_modality_lut(arr, ds), ds).astype(np.float32)
+    except Exception as e:  # noqa: BLE001 - malformed LUT/window tags raise many types
+        raise ImageDecodeError(path, f"cannot apply the DICOM LUT/window ({type(e).__name__}: {e})") from e
     if photometric == "MONOCHROME1":
         values = values.max() + values.min() - values
     return Image.fromarray(np.ascontiguousarray(values))
 
 
-def decode_image(data: bytes, size: int, path: str = "<bytes>", draft: bool = True
-                 ) -> tuple[np.ndarray, int, int]:
+def _check_pixels(path: str, width: int, height: int, max_pixels: int) -> None:
+    if width * height > max_pixels:
+        raise ImageDecodeError(path, f"image header claims {width}x{height} = {width * height / 1e6:.0f} MP, "
+                                     f"over data.max_pixels={max_pixels} (corrupt or not an X-ray)")
+
+
+def _raise_pil_limit(max_pixels: int) -> None:
+    """PIL refuses images over ``Image.MAX_IMAGE_PIXELS`` inside ``Image.open`` with its own
+    exception type; keep its limit at or above ours so that our check and message apply."""
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_pixels:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+
+
+def decode_image(data: bytes, size: int, path: str = "<bytes>", draft: bool = True,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, int, int]:
     """Decode image bytes to a ``(size, size)`` uint8 array.
 
     Returns ``(pixels, original_width, original_height)``. Raises :class:`ImageDecodeError`
-    naming ``path`` for empty, truncated, non-image or unsupported files. ``draft=False``
+    naming ``path`` for empty, truncated, non-image or unsupported files, and for a header
+    that claims more than ``max_pixels`` (checked before any pixel is decoded). ``draft=False``
     forces a full decode (used by the benchmark as the reference).
     """
     if not data:
         raise ImageDecodeError(path, "empty file (0 bytes)")
     if is_dicom(data, path):
-        img = _open_dicom(data, path)
+        img = _open_dicom(data, path, max_pixels)
         width, height = img.size
         return _finish(img, width, height, size, path)
+    _raise_pil_limit(max_pixels)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(_io.BytesIO(data))
+            img = Image.open(_io.BytesIO(data))  # reads the header only
             width, height = img.size
+            _check_pixels(path, width, height, max_pixels)
             if draft and img.format == "JPEG" and img.mode in ("L", "RGB"):
                 img.draft("L", (size, size))  # DCT-domain downscale, never below size
             img.load()
     except UnidentifiedImageError as e:
         raise ImageDecodeError(path, "not a recognised image file") from e
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as e:
+    except ImageDecodeError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        # PIL refuses inside Image.open, before the size is known to us; its message has it
+        claimed = re.search(r"\((\d+) pixels\)", str(e))
+        raise ImageDecodeError(path, f"image header claims {int(claimed.group(1)) / 1e6:.0f} MP, over "
+                                     f"data.max_pixels={max_pixels} (corrupt or not an X-ray)"
+                               if claimed else f"image header claims too many pixels ({e})") from e
+    except (OSError, SyntaxError, ValueError) as e:
         raise ImageDecodeError(path, f"cannot decode ({e})") from e
     return _finish(img, width, height, size, path)
 
@@ -147,15 +188,100 @@ def _finish(img: Image.Image, width: int, height: int, size: int, path: str
     return np.ascontiguousarray(pixels), width, height
 
 
-def decode_file(path: str, size: int) -> tuple[np.ndarray, int, int]:
-    """Read and decode one local file or URI; see :func:`decode_image`."""
-    from cxr_ray.data import io
+def _call_with_timeout(fn: Callable[[], T], timeout_s: float, path: str) -> T:
+    """``fn()`` in a daemon thread; :class:`ImageDecodeError` when it has not returned in
+    ``timeout_s`` (<= 0: no limit). A read blocked in the kernel cannot be cancelled, so its
+    thread is abandoned: the job goes on, and the thread ends if the read ever returns."""
+    if timeout_s <= 0:
+        return fn()
+    box: dict[str, object] = {}
 
+    def run() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            box["error"] = e
+
+    thread = threading.Thread(target=run, name="cxr-ray-read", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise ImageDecodeError(path, f"read did not finish within data.read_timeout_s={timeout_s:g} s "
+                                     f"(a stalled network mount, or a pipe nobody writes to)")
+    if "error" in box:
+        raise box["error"]  # type: ignore[misc]
+    return box["value"]  # type: ignore[return-value]
+
+
+_FILE_KINDS = {stat.S_IFIFO: "a named pipe (FIFO)", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device",
+               stat.S_IFBLK: "a block device", stat.S_IFDIR: "a folder"}
+
+
+def check_regular_file(path: str) -> None:
+    """:class:`ImageDecodeError` unless the local ``path`` is (a symlink to) a regular file.
+
+    Opening a FIFO blocks until someone writes to it, and a device never ends: both are
+    refused from ``stat`` alone, before anything is opened.
+    """
     try:
-        data = io.read_bytes(path)
+        mode = os.stat(path).st_mode
+    except FileNotFoundError as e:
+        if os.path.islink(path):
+            raise ImageDecodeError(path, f"broken symlink (it points to {os.readlink(path)!r}, "
+                                         f"which does not exist)") from e
+        raise ImageDecodeError(path, f"cannot read file ({e})") from e
     except OSError as e:
         raise ImageDecodeError(path, f"cannot read file ({e})") from e
-    return decode_image(data, size, path)
+    if not stat.S_ISREG(mode):
+        raise ImageDecodeError(path, f"not a regular file: {_FILE_KINDS.get(stat.S_IFMT(mode), 'special')}")
+
+
+def read_file(path: str, timeout_s: float = DEFAULT_READ_TIMEOUT_S) -> bytes:
+    """The bytes of one local file or URI; :class:`ImageDecodeError` naming it when it is
+    not a regular file, cannot be read, or the read does not finish within ``timeout_s``."""
+    from cxr_ray.data import io
+
+    if not io.is_uri(path):
+        check_regular_file(path)
+    try:
+        return _call_with_timeout(lambda: io.read_bytes(path), timeout_s, path)
+    except OSError as e:
+        raise ImageDecodeError(path, f"cannot read file ({e})") from e
+
+
+@dataclass(frozen=True)
+class DecodedFile:
+    """One file's outcome: pixels ``(size, size)`` uint8 (zeros when ``error``), original
+    size (0 when unknown), SHA-1 of the bytes ("" when unread) and ``error`` (None when decoded)."""
+
+    pixels: np.ndarray
+    width: int
+    height: int
+    sha1: str
+    error: str | None
+
+
+def decode_path(path: str, size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
+                timeout_s: float = DEFAULT_READ_TIMEOUT_S) -> DecodedFile:
+    """Read and decode one file; never raises for a bad file: every failure, expected or not,
+    becomes ``error`` (the exception's type and message for unexpected ones), so one file
+    never stops a batch job. Used by the cache build and by scoring alike."""
+    sha1 = ""
+    try:
+        data = read_file(path, timeout_s)
+        sha1 = hashlib.sha1(data).hexdigest()
+        pixels, width, height = decode_image(data, size, path, max_pixels=max_pixels)
+        return DecodedFile(pixels, width, height, sha1, None)
+    except ImageDecodeError as e:
+        error = e.reason
+    except Exception as e:  # noqa: BLE001 - a decoder bug on one file must not end the job
+        error = f"unexpected {type(e).__name__} while decoding: {e}"
+    return DecodedFile(np.zeros((size, size), np.uint8), 0, 0, sha1, error)
+
+
+def decode_file(path: str, size: int) -> tuple[np.ndarray, int, int]:
+    """Read and decode one file (default limits); raises :class:`ImageDecodeError` naming it."""
+    return decode_image(read_file(path), size, path)
 
 
 def dicom_patient_id(path: str) -> str | None:

@@ -55,3 +55,42 @@ def full_path(fs: pafs.FileSystem, path: str, like: str) -> str:
         scheme = like.split("://", 1)[0]
         return f"{scheme}://{path}"
     return path
+
+
+def printable(path: str) -> tuple[str, str]:
+    """(path as valid UTF-8, "" or the error for a name that is not valid UTF-8).
+
+    ``os`` decodes such bytes to lone surrogates, which Parquet cannot store; they are shown
+    as ``\\xNN`` escapes and the row is an error (rename the file to score it).
+    """
+    try:
+        path.encode("utf-8")
+        return path, ""
+    except UnicodeEncodeError:
+        shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+        return shown, "file name is not valid UTF-8 (shown with \\x escapes); rename the file to score it"
+
+
+def walk_local(base: str) -> list[tuple[str, str]]:
+    """Every visible non-folder entry below the local folder ``base`` as (path, error),
+    sorted; folder symlinks are not followed (error row), like ``find`` without ``-L``."""
+    out: list[tuple[str, str]] = []
+    stack = [base]
+    while stack:
+        folder = stack.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError as e:
+            raise OSError(f"cannot list folder {printable(folder)[0]!r}: {e}") from e
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                stack.append(entry.path)
+            elif entry.is_symlink() and entry.is_dir(follow_symlinks=True):
+                shown, error = printable(entry.path)
+                out.append((shown, error or f"symlink to a folder ({os.readlink(entry.path)!r}), "
+                                            f"not followed: list that folder itself to score it"))
+            else:
+                out.append(printable(entry.path))
+    return sorted(out)

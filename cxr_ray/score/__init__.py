@@ -1,0 +1,40 @@
+"""Batch scoring: image folders, globs or manifests -> a Parquet dataset of predictions.
+
+The pipeline is a streaming Ray Dataset::
+
+    file list (driver) --read+decode tasks--> uint8 (1, N, N) --Predictor actors--> rows
+                       --driver--> OUT/part-<run>-<seq>.parquet (atomic, rows_per_file each)
+
+Decoding and resizing are the training pipeline's own functions (``decode_image`` at the
+checkpoint's cache size, then ``to_model_size`` and ``normalize``), so scores equal
+``cxr-ray evaluate``'s. Every listed file yields exactly one row; a file that cannot be read
+or decoded gets ``error`` set and null scores. Part files are written to ``OUT/_tmp`` and
+moved into place when complete, so readers never see a partial file, and ``--resume``
+skips every path already in a committed part.
+
+Modules: ``stages`` (the Ray Data read+decode UDF and the Predictor actors), ``output`` (the
+output folder: schema, part files, job record, lease) and ``job`` (the driver: ``run_score``).
+"""
+
+from cxr_ray.score.job import (
+                                  ScoreSummary,
+                                  build_dataset,
+                                  check_resources,
+                                  labelled_metrics,
+                                  run_score,
+)
+from cxr_ray.score.output import (
+                                  LABEL_FIELD,
+                                  OUTPUT_SCHEMA,
+                                  OutputFolder,
+                                  PartWriter,
+                                  ScoreError,
+                                  check_output,
+                                  output_schema,
+                                  to_output_table,
+)
+from cxr_ray.score.stages import Predictor, read_and_decode, score_device
+
+__all__ = ["LABEL_FIELD", "OUTPUT_SCHEMA", "OutputFolder", "PartWriter", "Predictor", "ScoreError", "ScoreSummary",
+           "build_dataset", "check_output", "check_resources", "labelled_metrics", "output_schema",
+           "read_and_decode", "run_score", "score_device", "to_output_table"]

@@ -1,0 +1,206 @@
+"""The scoring job (driver): what to score, the streaming pipeline, writing, the summary."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Iterator
+
+import numpy as np
+import pandas as pd
+
+from cxr_ray.checkpoint import LoadedCheckpoint, load_checkpoint
+from cxr_ray.config import DataConfig, ScoreConfig
+from cxr_ray.data import io
+from cxr_ray.data.catalog import CLASSES, patient_id
+from cxr_ray.data.lease import LeaseHeld, acquire
+from cxr_ray.runtime import check_shared_paths
+from cxr_ray.score.output import (
+    JOB_FILE,
+    LEASE_FILE,
+    METRICS_FILE,
+    OutputFolder,
+    PartWriter,
+    ScoreError,
+    check_output,
+    output_schema,
+    to_output_table,
+)
+from cxr_ray.score.stages import Predictor, read_and_decode
+
+log = logging.getLogger(__name__)
+
+BLOCK_FILES = 128  # files per input block: the unit of read+decode parallelism
+MAX_LOGGED_FAILURES = 100
+
+
+@dataclass
+class ScoreSummary:
+    """What one ``score`` run did; the totals cover the whole output folder."""
+
+    output: str
+    files_seen: int
+    already_done: int
+    scored: int
+    failed: int
+    seconds: float
+    total_rows: int
+    failures: list[tuple[str, str]]  # the first MAX_LOGGED_FAILURES (path, reason) of this run
+    metrics: dict[str, Any] | None = None
+
+    @property
+    def images_per_s(self) -> float:
+        return (self.scored + self.failed) / self.seconds if self.seconds > 0 else 0.0
+
+    def format(self) -> str:
+        lines = [f"[score] files seen {self.files_seen} (already in the output: {self.already_done}); "
+                 f"this run scored {self.scored}, failed {self.failed}; "
+                 f"{self.images_per_s:.1f} images/s over {self.seconds:.1f} s"]
+        lines.append(f"[score] output {self.output}: {self.total_rows} rows")
+        return "\n".join(lines)
+
+
+def check_resources(score: ScoreConfig) -> None:
+    """Refuse a pool the cluster can never place (it would hang rather than fail)."""
+    import ray
+
+    res = ray.cluster_resources()
+    cpus, gpus = res.get("CPU", 0.0), res.get("GPU", 0.0)
+    need_cpu = score.num_actors * score.cpus_per_actor + score.decode_cpus
+    if need_cpu > cpus + 1e-9:
+        raise ScoreError(f"score: {score.num_actors} actor(s) x score.cpus_per_actor="
+                         f"{score.cpus_per_actor} + score.decode_cpus={score.decode_cpus} need "
+                         f"{need_cpu:g} CPUs; the cluster has {cpus:g}")
+    if score.num_actors * score.gpus_per_actor > gpus + 1e-9:
+        raise ScoreError(f"score: {score.num_actors} actor(s) x score.gpus_per_actor="
+                         f"{score.gpus_per_actor} need {score.num_actors * score.gpus_per_actor:g} "
+                         f"GPUs; the cluster has {gpus:g}")
+
+
+def build_dataset(todo: pd.DataFrame, checkpoint: str, model_cfg: Any, score: ScoreConfig,
+                  limits: DataConfig):
+    """The streaming Ray Dataset of scored rows for the files in ``todo``.
+
+    Preprocessing comes from the checkpoint's config (``model_cfg``); the input-safety limits
+    (``data.max_pixels``, ``data.read_timeout_s``) from the user's (``limits``)."""
+    import ray
+
+    blocks = [todo.iloc[i:i + BLOCK_FILES].reset_index(drop=True) for i in range(0, len(todo), BLOCK_FILES)]
+    pool = (ray.data.ActorPoolStrategy(min_size=score.num_actors, max_size=score.max_actors)
+            if score.max_actors > score.num_actors else ray.data.ActorPoolStrategy(size=score.num_actors))
+    ds = ray.data.from_pandas(blocks)
+    ds = ds.map_batches(read_and_decode, batch_size=score.decode_batch_size, batch_format="numpy",
+                        num_cpus=score.decode_cpus,
+                        fn_kwargs={"cache_size": model_cfg.data.resolved_cache_size,
+                                   "image_size": model_cfg.data.image_size,
+                                   "max_pixels": limits.max_pixels, "timeout_s": limits.read_timeout_s})
+    return ds.map_batches(Predictor, batch_size=score.batch_size, batch_format="numpy", compute=pool,
+                          num_cpus=score.cpus_per_actor, num_gpus=score.gpus_per_actor or None,
+                          # Reserving memory per actor also keeps Ray Data from fusing decoding into
+                          # the actors (it fuses only stages with equal resource requests), where it
+                          # would run in series with the model instead of overlapping it.
+                          memory=int(score.memory_per_actor_gb * 2**30) or None,
+                          fn_constructor_kwargs={"checkpoint": checkpoint,
+                                                 "score": dataclasses.asdict(score)})
+
+
+def _stream(ds, writer: PartWriter, with_labels: bool, failures: list[tuple[str, str]]
+            ) -> Iterator[tuple[int, int]]:
+    """Write every batch the pipeline yields; yields (scored, failed) per batch."""
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        table = to_output_table(batch, with_labels)
+        writer.add(table)
+        errors = table.column("error").to_pylist()
+        bad = [(p, e) for p, e in zip(table.column("path").to_pylist(), errors) if e is not None]
+        for path, err in bad:  # every failure is in the output; the first ones are also logged
+            if len(failures) < MAX_LOGGED_FAILURES:
+                log.warning("cannot score %s: %s", path, err)
+                failures.append((path, err))
+        yield table.num_rows - len(bad), len(bad)
+
+
+def run_score(checkpoint: str | LoadedCheckpoint, inputs: list[str], output: str, score: ScoreConfig,
+              listing: pd.DataFrame, resume: bool = False, with_labels: bool = False,
+              limits: DataConfig | None = None) -> ScoreSummary:
+    """Score every file of ``listing`` not yet in ``output``; Ray must be initialised.
+
+    ``checkpoint``: a folder/URI, or one the caller already loaded (actors load it from its
+    path). ``listing`` comes from :func:`cxr_ray.data.listing.list_inputs` (done before Ray
+    starts); ``limits``: the user's ``data`` config (max pixels, read timeout; defaults when
+    None). On Ctrl-C the rows already scored are committed before the interrupt propagates.
+    """
+    ckpt = checkpoint if isinstance(checkpoint, LoadedCheckpoint) else load_checkpoint(checkpoint)
+    out = OutputFolder(output)
+    check_output(out, ckpt.model_id, with_labels, resume)
+    try:
+        lease = acquire(io.join(output, LEASE_FILE), "score")
+    except LeaseHeld as e:
+        raise ScoreError(f"--output {output!r} is in use: {e}; wait for that job to finish (then "
+                         f"--resume), or choose another --output") from e
+    with lease:
+        return _run_leased(ckpt, out, inputs, score, listing, resume, with_labels, limits)
+
+
+def _run_leased(ckpt: LoadedCheckpoint, out: OutputFolder, inputs: list[str], score: ScoreConfig,
+                listing: pd.DataFrame, resume: bool, with_labels: bool, limits: DataConfig | None
+                ) -> ScoreSummary:
+    """:func:`run_score`'s work, with the output's lease held (no other job writes there)."""
+    checkpoint, output = ckpt.path, out.uri
+    out.clear_tmp()  # temp files of an interrupted run (never committed, never read; ours now)
+    done = out.done_paths() if resume else set()
+    todo = listing[~listing["path"].isin(done)].reset_index(drop=True)
+    check_resources(score)
+    check_shared_paths({"--input": todo["path"].iat[0]} if len(todo) else {})  # read on every node
+    job = out.read_job() or {"started_at": datetime.now(timezone.utc).isoformat(), "runs": []}
+    job.update(checkpoint=str(checkpoint), model=ckpt.model_id, threshold=ckpt.threshold,
+               with_labels=with_labels, inputs=list(inputs), score=dataclasses.asdict(score))
+    out.write_json(JOB_FILE, job)
+    writer = PartWriter(out, output_schema(with_labels), score.rows_per_file)
+    scored = failed = 0
+    failures: list[tuple[str, str]] = []
+    start = time.perf_counter()
+    try:
+        if len(todo):
+            last_log = start
+            ds = build_dataset(todo, checkpoint, ckpt.cfg, score, limits or DataConfig())
+            for s, f in _stream(ds, writer, with_labels, failures):
+                scored, failed = scored + s, failed + f
+                if time.perf_counter() - last_log > 30:
+                    last_log = time.perf_counter()
+                    log.info("scored %d/%d files (%.1f images/s)", scored + failed, len(todo),
+                             (scored + failed) / (last_log - start))
+    finally:
+        writer.close()  # complete rows only: also on Ctrl-C, so --resume redoes less
+        out.clear_tmp()
+        seconds = time.perf_counter() - start
+        job["runs"].append({"run_id": writer.run_id, "files": int(len(todo)), "scored": scored,
+                            "failed": failed, "seconds": round(seconds, 2),
+                            "finished": scored + failed == len(todo),
+                            "ended_at": datetime.now(timezone.utc).isoformat()})
+        out.write_json(JOB_FILE, job)
+    summary = ScoreSummary(output, len(listing), len(listing) - len(todo), scored, failed, seconds,
+                           len(done) + writer.rows_written, failures)
+    if with_labels:
+        summary.metrics = labelled_metrics(out, ckpt.threshold)
+        if summary.metrics is not None:
+            out.write_json(METRICS_FILE, summary.metrics)
+    return summary
+
+
+def labelled_metrics(out: OutputFolder, threshold: float) -> dict[str, Any] | None:
+    """Metrics with 95% CIs over the output's scored rows that have a label (None if too few)."""
+    from cxr_ray.evaluate import metrics_report
+
+    df = out.read(["path", "label", "prob_pneumonia", "error"]).to_pandas()
+    df = df[df["error"].isna() & df["label"].notna()]
+    if df.empty or df["label"].nunique() < 2:
+        log.warning("--with-labels: need scored images of both classes for metrics; found %s",
+                    df["label"].value_counts().to_dict())
+        return None
+    preds = pd.DataFrame({"label": (df["label"] == CLASSES[1]).astype(np.int64),
+                          "probability": df["prob_pneumonia"].astype(np.float64),
+                          "patient": df["path"].map(patient_id)})
+    return metrics_report(preds, threshold)

@@ -1,0 +1,100 @@
+"""Scoring's Ray Data stages (run in Ray workers): read + decode tasks, the Predictor actors."""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+
+from cxr_ray.checkpoint import load_checkpoint
+from cxr_ray.config import ScoreConfig
+from cxr_ray.data.decode import DEFAULT_MAX_PIXELS, DEFAULT_READ_TIMEOUT_S, decode_path
+
+
+def read_and_decode(batch: dict[str, np.ndarray], cache_size: int, image_size: int,
+                    max_pixels: int = DEFAULT_MAX_PIXELS, timeout_s: float = DEFAULT_READ_TIMEOUT_S
+                    ) -> dict[str, np.ndarray]:
+    """Ray Data UDF: ``path``/``label`` rows (and ``error`` from the listing, when present)
+    -> model-size uint8 images, by training's own preprocessing.
+
+    Every row is kept: a file that was refused by the listing, or cannot be read or decoded
+    for any reason, gets a black image, zero size and the reason in ``error`` ("" when decoded).
+    """
+    from cxr_ray.data.transforms import to_model_size
+
+    paths = batch["path"]
+    listed = batch["error"] if "error" in batch else np.full(len(paths), "", dtype=object)
+    pixels = np.zeros((len(paths), cache_size, cache_size), np.uint8)
+    width, height = np.zeros(len(paths), np.int32), np.zeros(len(paths), np.int32)
+    errors = []
+    for i, (path, listing_error) in enumerate(zip(paths, listed)):
+        if listing_error:
+            errors.append(listing_error)
+            continue
+        d = decode_path(path, cache_size, max_pixels, timeout_s)
+        pixels[i], width[i], height[i] = d.pixels, d.width, d.height
+        errors.append(d.error or "")
+    return {"path": paths, "label": np.asarray(batch["label"], np.int8),
+            "image": to_model_size(pixels, image_size), "width": width, "height": height,
+            "error": np.asarray(errors, dtype=object)}
+
+
+def score_device(score: ScoreConfig):
+    """CUDA when the actor asks for GPUs (and one is visible), else CPU."""
+    import torch
+
+    if score.gpus_per_actor > 0:
+        if not torch.cuda.is_available():
+            raise RuntimeError("score.gpus_per_actor > 0 but this actor sees no CUDA device")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+class Predictor:
+    """Ray Data callable class: loads the checkpoint once per actor, scores decoded batches.
+
+    On CUDA with ``score.amp`` it runs bf16 autocast on a channels_last model; on CPU it
+    runs fp32 with ``score.torch_threads`` (default: the actor's CPUs) intra-op threads.
+    """
+
+    def __init__(self, checkpoint: str, score: dict[str, Any]):
+        import torch
+
+        from cxr_ray.data.transforms import Collate
+
+        self.score = ScoreConfig(**score)
+        self.device = score_device(self.score)
+        if self.device.type == "cpu":
+            torch.set_num_threads(self.score.torch_threads or math.ceil(self.score.cpus_per_actor))
+        ckpt = load_checkpoint(checkpoint)
+        self.amp = self.score.amp and self.device.type == "cuda"
+        model = ckpt.model.to(self.device)
+        if self.amp:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = torch.compile(model) if self.score.compile else model
+        self.threshold, self.model_id = np.float32(ckpt.threshold), ckpt.model_id
+        self.collate = Collate(self.device, channels_last=self.amp, normalize=ckpt.cfg.data.normalize)
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """PNEUMONIA probabilities of uint8 ``(B, 1, N, N)`` images: evaluation's own
+        ``Collate`` (normalise, channels_last on GPU) and the engine's ``predict``."""
+        from cxr_ray.engine import predict
+
+        batch = self.collate({"image": images, "label": np.zeros(len(images), np.float32)})
+        probs, _, _ = predict(self.model, [batch], self.device, amp=self.amp)
+        return probs.astype(np.float32)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ok = np.asarray([e == "" for e in batch["error"]], dtype=bool)
+        probs = np.full(len(ok), np.nan, np.float32)
+        if ok.any():
+            probs[ok] = self.probabilities(batch["image"][ok])
+        n = len(ok)
+        return {"path": batch["path"], "prob_pneumonia": probs,
+                "threshold": np.full(n, self.threshold, np.float32),
+                "model": np.full(n, self.model_id, dtype=object),
+                "width": batch["width"], "height": batch["height"], "error": batch["error"],
+                "label": batch["label"],
+                "scored_at": np.full(n, np.datetime64(datetime.now(timezone.utc).replace(tzinfo=None), "us"))}

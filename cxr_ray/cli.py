@@ -177,21 +177,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_score(args: argparse.Namespace) -> int:
     """Score image folders/globs/manifests into a Parquet dataset; last line: the output folder."""
     from cxr_ray.checkpoint import load_checkpoint
-    from cxr_ray.data.listing import list_inputs
+    from cxr_ray.data.listing import check_inputs
     from cxr_ray.evaluate import format_table
     from cxr_ray.runtime import init_ray
     from cxr_ray.score import OutputFolder, check_output, run_score
 
     cfg = load_config(args.config, args.set)
     ckpt = load_checkpoint(args.checkpoint)  # a bad checkpoint fails here, before listing and Ray
-    listing = list_inputs(args.input)  # fails fast on a missing input, before Ray
-    if args.with_labels and (listing["label"] < 0).all():
-        raise ConfigError("--with-labels: no input file sits in a NORMAL/PNEUMONIA folder and no "
-                          "manifest has a 'label' column")
+    check_inputs(args.input)  # fails fast on a missing input, before Ray (listed later, in a stream)
     check_output(OutputFolder(args.output), ckpt.model_id, args.with_labels, args.resume)  # before Ray
     init_ray(args.address)
     try:
-        summary = run_score(ckpt, args.input, args.output, cfg.score, listing,
+        summary = run_score(ckpt, args.input, args.output, cfg.score,
                             resume=args.resume, with_labels=args.with_labels, limits=cfg.data)
     except KeyboardInterrupt:
         print(f"cxr-ray score: interrupted; finished rows are committed in {args.output}. "

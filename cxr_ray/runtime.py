@@ -33,7 +33,18 @@ def init_ray(address: str | None = None) -> None:
     # of ~0.9x on 2 cores). Read only by a Ray that this process starts; a joined cluster keeps
     # its own setting.
     os.environ.setdefault("RAY_worker_niceness", "0")
-    ray.init(address=address, log_to_driver=True)
+    try:
+        ray.init(address=address, log_to_driver=True)
+    except (ConnectionError, RuntimeError) as e:
+        if address:
+            raise
+        # ``ray start`` left a record (/tmp/ray/ray_current_cluster) of a cluster that is gone
+        # (killed without ``ray stop``) or refuses us: the user named no cluster, so run locally.
+        log.warning("the Ray cluster recorded on this machine by `ray start` cannot be joined (%s); "
+                    "starting a local Ray for this command (`ray stop` clears a stale record)",
+                    str(e).splitlines()[0][:200])
+        ray.shutdown()
+        ray.init(address="local", log_to_driver=True)
     log.info("Ray at %s", ray.get_runtime_context().gcs_address)
     ray.data.DataContext.get_current().enable_progress_bars = True
 

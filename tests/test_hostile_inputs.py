@@ -165,6 +165,7 @@ def test_score_gives_every_hostile_entry_one_row(checkpoint, tmp_path):
     assert "this run scored 4, failed 5" in r.stdout
 
 
+@pytest.mark.slow
 def test_two_jobs_at_once(checkpoint, tmp_path):
     """Two local commands each run on their own Ray; a second job on a busy output is refused."""
     root = make_synthetic_dataset(tmp_path / "syn", n=400, size=64, seed=3)
@@ -194,6 +195,7 @@ def test_two_jobs_at_once(checkpoint, tmp_path):
     assert not (tmp_path / "a" / "_lease.json").exists()  # released at the end
 
 
+@pytest.mark.slow
 def test_second_prepare_waits_for_a_build_and_never_sees_it_half_done(tmp_path):
     """The first build is frozen (SIGSTOP) mid-way, holding its lease: the second job waits and
     nothing half-built is visible under the cache's name; then one build, one reuse."""

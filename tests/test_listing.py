@@ -52,3 +52,29 @@ def test_label_from_path():
     assert label_from_path("s3://b/test/pneumonia/p.jpeg") == 1
     assert label_from_path("/x/NORMAL/sub/p.jpeg") == 0
     assert label_from_path("/x/NORMAL.jpeg") == -1
+
+
+def test_listing_streams_in_chunks_and_drops_duplicates_across_them(tree, monkeypatch):
+    from cxr_ray.data import listing
+
+    manifest = tree / "big.parquet"
+    paths = [f"/archive/{i:05d}.jpeg" for i in range(2500)]
+    x1 = str(tree / "a" / "NORMAL" / "x1.jpeg")
+    pd.DataFrame({"path": paths + paths[:300] + [x1], "label": ["NORMAL"] * 2801}).to_parquet(manifest)
+    monkeypatch.setattr(listing, "CHUNK_ROWS", 1000)
+    chunks = list(listing.iter_inputs([str(manifest), str(tree / "a")]))
+    # 1000-row batches; the repeats in the third dropped; the folder's x1 was in the manifest
+    assert [len(c) for c in chunks] == [1000, 1000, 501, 2]
+    assert pd.concat(chunks)["path"].is_unique and (chunks[0]["label"] == 0).all()
+    done = listing.PathSet()
+    done.add(pd.Series(paths[:10]))
+    assert done.contains(pd.Series([paths[0], paths[10]])).tolist() == [True, False] and len(done) == 10
+
+
+def test_inputs_are_checked_before_any_listing(tree):
+    from cxr_ray.data.listing import check_inputs
+
+    check_inputs([str(tree / "a"), str(tree / "a" / "**" / "*.jpeg")])
+    (tree / "bad.csv").write_text("file,label\nx.jpeg,NORMAL\n")
+    with pytest.raises(DataError, match="bad.csv' lacks a 'path' column"):
+        check_inputs([str(tree / "a"), str(tree / "bad.csv")])

@@ -41,7 +41,6 @@ def test_pipeline_yields_correctly_labelled_tensors(ray_local, real_root, tmp_pa
 def test_scratch_cnn_learns_real_pneumonia_and_scoring_matches_evaluate(ray_local, real_root, tmp_path):
     from cxr_ray.checkpoint import load_checkpoint
     from cxr_ray.config import ScoreConfig
-    from cxr_ray.data.listing import list_inputs
     from cxr_ray.evaluate import evaluate_checkpoint
     from cxr_ray.score import run_score
     from cxr_ray.train import run_training
@@ -62,8 +61,7 @@ def test_scratch_cnn_learns_real_pneumonia_and_scoring_matches_evaluate(ray_loca
     manifest = tmp_path / "val.csv"
     preds[["path", "label"]].to_csv(manifest, index=False)  # the carved, patient-grouped val split
     summary = run_score(best_ckpt.path, [str(manifest)], str(tmp_path / "scores"),
-                        ScoreConfig(cpus_per_actor=1.0, decode_cpus=0.5), list_inputs([str(manifest)]),
-                        with_labels=True)
+                        ScoreConfig(cpus_per_actor=1.0, decode_cpus=0.5), with_labels=True)
     assert summary.failed == 0 and summary.scored == len(preds)
     for key in ("roc_auc", "accuracy", "recall", "specificity", "precision", "threshold"):
         assert summary.metrics[key] == pytest.approx(ev[key], abs=1e-6), key

@@ -80,7 +80,7 @@ def test_every_file_exactly_once_with_errors_named(ray_local, checkpoint, mixed_
               str(_manifest_with_missing(root, tmp_path))]
     listing = list_inputs(inputs)
     out = tmp_path / "out"
-    summary = run_score(checkpoint, inputs, str(out), SCORE, listing, with_labels=True)
+    summary = run_score(checkpoint, inputs, str(out), SCORE, with_labels=True)
     df = pd.read_parquet(out)
     assert len(df) == len(listing) == df["path"].nunique() == 2 * 10 + len(reasons)
     assert set(df["path"]) == set(listing["path"])
@@ -105,7 +105,7 @@ def test_every_file_exactly_once_with_errors_named(ray_local, checkpoint, mixed_
 def test_output_schema_readable_without_cxr_ray(ray_local, checkpoint, mixed_folder, tmp_path):
     root, _ = mixed_folder
     out = tmp_path / "out"
-    run_score(checkpoint, [str(root)], str(out), SCORE, list_inputs([str(root)]))
+    run_score(checkpoint, [str(root)], str(out), SCORE)
     table = pq.read_table(out)  # pyarrow reads the folder as one dataset; _-files are ignored
     assert table.schema.equals(OUTPUT_SCHEMA, check_metadata=False)
     assert table.schema.field("scored_at").type == pa.timestamp("us", tz="UTC")
@@ -120,14 +120,15 @@ def test_output_schema_readable_without_cxr_ray(ray_local, checkpoint, mixed_fol
 
 def test_refuses_to_mix_runs_and_models(ray_local, checkpoint, mixed_folder, tmp_path):
     root, _ = mixed_folder
-    listing = list_inputs([str(root / "PNEUMONIA")])
+    inputs = [str(root / "PNEUMONIA")]
+    listing = list_inputs(inputs)
     out = str(tmp_path / "out")
-    run_score(checkpoint, [str(root)], out, SCORE, listing)
+    run_score(checkpoint, inputs, out, SCORE)
     with pytest.raises(ScoreError, match="already holds .* pass --resume"):
-        run_score(checkpoint, [str(root)], out, SCORE, listing)
+        run_score(checkpoint, inputs, out, SCORE)
     with pytest.raises(ScoreError, match="with --with-labels|without --with-labels"):
-        run_score(checkpoint, [str(root)], out, SCORE, listing, resume=True, with_labels=True)
-    summary = run_score(checkpoint, [str(root)], out, SCORE, listing, resume=True)  # nothing left to do
+        run_score(checkpoint, inputs, out, SCORE, resume=True, with_labels=True)
+    summary = run_score(checkpoint, inputs, out, SCORE, resume=True)  # nothing left to do
     assert (summary.already_done, summary.scored, summary.total_rows) == (len(listing), 0, len(listing))
 
 
@@ -139,8 +140,7 @@ def test_scores_equal_evaluate_no_preprocessing_drift(ray_local, checkpoint, tmp
     evaluate_checkpoint(load_checkpoint(checkpoint), str(root), "test", str(tmp_path / "eval"),
                         cache_dir=str(tmp_path / "cache"))
     ev = pd.read_parquet(tmp_path / "eval" / "predictions.parquet").set_index("path")
-    run_score(checkpoint, [str(root / "test")], str(tmp_path / "scores"), SCORE,
-              list_inputs([str(root / "test")]))
+    run_score(checkpoint, [str(root / "test")], str(tmp_path / "scores"), SCORE)
     sc = pd.read_parquet(tmp_path / "scores").set_index("path")
     assert set(sc.index) == set(ev.index) and len(ev) >= 15
     diff = np.abs(sc.loc[ev.index, "prob_pneumonia"].to_numpy() - ev["probability"].to_numpy())
@@ -189,7 +189,7 @@ def test_uri_inputs_and_output(ray_local, checkpoint, mixed_folder, tmp_path):
     listing = list_inputs(inputs)
     assert listing["path"].str.startswith("file:///").all() and len(listing) == 14
     out = f"file://{tmp_path}/uri_out"
-    summary = run_score(f"file://{checkpoint}", inputs, out, SCORE, listing, with_labels=True)
+    summary = run_score(f"file://{checkpoint}", inputs, out, SCORE, with_labels=True)
     df = pd.read_parquet(tmp_path / "uri_out")
     assert set(df["path"]) == set(listing["path"]) and df["error"].isna().all()
     assert summary.scored == 14 and summary.metrics is not None

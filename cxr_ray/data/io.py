@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Iterator
 
 import pyarrow.fs as pafs
 
@@ -71,26 +72,31 @@ def printable(path: str) -> tuple[str, str]:
         return shown, "file name is not valid UTF-8 (shown with \\x escapes); rename the file to score it"
 
 
-def walk_local(base: str) -> list[tuple[str, str]]:
-    """Every visible non-folder entry below the local folder ``base`` as (path, error),
-    sorted; folder symlinks are not followed (error row), like ``find`` without ``-L``."""
-    out: list[tuple[str, str]] = []
+def iter_local(base: str) -> Iterator[tuple[str, str]]:
+    """Every visible non-folder entry below the local folder ``base`` as (path, error), one
+    folder at a time (names sorted within it), so memory holds one folder's listing; folder
+    symlinks are not followed (an error row), like ``find`` without ``-L``."""
     stack = [base]
     while stack:
         folder = stack.pop()
         try:
-            entries = list(os.scandir(folder))
+            entries = sorted(os.scandir(folder), key=lambda e: e.name, reverse=True)
         except OSError as e:
             raise OSError(f"cannot list folder {printable(folder)[0]!r}: {e}") from e
-        for entry in entries:
+        for entry in reversed(entries):
             if entry.name.startswith("."):
                 continue
             if entry.is_dir(follow_symlinks=False):
-                stack.append(entry.path)
-            elif entry.is_symlink() and entry.is_dir(follow_symlinks=True):
+                continue
+            if entry.is_symlink() and entry.is_dir(follow_symlinks=True):
                 shown, error = printable(entry.path)
-                out.append((shown, error or f"symlink to a folder ({os.readlink(entry.path)!r}), "
-                                            f"not followed: list that folder itself to score it"))
+                yield shown, error or (f"symlink to a folder ({os.readlink(entry.path)!r}), "
+                                       f"not followed: list that folder itself to score it")
             else:
-                out.append(printable(entry.path))
-    return sorted(out)
+                yield printable(entry.path)
+        stack += [e.path for e in entries if not e.name.startswith(".") and e.is_dir(follow_symlinks=False)]
+
+
+def walk_local(base: str) -> list[tuple[str, str]]:
+    """:func:`iter_local` as one sorted list (small folders: a dataset's class folder)."""
+    return sorted(iter_local(base))

@@ -1,7 +1,9 @@
 """Find the files a scoring job reads: folder trees, globs and manifests, local or URIs.
 
-Runs on the driver before Ray starts and reads listings only, never pixels, so a wrong
-input fails fast with its name. The result is one row per distinct file::
+Reads listings only, never pixels. :func:`check_inputs` runs before Ray starts, so a wrong
+input fails fast with its name; :func:`iter_inputs` then streams the rows in chunks, so an
+archive of millions of files never sits in the driver's memory whole (it keeps an 8-byte
+hash per path to drop duplicates). One row per distinct file::
 
     path   str   absolute local path or URI
     label  int8  0 NORMAL / 1 PNEUMONIA from the nearest NORMAL/PNEUMONIA folder or a
@@ -23,14 +25,17 @@ from __future__ import annotations
 import fnmatch
 import os
 import re
+from typing import Iterator
 
+import numpy as np
 import pandas as pd
 import pyarrow.fs as pafs
 
 from cxr_ray.data import io
-from cxr_ray.data.catalog import CLASSES, DataError, label_from_name, manifest_paths, read_table
+from cxr_ray.data.catalog import CLASSES, DataError, label_from_name
 
 MANIFEST_EXTENSIONS = (".csv", ".parquet")
+CHUNK_ROWS = 65_536  # rows per listing chunk: the driver holds about one chunk of paths
 UNKNOWN_LABEL = -1
 _WILDCARDS = ("*", "?", "[")
 
@@ -48,13 +53,15 @@ def _visible(rel: str) -> bool:
     return not any(p.startswith(".") for p in rel.replace("\\", "/").split("/") if p)
 
 
-def _list_folder(fs: pafs.FileSystem, base: str, like: str) -> list[tuple[str, str]]:
-    """(path, error) of every visible file below a folder (local: :func:`cxr_ray.data.io.walk_local`)."""
+def _iter_folder(fs: pafs.FileSystem, base: str, like: str) -> Iterator[tuple[str, str]]:
+    """(path, error) of every visible file below a folder (local: :func:`io.iter_local`).
+    Object stores are listed by pyarrow in one call (their listing is flat, not a walk)."""
     if not io.is_uri(like):
-        return io.walk_local(base)
+        yield from io.iter_local(base)
+        return
     infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
-    return sorted((io.full_path(fs, i.path, like), "") for i in infos
-                  if i.type == pafs.FileType.File and _visible(i.path[len(base):]))
+    yield from sorted((io.full_path(fs, i.path, like), "") for i in infos
+                      if i.type == pafs.FileType.File and _visible(i.path[len(base):]))
 
 
 def _glob_regex(pattern: str) -> re.Pattern:
@@ -84,7 +91,7 @@ def _glob_regex(pattern: str) -> re.Pattern:
     return re.compile("".join(out) + r"\Z")
 
 
-def _expand_glob(pattern: str) -> list[tuple[str, str]]:
+def _iter_glob(pattern: str) -> Iterator[tuple[str, str]]:
     """Files matching a glob. Locally ``**`` spans folders; in URIs ``*`` also spans folders."""
     if not io.is_uri(pattern):
         pattern = os.path.abspath(os.path.expanduser(pattern))
@@ -92,26 +99,68 @@ def _expand_glob(pattern: str) -> list[tuple[str, str]]:
     if not io.is_uri(pattern):
         base = pattern[:cut].rsplit("/", 1)[0] or "/"
         if not os.path.isdir(base):
-            return []
+            return
         skip = len(base.rstrip("/")) + 1  # match the part below the fixed base folder
         regex = _glob_regex(pattern[skip:])
-        return [(p, e) for p, e in io.walk_local(base) if regex.match(p[skip:])]
+        yield from ((p, e) for p, e in io.iter_local(base) if regex.match(p[skip:]))
+        return
     base_uri = pattern[:cut].rsplit("/", 1)[0]
     fs, base = io.resolve(base_uri)
-    return [(p, e) for p, e in _list_folder(fs, base, base_uri) if fnmatch.fnmatchcase(p, pattern)]
+    yield from ((p, e) for p, e in _iter_folder(fs, base, base_uri) if fnmatch.fnmatchcase(p, pattern))
 
 
-def _read_manifest(path: str) -> pd.DataFrame:
-    df = read_table(path)
-    if "path" not in df.columns:
-        raise DataError(f"manifest {path!r} lacks a 'path' column; found columns {list(df.columns)}")
-    paths = manifest_paths(df, path)
-    if "label" in df.columns:
-        labels = [UNKNOWN_LABEL if pd.isna(v) else label_from_name(v, f"manifest {path!r} row {i}")
-                  for i, v in enumerate(df["label"])]
-    else:
-        labels = [label_from_path(q) for q in paths]
-    return pd.DataFrame({"path": paths, "label": labels, "error": ""})
+def _manifest_batches(path: str) -> Iterator[pd.DataFrame]:
+    """A CSV/Parquet manifest in record batches (``path`` and, when present, ``label``)."""
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    fs, p = io.resolve(path)
+    try:
+        if path.lower().endswith(".parquet"):
+            reader = pq.ParquetFile(fs.open_input_file(p))
+            names = reader.schema_arrow.names
+            batches = reader.iter_batches(batch_size=CHUNK_ROWS, columns=[c for c in ("path", "label") if c in names])
+        else:
+            reader = pacsv.open_csv(  # batches of ~1 MB of CSV (some 10,000 rows)
+                fs.open_input_stream(p), read_options=pacsv.ReadOptions(block_size=1 << 20),
+                convert_options=pacsv.ConvertOptions(column_types={"path": "string", "label": "string"},
+                                                     strings_can_be_null=True))
+            names, batches = reader.schema.names, reader
+        if "path" not in names:
+            raise DataError(f"manifest {path!r} lacks a 'path' column; found columns {names}")
+        for batch in batches:
+            yield batch.to_pandas()
+    except (OSError, ValueError) as e:
+        if isinstance(e, DataError):
+            raise
+        raise DataError(f"manifest {path!r} cannot be read: {e}") from e
+
+
+def _iter_manifest(path: str) -> Iterator[pd.DataFrame]:
+    """Rows of a manifest, relative paths taken relative to the manifest's folder."""
+    base = path.rsplit("/", 1)[0] if io.is_uri(path) else os.path.dirname(os.path.abspath(path))
+    row = 0
+    for df in _manifest_batches(path):
+        paths = [q if io.is_uri(q) or os.path.isabs(q) else io.join(base, q) for q in df["path"].astype(str)]
+        if "label" in df.columns:
+            labels = [UNKNOWN_LABEL if pd.isna(v) else label_from_name(v, f"manifest {path!r} row {row + i}")
+                      for i, v in enumerate(df["label"])]
+        else:
+            labels = [label_from_path(q) for q in paths]
+        row += len(df)
+        yield pd.DataFrame({"path": paths, "label": labels, "error": ""})
+
+
+def _chunks(rows: Iterator[tuple[str, str]]) -> Iterator[pd.DataFrame]:
+    """(path, error) rows -> frames of up to CHUNK_ROWS rows, labels from the folders."""
+    buf: list[tuple[str, str]] = []
+    for row in rows:
+        buf.append(row)
+        if len(buf) == CHUNK_ROWS:
+            yield _frame(buf)
+            buf = []
+    if buf:
+        yield _frame(buf)
 
 
 def _frame(rows: list[tuple[str, str]]) -> pd.DataFrame:
@@ -119,41 +168,95 @@ def _frame(rows: list[tuple[str, str]]) -> pd.DataFrame:
                          "error": [e for _, e in rows]})
 
 
-def _expand(item: str) -> pd.DataFrame:
-    """One ``--input`` value -> its files (raises :class:`DataError` naming it when it is wrong)."""
+def _iter_item(item: str) -> Iterator[pd.DataFrame]:
+    """One ``--input`` value -> frames of its files."""
     if any(w in item for w in _WILDCARDS):
-        rows = _expand_glob(item)
-        if not rows:
+        yield from _chunks(_iter_glob(item))
+        return
+    fs, p = io.resolve(item)
+    info = fs.get_file_info(p)
+    if info.type == pafs.FileType.Directory:
+        yield from _chunks(_iter_folder(fs, p, item))
+    elif item.lower().endswith(MANIFEST_EXTENSIONS):
+        yield from _iter_manifest(item)
+    else:  # one file (or a broken symlink: its row says so)
+        yield _frame([(io.full_path(fs, p, item), "")])
+
+
+def _check_item(item: str) -> None:
+    """:class:`DataError` naming ``item`` when it is wrong; reads one entry or a header only."""
+    if any(w in item for w in _WILDCARDS):
+        if next(_iter_glob(item), None) is None:
             raise DataError(f"input {item!r}: the pattern matches no files")
-        return _frame(rows)
+        return
     fs, p = io.resolve(item)
     info = fs.get_file_info(p)
     if info.type == pafs.FileType.NotFound and not os.path.islink(item):
         raise DataError(f"input {item!r} does not exist")
     if info.type == pafs.FileType.Directory:
-        rows = _list_folder(fs, p, item)
-        if not rows:
+        if next(_iter_folder(fs, p, item), None) is None:
             raise DataError(f"input folder {item!r} holds no files")
-        return _frame(rows)
-    if item.lower().endswith(MANIFEST_EXTENSIONS):
-        return _read_manifest(item)
-    return _frame([(io.full_path(fs, p, item), "")])
+    elif item.lower().endswith(MANIFEST_EXTENSIONS):
+        next(_manifest_batches(item), None)  # readable, with a 'path' column
 
 
-def _expand_named(item: str) -> pd.DataFrame:
-    """:func:`_expand`, a folder that cannot be listed (permissions ...) named as the input's."""
+def _named(item: str, fn):
+    """Run ``fn()``; a folder that cannot be listed (permissions ...) is named as the input's."""
     try:
-        return _expand(item)
+        return fn()
     except OSError as e:
         raise DataError(f"input {item!r}: {e}") from e
 
 
-def list_inputs(inputs: list[str]) -> pd.DataFrame:
-    """All files of all inputs, each once (first occurrence kept), with labels where known
-    and the listing's ``error`` ("" for files to read)."""
+def check_inputs(inputs: list[str]) -> None:
+    """Fail fast, before Ray starts, on a missing input, an empty folder, a pattern matching
+    nothing or an unreadable manifest (:class:`DataError` naming it). Cheap: no full listing."""
     if not inputs:
         raise DataError("no input given: pass --input FOLDER, GLOB or MANIFEST (repeatable)")
-    frames = [_expand_named(item) for item in inputs]
-    df = pd.concat(frames, ignore_index=True).drop_duplicates("path", ignore_index=True)
-    df["label"] = df["label"].astype("int8")
-    return df
+    for item in inputs:
+        _named(item, lambda: _check_item(item))
+
+
+class PathSet:
+    """A set of paths kept as sorted 64-bit hashes (8 bytes a path, no strings)."""
+
+    def __init__(self) -> None:
+        self._hashes = np.empty(0, np.uint64)
+
+    @staticmethod
+    def hashes(paths: pd.Series) -> np.ndarray:
+        return pd.util.hash_array(paths.to_numpy(dtype=object))
+
+    def contains(self, paths: pd.Series) -> np.ndarray:
+        """Boolean mask: which of ``paths`` are in the set."""
+        return np.isin(self.hashes(paths), self._hashes, assume_unique=False)
+
+    def add(self, paths: pd.Series) -> None:
+        self._hashes = np.union1d(self._hashes, self.hashes(paths))
+
+    def __len__(self) -> int:
+        return len(self._hashes)
+
+
+def iter_inputs(inputs: list[str]) -> Iterator[pd.DataFrame]:
+    """Frames (``path``, ``label`` int8, ``error``) of up to :data:`CHUNK_ROWS` rows: every file
+    of every input once (first occurrence kept)."""
+    check_inputs(inputs)
+    seen = PathSet()
+    for item in inputs:
+        frames = _iter_item(item)
+        while (df := _named(item, lambda: next(frames, None))) is not None:
+            df = df[~df["path"].duplicated()]
+            fresh = df[~seen.contains(df["path"])]
+            seen.add(fresh["path"])
+            if len(fresh):
+                yield fresh.reset_index(drop=True).astype({"label": "int8"})
+
+
+def list_inputs(inputs: list[str]) -> pd.DataFrame:
+    """All files of all inputs as one frame (see :func:`iter_inputs`); for small inputs."""
+    frames = list(iter_inputs(inputs))
+    if not frames:
+        return pd.DataFrame({"path": pd.Series([], dtype=object), "label": pd.Series([], dtype="int8"),
+                             "error": pd.Series([], dtype=object)})
+    return pd.concat(frames, ignore_index=True)

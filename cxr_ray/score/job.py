@@ -17,6 +17,7 @@ from cxr_ray.config import DataConfig, ScoreConfig
 from cxr_ray.data import io
 from cxr_ray.data.catalog import CLASSES, patient_id
 from cxr_ray.data.lease import LeaseHeld, acquire
+from cxr_ray.data.listing import UNKNOWN_LABEL, PathSet, check_inputs, iter_inputs
 from cxr_ray.runtime import check_shared_paths
 from cxr_ray.score.output import (
     JOB_FILE,
@@ -33,7 +34,10 @@ from cxr_ray.score.stages import Predictor, read_and_decode
 
 log = logging.getLogger(__name__)
 
-BLOCK_FILES = 128  # files per input block: the unit of read+decode parallelism
+# Files per input block, the unit of read+decode parallelism: small blocks first, so that a
+# small job spreads over every core, then large ones, so that an archive of millions of files
+# is a few thousand blocks (Ray Data keeps metadata per block on the driver).
+BLOCK_FILES, LARGE_BLOCK_FILES, SMALL_BLOCKS = 128, 2048, 64
 MAX_LOGGED_FAILURES = 100
 
 
@@ -80,18 +84,57 @@ def check_resources(score: ScoreConfig) -> None:
                          f"GPUs; the cluster has {gpus:g}")
 
 
-def build_dataset(todo: pd.DataFrame, checkpoint: str, model_cfg: Any, score: ScoreConfig,
-                  limits: DataConfig):
-    """The streaming Ray Dataset of scored rows for the files in ``todo``.
+@dataclass
+class Todo:
+    """What this run scores, listed in a stream: input blocks in Ray's object store (the
+    driver keeps only their refs) and the counts."""
+
+    blocks: list[Any]  # ObjectRefs of pandas frames (path, label, error), see list_todo
+    files_seen: int = 0
+    already_done: int = 0
+    labelled: int = 0
+    first_path: str | None = None
+
+    @property
+    def files(self) -> int:
+        return self.files_seen - self.already_done
+
+
+def list_todo(inputs: list[str], done: PathSet) -> Todo:
+    """Stream the inputs' listing (:func:`iter_inputs`), drop paths in ``done``, and put the
+    rest in the object store in blocks (:data:`BLOCK_FILES` rows, :data:`LARGE_BLOCK_FILES`
+    after the first :data:`SMALL_BLOCKS`). Driver memory: one listing chunk and the block
+    refs, plus 8 bytes a path for de-duplication."""
+    import ray
+
+    todo = Todo([])
+    for chunk in iter_inputs(inputs):
+        todo.files_seen += len(chunk)
+        todo.labelled += int((chunk["label"] != UNKNOWN_LABEL).sum())
+        if len(done):
+            keep = ~done.contains(chunk["path"])
+            todo.already_done += int((~keep).sum())
+            chunk = chunk[keep].reset_index(drop=True)
+        i = 0
+        while i < len(chunk):
+            size = BLOCK_FILES if len(todo.blocks) < SMALL_BLOCKS else LARGE_BLOCK_FILES
+            todo.blocks.append(ray.put(chunk.iloc[i:i + size].reset_index(drop=True)))
+            i += size
+        if todo.first_path is None and len(chunk):
+            todo.first_path = chunk["path"].iat[0]
+    return todo
+
+
+def build_dataset(blocks: list[Any], checkpoint: str, model_cfg: Any, score: ScoreConfig, limits: DataConfig):
+    """The streaming Ray Dataset of scored rows for the input ``blocks`` (see :func:`list_todo`).
 
     Preprocessing comes from the checkpoint's config (``model_cfg``); the input-safety limits
     (``data.max_pixels``, ``data.read_timeout_s``) from the user's (``limits``)."""
     import ray
 
-    blocks = [todo.iloc[i:i + BLOCK_FILES].reset_index(drop=True) for i in range(0, len(todo), BLOCK_FILES)]
     pool = (ray.data.ActorPoolStrategy(min_size=score.num_actors, max_size=score.max_actors)
             if score.max_actors > score.num_actors else ray.data.ActorPoolStrategy(size=score.num_actors))
-    ds = ray.data.from_pandas(blocks)
+    ds = ray.data.from_pandas_refs(blocks)
     ds = ds.map_batches(read_and_decode, batch_size=score.decode_batch_size, batch_format="numpy",
                         num_cpus=score.decode_cpus,
                         fn_kwargs={"cache_size": model_cfg.data.resolved_cache_size,
@@ -123,37 +166,40 @@ def _stream(ds, writer: PartWriter, with_labels: bool, failures: list[tuple[str,
 
 
 def run_score(checkpoint: str | LoadedCheckpoint, inputs: list[str], output: str, score: ScoreConfig,
-              listing: pd.DataFrame, resume: bool = False, with_labels: bool = False,
-              limits: DataConfig | None = None) -> ScoreSummary:
-    """Score every file of ``listing`` not yet in ``output``; Ray must be initialised.
+              resume: bool = False, with_labels: bool = False, limits: DataConfig | None = None) -> ScoreSummary:
+    """Score every file of ``inputs`` not yet in ``output``; Ray must be initialised.
 
     ``checkpoint``: a folder/URI, or one the caller already loaded (actors load it from its
-    path). ``listing`` comes from :func:`cxr_ray.data.listing.list_inputs` (done before Ray
-    starts); ``limits``: the user's ``data`` config (max pixels, read timeout; defaults when
-    None). On Ctrl-C the rows already scored are committed before the interrupt propagates.
+    path); ``inputs``: folders, globs, manifests (checked by
+    :func:`cxr_ray.data.listing.check_inputs`, listed in a stream); ``limits``: the user's
+    ``data`` config (max pixels, read timeout; defaults when None). On Ctrl-C the rows already
+    scored are committed before the interrupt propagates.
     """
     ckpt = checkpoint if isinstance(checkpoint, LoadedCheckpoint) else load_checkpoint(checkpoint)
     out = OutputFolder(output)
     check_output(out, ckpt.model_id, with_labels, resume)
+    check_inputs(inputs)
     try:
         lease = acquire(io.join(output, LEASE_FILE), "score")
     except LeaseHeld as e:
         raise ScoreError(f"--output {output!r} is in use: {e}; wait for that job to finish (then "
                          f"--resume), or choose another --output") from e
     with lease:
-        return _run_leased(ckpt, out, inputs, score, listing, resume, with_labels, limits)
+        return _run_leased(ckpt, out, inputs, score, resume, with_labels, limits)
 
 
 def _run_leased(ckpt: LoadedCheckpoint, out: OutputFolder, inputs: list[str], score: ScoreConfig,
-                listing: pd.DataFrame, resume: bool, with_labels: bool, limits: DataConfig | None
-                ) -> ScoreSummary:
+                resume: bool, with_labels: bool, limits: DataConfig | None) -> ScoreSummary:
     """:func:`run_score`'s work, with the output's lease held (no other job writes there)."""
     checkpoint, output = ckpt.path, out.uri
     out.clear_tmp()  # temp files of an interrupted run (never committed, never read; ours now)
-    done = out.done_paths() if resume else set()
-    todo = listing[~listing["path"].isin(done)].reset_index(drop=True)
+    done = out.done_paths() if resume else PathSet()
+    todo = list_todo(inputs, done)
+    if with_labels and todo.labelled == 0:
+        raise ScoreError("--with-labels: no input file sits in a NORMAL/PNEUMONIA folder and no "
+                         "manifest has a 'label' column")
     check_resources(score)
-    check_shared_paths({"--input": todo["path"].iat[0]} if len(todo) else {})  # read on every node
+    check_shared_paths({"--input": todo.first_path} if todo.first_path else {})  # read on every node
     job = out.read_job() or {"started_at": datetime.now(timezone.utc).isoformat(), "runs": []}
     job.update(checkpoint=str(checkpoint), model=ckpt.model_id, threshold=ckpt.threshold,
                with_labels=with_labels, inputs=list(inputs), score=dataclasses.asdict(score))
@@ -163,25 +209,25 @@ def _run_leased(ckpt: LoadedCheckpoint, out: OutputFolder, inputs: list[str], sc
     failures: list[tuple[str, str]] = []
     start = time.perf_counter()
     try:
-        if len(todo):
+        if todo.blocks:
             last_log = start
-            ds = build_dataset(todo, checkpoint, ckpt.cfg, score, limits or DataConfig())
+            ds = build_dataset(todo.blocks, checkpoint, ckpt.cfg, score, limits or DataConfig())
             for s, f in _stream(ds, writer, with_labels, failures):
                 scored, failed = scored + s, failed + f
                 if time.perf_counter() - last_log > 30:
                     last_log = time.perf_counter()
-                    log.info("scored %d/%d files (%.1f images/s)", scored + failed, len(todo),
+                    log.info("scored %d/%d files (%.1f images/s)", scored + failed, todo.files,
                              (scored + failed) / (last_log - start))
     finally:
         writer.close()  # complete rows only: also on Ctrl-C, so --resume redoes less
         out.clear_tmp()
         seconds = time.perf_counter() - start
-        job["runs"].append({"run_id": writer.run_id, "files": int(len(todo)), "scored": scored,
+        job["runs"].append({"run_id": writer.run_id, "files": todo.files, "scored": scored,
                             "failed": failed, "seconds": round(seconds, 2),
-                            "finished": scored + failed == len(todo),
+                            "finished": scored + failed == todo.files,
                             "ended_at": datetime.now(timezone.utc).isoformat()})
         out.write_json(JOB_FILE, job)
-    summary = ScoreSummary(output, len(listing), len(listing) - len(todo), scored, failed, seconds,
+    summary = ScoreSummary(output, todo.files_seen, todo.already_done, scored, failed, seconds,
                            len(done) + writer.rows_written, failures)
     if with_labels:
         summary.metrics = labelled_metrics(out, ckpt.threshold)
@@ -191,16 +237,26 @@ def _run_leased(ckpt: LoadedCheckpoint, out: OutputFolder, inputs: list[str], sc
 
 
 def labelled_metrics(out: OutputFolder, threshold: float) -> dict[str, Any] | None:
-    """Metrics with 95% CIs over the output's scored rows that have a label (None if too few)."""
+    """Metrics with 95% CIs over the output's scored rows that have a label (None if too few).
+
+    Reads the output part by part and keeps 13 bytes a labelled row (label, probability,
+    a patient code), never the output's strings."""
     from cxr_ray.evaluate import metrics_report
 
-    df = out.read(["path", "label", "prob_pneumonia", "error"]).to_pandas()
-    df = df[df["error"].isna() & df["label"].notna()]
-    if df.empty or df["label"].nunique() < 2:
-        log.warning("--with-labels: need scored images of both classes for metrics; found %s",
-                    df["label"].value_counts().to_dict())
+    labels, probs, patient_codes = [], [], []
+    codes: dict[str, int] = {}
+    for batch in out.batches(["path", "label", "prob_pneumonia", "error"]):
+        df = batch.to_pandas()
+        df = df[df["error"].isna() & df["label"].notna()]
+        labels.append((df["label"] == CLASSES[1]).to_numpy(np.int8))
+        probs.append(df["prob_pneumonia"].to_numpy(np.float32))
+        patient_codes.append(np.fromiter((codes.setdefault(patient_id(p), len(codes)) for p in df["path"]),
+                                         np.int64, len(df)))
+    y = np.concatenate(labels) if labels else np.empty(0, np.int8)
+    if len(np.unique(y)) < 2:
+        log.warning("--with-labels: need scored images of both classes for metrics; found %d NORMAL, %d PNEUMONIA",
+                    int((y == 0).sum()), int((y == 1).sum()))
         return None
-    preds = pd.DataFrame({"label": (df["label"] == CLASSES[1]).astype(np.int64),
-                          "probability": df["prob_pneumonia"].astype(np.float64),
-                          "patient": df["path"].map(patient_id)})
+    preds = pd.DataFrame({"label": y.astype(np.int64), "probability": np.concatenate(probs).astype(np.float64),
+                          "patient": np.concatenate(patient_codes)})
     return metrics_report(preds, threshold)

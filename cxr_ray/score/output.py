@@ -11,7 +11,7 @@ import json
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from cxr_ray.data import io
 from cxr_ray.data.catalog import CLASSES, DataError
 from cxr_ray.data.lease import LeaseHeld, is_stale, read_lease
-from cxr_ray.data.listing import UNKNOWN_LABEL
+from cxr_ray.data.listing import UNKNOWN_LABEL, PathSet
 
 OUTPUT_SCHEMA = pa.schema([
     ("path", pa.string()),
@@ -102,9 +102,18 @@ class OutputFolder:
         dataset = pads.dataset(parts, filesystem=self.fs, format="parquet")
         return dataset.to_table(columns=columns)
 
-    def done_paths(self) -> set[str]:
-        """Every path already in a committed part (skipped by ``--resume``)."""
-        return set(self.read(["path"]).column("path").to_pylist())
+    def batches(self, columns: list[str]) -> Iterator[pa.RecordBatch]:
+        """The committed rows, ``columns`` only, one record batch at a time."""
+        parts = self.parts()
+        if parts:
+            yield from pads.dataset(parts, filesystem=self.fs, format="parquet").to_batches(columns=columns)
+
+    def done_paths(self) -> PathSet:
+        """Every path already in a committed part (skipped by ``--resume``), as hashes."""
+        done = PathSet()
+        for batch in self.batches(["path"]):
+            done.add(batch.column("path").to_pandas())
+        return done
 
     def read_job(self) -> dict[str, Any] | None:
         p = io.join(self.uri, JOB_FILE)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -15,9 +16,11 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from conftest import run_cli, start_cli
 from PIL import Image
 
+from cxr_ray.checkpoint import load_checkpoint, save_checkpoint
 from cxr_ray.config import ScoreConfig
 from cxr_ray.data.listing import list_inputs
 from cxr_ray.data.synthetic import chest_image, make_synthetic_dataset, write_dicom
@@ -130,10 +133,19 @@ def test_refuses_to_mix_runs_and_models(ray_local, checkpoint, mixed_folder, tmp
         run_score(checkpoint, inputs, out, SCORE, resume=True, with_labels=True)
     summary = run_score(checkpoint, inputs, out, SCORE, resume=True)  # nothing left to do
     assert (summary.already_done, summary.scored, summary.total_rows) == (len(listing), 0, len(listing))
+    # A checkpoint re-exported at the same path is another model: resuming with it is refused.
+    best = tmp_path / "best"
+    shutil.copytree(checkpoint, best)
+    run_score(str(best), inputs, str(tmp_path / "out2"), SCORE)
+    old = load_checkpoint(best)
+    with torch.no_grad():
+        old.model.head[-1].bias.add_(1.0)
+    save_checkpoint(best, old.model, old.cfg, old.threshold, {}, 0)
+    with pytest.raises(ScoreError, match=r"was scored by model '.*best@epoch0#[0-9a-f]{12}'"):
+        run_score(str(best), inputs, str(tmp_path / "out2"), SCORE, resume=True)
 
 
 def test_scores_equal_evaluate_no_preprocessing_drift(ray_local, checkpoint, tmp_path):
-    from cxr_ray.checkpoint import load_checkpoint
     from cxr_ray.evaluate import evaluate_checkpoint
 
     root = make_synthetic_dataset(tmp_path / "syn", n=120, size=110, seed=3)

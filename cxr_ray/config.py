@@ -52,7 +52,8 @@ class DataConfig:
     normalize: str = "per_image"
     # input safety, for prepare and score alike: an image whose header claims more pixels is an
     # error row, refused before decoding (a 4000x4000 X-ray is 16 MP); a read that has not
-    # finished after read_timeout_s seconds (stalled mount) is an error row (0 = wait forever)
+    # finished after read_timeout_s seconds (network/FUSE mounts and object stores; local disks
+    # are read directly) is an error row (0 = wait forever)
     max_pixels: int = 100_000_000
     read_timeout_s: float = 60.0
 

@@ -99,6 +99,18 @@ def test_pipes_and_stalled_reads_end_as_errors_not_hangs(tmp_path):
     assert "broken symlink" in decode_path(str(tmp_path / "dangling.png"), 16).error
 
 
+def test_only_reads_that_can_stall_run_under_the_watchdog(tmp_path, monkeypatch):
+    mounts = (("/mnt/nfs", "nfs4"), ("/mnt/gcs", "fuse.gcsfuse"), ("/", "ext4"))
+    monkeypatch.setattr(decode, "_mounts", lambda: mounts)
+    assert decode._may_stall("/mnt/nfs/x.jpeg") and decode._may_stall("/mnt/gcs/a/b.png")
+    assert not decode._may_stall(str(tmp_path / "x.jpeg")) and not decode._may_stall("/mnt/nfsother/x")
+    monkeypatch.setattr(decode, "_mounts", lambda: ())  # mounts unknown: always watched
+    assert decode._may_stall(str(tmp_path / "x.jpeg"))
+    path = write_image(tmp_path / "x.png", size=32)
+    for _ in range(3):  # the reused reader thread returns each file's own bytes
+        assert read_file(str(path), timeout_s=5) == path.read_bytes()
+
+
 def test_listing_matches_find_and_never_loops(tmp_path):
     root = tmp_path / "export"
     expected = hostile_folder(root)

@@ -180,7 +180,7 @@ def test_score_gives_every_hostile_entry_one_row(checkpoint, tmp_path):
 @pytest.mark.slow
 def test_two_jobs_at_once(checkpoint, tmp_path):
     """Two local commands each run on their own Ray; a second job on a busy output is refused."""
-    root = make_synthetic_dataset(tmp_path / "syn", n=400, size=64, seed=3)
+    root = make_synthetic_dataset(tmp_path / "syn", n=200, size=64, seed=3)
     n = len(list_inputs([str(root)]))
     slow = ["--set", "score.batch_size=4", "--set", "score.decode_batch_size=4", "--set", "score.decode_cpus=0.5",
             "--set", "score.cpus_per_actor=1", "--set", "score.rows_per_file=50"]

@@ -208,6 +208,7 @@ def _build(cfg: ExperimentConfig, catalog: pd.DataFrame, uri: str, fp: str, run_
     check_shared_paths({"data.root": catalog["path"].iat[0], "data.cache_dir": cfg.data.resolved_cache_dir})
     local = not io.is_uri(uri)
     if local:
+        uri = io.resolve(uri)[1]  # absolute, ~ expanded: os.rename below sees what pyarrow wrote
         for old in glob.glob(glob.escape(uri) + ".tmp-*"):  # interrupted builds (we hold the lease)
             shutil.rmtree(old, ignore_errors=True)
     build = f"{uri}.tmp-{run_id}" if local else uri

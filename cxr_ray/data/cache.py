@@ -38,7 +38,7 @@ from cxr_ray.config import ExperimentConfig
 from cxr_ray.data import io
 from cxr_ray.data.catalog import (CLASSES, SPLIT_ALGORITHM, DataError, assign_splits, load_catalog,
                                   split_leaks)
-from cxr_ray.data.decode import DecodedFile, decode_path
+from cxr_ray.data.decode import decode_path
 from cxr_ray.data.lease import Lease, LeaseHeld, acquire
 
 log = logging.getLogger(__name__)
@@ -107,8 +107,7 @@ def decode_batch(batch: pd.DataFrame, size: int, max_pixels: int, timeout_s: flo
     dropped, so every input is accounted for.
     """
     listed = batch["error"] if "error" in batch else pd.Series("", index=batch.index)
-    decoded = [DecodedFile(np.zeros((size, size), np.uint8), 0, 0, "", err) if err
-               else decode_path(p, size, max_pixels, timeout_s) for p, err in zip(batch["path"], listed)]
+    decoded = [decode_path(p, size, max_pixels, timeout_s, err) for p, err in zip(batch["path"], listed)]
     result = batch[["path", "label", "patient", "split", "source_split"]].reset_index(drop=True)
     result["key"] = [zlib.crc32(p.encode("utf-8", "surrogateescape")) for p in result["path"]]
     result["width"] = [d.width for d in decoded]

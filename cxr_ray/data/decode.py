@@ -314,10 +314,13 @@ class DecodedFile:
 
 
 def decode_path(path: str, size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
-                timeout_s: float = DEFAULT_READ_TIMEOUT_S) -> DecodedFile:
+                timeout_s: float = DEFAULT_READ_TIMEOUT_S, listing_error: str = "") -> DecodedFile:
     """Read and decode one file; never raises for a bad file: every failure, expected or not,
     becomes ``error`` (the exception's type and message for unexpected ones), so one file
-    never stops a batch job. Used by the cache build and by scoring alike."""
+    never stops a batch job. A ``listing_error`` (the listing already knows the file cannot be
+    read) is the error, and nothing is read. Used by the cache build and by scoring alike."""
+    if listing_error:
+        return DecodedFile(np.zeros((size, size), np.uint8), 0, 0, "", listing_error)
     sha1 = ""
     try:
         data = read_file(path, timeout_s)

@@ -240,8 +240,7 @@ class PathSet:
 
 def iter_inputs(inputs: list[str]) -> Iterator[pd.DataFrame]:
     """Frames (``path``, ``label`` int8, ``error``) of up to :data:`CHUNK_ROWS` rows: every file
-    of every input once (first occurrence kept)."""
-    check_inputs(inputs)
+    of every input once (first occurrence kept). Call :func:`check_inputs` first."""
     seen = PathSet()
     for item in inputs:
         frames = _iter_item(item)
@@ -255,6 +254,7 @@ def iter_inputs(inputs: list[str]) -> Iterator[pd.DataFrame]:
 
 def list_inputs(inputs: list[str]) -> pd.DataFrame:
     """All files of all inputs as one frame (see :func:`iter_inputs`); for small inputs."""
+    check_inputs(inputs)
     frames = list(iter_inputs(inputs))
     if not frames:
         return pd.DataFrame({"path": pd.Series([], dtype=object), "label": pd.Series([], dtype="int8"),

@@ -30,10 +30,7 @@ def read_and_decode(batch: dict[str, np.ndarray], cache_size: int, image_size: i
     width, height = np.zeros(len(paths), np.int32), np.zeros(len(paths), np.int32)
     errors = []
     for i, (path, listing_error) in enumerate(zip(paths, listed)):
-        if listing_error:
-            errors.append(listing_error)
-            continue
-        d = decode_path(path, cache_size, max_pixels, timeout_s)
+        d = decode_path(path, cache_size, max_pixels, timeout_s, listing_error)
         pixels[i], width[i], height[i] = d.pixels, d.width, d.height
         errors.append(d.error or "")
     return {"path": paths, "label": np.asarray(batch["label"], np.int8),

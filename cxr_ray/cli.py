@@ -47,6 +47,27 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
     return load_config(args.config, _overrides(args))
 
 
+def use_storage_from_args(args: argparse.Namespace) -> None:
+    """Apply ``storage.endpoint_url`` from ``--config`` / ``--set`` before anything reads a URI
+    (a resumed run or a checkpoint may itself live behind that endpoint)."""
+    from cxr_ray.data import io
+
+    if not hasattr(args, "set"):
+        return
+    storage_sets = [o for o in args.set if o.split("=", 1)[0].strip().startswith("storage.")]
+    io.use_endpoint(load_config(args.config, storage_sets).storage.endpoint_url)
+
+
+def check_storage(cfg: ExperimentConfig, *settings: str) -> None:
+    """Fail before Ray when a URI setting names a missing or unreachable bucket."""
+    from cxr_ray.data import io
+
+    values = {"data.root": cfg.data.root, "data.cache_dir": cfg.data.resolved_cache_dir,
+              "train.storage_path": cfg.train.storage_path}
+    for key in settings:
+        io.check_location(values[key], key)
+
+
 def shutdown_ray() -> None:
     """Stop (or disconnect from) Ray so no late worker logs follow our final output."""
     import ray
@@ -57,8 +78,12 @@ def shutdown_ray() -> None:
 
 def cmd_make_synthetic(args: argparse.Namespace) -> int:
     """Write a synthetic dataset in the Kermany layout."""
+    from cxr_ray.data import io
     from cxr_ray.data.synthetic import make_synthetic_dataset
 
+    if io.is_uri(args.out):
+        raise ConfigError(f"make-synthetic writes a local folder, not {args.out}; write it here, then "
+                          f"upload it (aws s3 sync / gcloud storage cp -r)")
     root = make_synthetic_dataset(args.out, n=args.n, size=args.size, seed=args.seed)
     print(f"wrote a SYNTHETIC dataset (not medical images) to {root}")
     return 0
@@ -71,6 +96,7 @@ def _prepare(args: argparse.Namespace, cfg: ExperimentConfig | None = None, chec
     from cxr_ray.runtime import init_ray
 
     cfg = cfg or config_from_args(args)
+    check_storage(cfg, "data.root", "data.cache_dir")
     catalog = assign_splits(load_catalog(cfg.data.root), cfg.data)  # fails fast, before Ray
     if check_leaks:
         for line in check_patient_leaks(catalog):
@@ -127,18 +153,18 @@ def train_config_from_args(args: argparse.Namespace) -> ExperimentConfig:
     run_dir = args.resume.rstrip("/")
     base = load_config(args.config) if args.config else read_run_config(run_dir)
     cfg = apply_overrides(base, dict(parse_override(o) for o in _overrides(args)))
-    parent, name = (run_dir.rsplit("/", 1) if io.is_uri(run_dir) or "/" in run_dir else (".", run_dir))
-    return cfg.replace(**{"train.storage_path": parent or "/", "train.name": name})
+    return cfg.replace(**{"train.storage_path": io.parent(run_dir), "train.name": io.name(run_dir)})
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train on Ray Train; prints a summary and, last, the best checkpoint's path."""
     from cxr_ray.data import io
-    from cxr_ray.train import check_run_dir, run_training, storage_uri
+    from cxr_ray.train import check_run_dir, run_training
 
     cfg = train_config_from_args(args)
+    check_storage(cfg, "train.storage_path")
     if cfg.train.name:  # a named run folder is checked before the cache is built (again in run_training)
-        check_run_dir(cfg, io.join(storage_uri(cfg.train.storage_path), cfg.train.name), bool(args.resume))
+        check_run_dir(cfg, io.join(io.absolute(cfg.train.storage_path), cfg.train.name), bool(args.resume))
     cfg, cache = _prepare(args, cfg, check_leaks=True)
     result = run_training(cfg, cache, resume=bool(args.resume))  # a failure raises (Train V2)
     selection = cfg.metric.selection
@@ -154,19 +180,24 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"{b['recall']:.4f} and specificity {b['specificity']:.4f} (95% lower bound "
           f"{b['specificity_lower_bound']:.4f}) at threshold {b['threshold']:.4f}, chosen by "
           f"{cfg.metric.threshold_rule} on {b['n']} validation images")
-    print(f"[train] run folder: {result.path}")
-    print(best.path)
+    print(f"[train] run folder: {io.checkpoint_uri(result)}")
+    print(io.checkpoint_uri(best))  # s3://... stays s3://: Ray's own .path is the key in the bucket
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Evaluate a checkpoint on a split with its own config and stored threshold."""
     from cxr_ray.checkpoint import load_checkpoint
+    from cxr_ray.data import io
     from cxr_ray.evaluate import evaluate_checkpoint, format_table
     from cxr_ray.runtime import init_ray
 
+    bad = [o for o in args.set if not o.split("=", 1)[0].strip().startswith("storage.")]
+    if bad:
+        raise ConfigError(f"evaluate uses the checkpoint's own config; only storage.* may be set, not {bad}")
     ckpt = load_checkpoint(args.checkpoint)
     root = args.data or ckpt.cfg.data.root
+    io.check_location(args.out, "--out")
     init_ray(args.address)
     metrics = evaluate_checkpoint(ckpt, root, args.split, args.out, cache_dir=args.cache or "")
     print(format_table(metrics, f"[evaluate] {args.split} split of {root}"))
@@ -177,6 +208,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_score(args: argparse.Namespace) -> int:
     """Score image folders/globs/manifests into a Parquet dataset; last line: the output folder."""
     from cxr_ray.checkpoint import load_checkpoint
+    from cxr_ray.data import io
     from cxr_ray.data.listing import check_inputs
     from cxr_ray.evaluate import format_table
     from cxr_ray.runtime import init_ray
@@ -184,6 +216,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.set)
     ckpt = load_checkpoint(args.checkpoint)  # a bad checkpoint fails here, before listing and Ray
+    io.check_location(args.output, "--output")
     check_inputs(args.input)  # fails fast on a missing input, before Ray (listed later, in a stream)
     check_output(OutputFolder(args.output), ckpt.model_id, args.with_labels, args.resume)  # before Ray
     init_ray(args.address)
@@ -230,14 +263,24 @@ DEMO_DATA = {"n": 900, "size": 96, "seed": 0, "split_shares": {"train": 0.6, "va
 
 def demo_dataset(cfg: ExperimentConfig) -> str:
     """The synthetic demo dataset under the cache folder, generated on first use: 900 images,
-    ~225 of them in test so the test report's CIs mean something."""
+    ~225 of them in test so the test report's CIs mean something. A URI cache folder gets it
+    generated locally and uploaded, so every node of a cluster reads the same images."""
+    import tempfile
+
+    from cxr_ray.data import io
     from cxr_ray.data.synthetic import make_synthetic_dataset
 
-    root = Path(cfg.data.resolved_cache_dir) / "demo-synthetic-900"
-    if not (root / ".complete").is_file():  # a folder left by an interrupted first run is rewritten
+    root = io.join(io.absolute(cfg.data.resolved_cache_dir), "demo-synthetic-900")
+    if io.exists(io.join(root, ".complete")):
+        return root
+    # a folder left by an interrupted first run is rewritten
+    if not io.is_uri(root):
         make_synthetic_dataset(root, **DEMO_DATA)
-        (root / ".complete").write_text("ok")
-    return str(root)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            io.copy_tree(str(make_synthetic_dataset(Path(tmp) / "demo", **DEMO_DATA)), root)
+    io.write_bytes(io.join(root, ".complete"), b"ok")
+    return root
 
 
 def tune_config_from_args(args: argparse.Namespace) -> tuple[ExperimentConfig, str | None]:
@@ -269,6 +312,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     cfg, cache_uri = tune_config_from_args(args)
     validate_search_space(cfg)
+    check_storage(cfg, "data.root", "data.cache_dir", "train.storage_path")
     if cache_uri:  # --resume: the experiment's own cache
         init_ray(args.address)
         cache = open_cache(cache_uri)
@@ -278,9 +322,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
             print(f"[data] {line}", flush=True)
         init_ray(args.address)
         cache = prepare_cache(cfg, catalog)
-    name = Path(args.resume.rstrip("/")).name if args.resume else (cfg.tune.name or run_name(cfg, "tune"))
+    name = io.name(args.resume) if args.resume else (cfg.tune.name or run_name(cfg, "tune"))
     if args.resume:
-        cfg = cfg.replace(**{"train.storage_path": str(Path(args.resume.rstrip("/")).parent)})
+        cfg = cfg.replace(**{"train.storage_path": io.parent(args.resume)})
     outcome = run_tune(cfg, cache.uri, name, resume=bool(args.resume), mlflow_uri=args.mlflow)
     print(f"[tune] {len(outcome.trials)} trials, {outcome.n_failed} failed; ranked by {cfg.tune_metric}:")
     print(format_trials(outcome.trials, cfg.tune_metric))
@@ -329,12 +373,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("evaluate", help="metrics, predictions and plots of a checkpoint on a split")
-    p.add_argument("--checkpoint", required=True, help="checkpoint folder (from train or tune)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder or URI (from train or tune)")
     p.add_argument("--data", help="dataset root (default: the one the checkpoint was trained on)")
     p.add_argument("--cache", help="cache folder (default: the checkpoint config's)")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--address", help="Ray cluster address")
+    p.add_argument("--out", required=True, help="output folder or URI")
+    _config_and_address(p)  # only the config's storage: section applies (the model brings its own)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("score", help="score image folders/globs/manifests to Parquet (Ray Data)")
@@ -364,11 +408,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from cxr_ray.checkpoint import CheckpointError
     from cxr_ray.data.catalog import DataError
     from cxr_ray.models import WeightsError
+    from cxr_ray.data.io import StorageError
     from cxr_ray.runtime import ClusterError
 
     try:
+        use_storage_from_args(args)
         return func(args)
-    except (ConfigError, DataError, CheckpointError, WeightsError, ClusterError) as e:
+    except (ConfigError, DataError, CheckpointError, WeightsError, ClusterError, StorageError) as e:
         print(f"cxr-ray {args.command}: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001 - a Ray worker's failure, or a bug: one line + the log

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,16 @@ class ConfigError(ValueError):
 def _check(ok: bool, key: str, expected: str, got: Any) -> None:
     if not ok:
         raise ConfigError(f"{key}: expected {expected}, got {got!r}")
+
+
+def _check_location(value: str, key: str) -> None:
+    """A folder or URI setting: ``s3:/b/x`` (one slash) and ``?query`` options are refused, the
+    first is a mangled URI, the second is dropped from the paths Ray hands back."""
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:/[^/]", value) and not re.match(r"^[A-Za-z]:[/\\]", value):
+        raise ConfigError(f"{key}: {value!r} looks like a URI with one slash; write scheme://bucket/path")
+    if "://" in value and "?" in value:
+        raise ConfigError(f"{key}: {value!r}: URI query options are not carried through Ray's "
+                          f"checkpoints and results; set storage.endpoint_url (or AWS_ENDPOINT_URL) instead")
 
 
 NORMALIZATIONS = ("fixed", "per_image")
@@ -58,6 +69,8 @@ class DataConfig:
     read_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
+        _check_location(self.root, "data.root")
+        _check_location(self.cache_dir, "data.cache_dir")
         _check(self.max_pixels >= 64, "data.max_pixels", "an int >= 64", self.max_pixels)
         _check(self.read_timeout_s >= 0, "data.read_timeout_s", "a float >= 0 (0 = no limit)",
                self.read_timeout_s)
@@ -182,6 +195,7 @@ class TrainConfig:
         _check(self.max_failures >= -1, "train.max_failures", "an int >= -1 (-1 = retry forever)",
                self.max_failures)
         _check(bool(self.storage_path), "train.storage_path", "a folder or URI", self.storage_path)
+        _check_location(self.storage_path, "train.storage_path")
         _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", "an int >= 1",
                self.keep_checkpoints)
 
@@ -287,6 +301,20 @@ class ScoreConfig:
 
 
 @dataclass(frozen=True)
+class StorageConfig:
+    """Where object storage lives: a job setting, not part of the model. It is read from the
+    command's own --config/--set (before any URI is touched), never from a checkpoint."""
+
+    # S3-compatible endpoint that is not AWS (MinIO, Ceph RGW ...), e.g. http://minio:9000;
+    # "" -> $AWS_ENDPOINT_URL, else AWS. Passed on to every Ray worker of the job.
+    endpoint_url: str = ""
+
+    def __post_init__(self) -> None:
+        _check(not self.endpoint_url or self.endpoint_url.startswith(("http://", "https://")),
+               "storage.endpoint_url", "\"\" or an http:// / https:// URL", self.endpoint_url)
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     """Every knob of a cxr_ray job, grouped by section."""
 
@@ -297,6 +325,7 @@ class ExperimentConfig:
     metric: MetricConfig = field(default_factory=MetricConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
 
     @property
     def tune_metric(self) -> str:

@@ -33,8 +33,9 @@ def init_ray(address: str | None = None) -> None:
     # of ~0.9x on 2 cores). Read only by a Ray that this process starts; a joined cluster keeps
     # its own setting.
     os.environ.setdefault("RAY_worker_niceness", "0")
+    kwargs = {"log_to_driver": True, "runtime_env": worker_env()}
     try:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, **kwargs)
     except (ConnectionError, RuntimeError) as e:
         if address:
             raise
@@ -44,9 +45,20 @@ def init_ray(address: str | None = None) -> None:
                     "starting a local Ray for this command (`ray stop` clears a stale record)",
                     str(e).splitlines()[0][:200])
         ray.shutdown()
-        ray.init(address="local", log_to_driver=True)
+        ray.init(address="local", **kwargs)
     log.info("Ray at %s", ray.get_runtime_context().gcs_address)
     ray.data.DataContext.get_current().enable_progress_bars = True
+
+
+def worker_env() -> dict | None:
+    """The job's runtime env: the S3 endpoint of this process (``AWS_ENDPOINT_URL``, set by the
+    user or by ``storage.endpoint_url``) for every Ray worker, so Ray Train's checkpoint uploads,
+    Ray Data's reads and the scoring actors reach the same store on every node. Credentials are
+    not copied: each node uses its own environment or instance role."""
+    from cxr_ray.data.io import ENDPOINT_ENV
+
+    endpoint = os.environ.get(ENDPOINT_ENV)
+    return {"env_vars": {ENDPOINT_ENV: endpoint}} if endpoint else None
 
 
 def alive_nodes() -> list[dict]:

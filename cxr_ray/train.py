@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import tempfile
 import time
 import uuid
@@ -215,11 +214,6 @@ def _quiet_console() -> None:
                 handler.setLevel(logging.WARNING)
 
 
-def storage_uri(path: str) -> str:
-    """Ray needs absolute local paths; URIs pass through."""
-    return path if io.is_uri(path) else os.path.abspath(os.path.expanduser(path))
-
-
 def run_name(cfg: ExperimentConfig, prefix: str = "train") -> str:
     """The configured run name, else ``<prefix>-<model>-<timestamp>-<4 hex>`` (unique per start)."""
     return cfg.train.name or f"{prefix}-{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
@@ -336,7 +330,7 @@ def check_resources(cfg: ExperimentConfig, trials: int = 1, data_cpus: float = 1
 # Keys that may differ when a run is resumed: where and how fast it runs, not what it learns.
 RESUMABLE_CHANGES = ("train.cpus_per_worker", "train.torch_threads", "train.data_cpus", "train.num_workers",
                      "train.gpus_per_worker", "train.max_failures", "train.storage_path", "train.name",
-                     "data.cache_dir", "data.materialize_gb")
+                     "data.cache_dir", "data.materialize_gb", "storage.endpoint_url")
 
 
 def read_run_config(run_dir: str) -> ExperimentConfig:
@@ -376,7 +370,7 @@ def run_training(cfg: ExperimentConfig, cache: Any, resume: bool = False, progre
     """
     cfg = resolve_resources(cfg)
     check_resources(cfg, data_cpus=cfg.train.data_cpus)
-    storage, name = storage_uri(cfg.train.storage_path), run_name(cfg)
+    storage, name = io.absolute(cfg.train.storage_path), run_name(cfg)
     cfg = cfg.replace(**{"train.name": name, "train.storage_path": storage})
     run_dir = io.join(storage, name)
     check_run_dir(cfg, run_dir, resume)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Mapping
 
 import pandas as pd
@@ -20,13 +19,14 @@ import pyarrow.fs as pafs
 import ray
 import ray.tune
 import yaml
+from ray.tune.integration.ray_train import TuneReportCallback
 
 from cxr_ray.config import ConfigError, ExperimentConfig, valid_keys
 from cxr_ray.data import io
 from cxr_ray.data.cache import open_cache
 from cxr_ray.metrics import SELECTION_METRIC, SELECTION_METRICS
 from cxr_ray.runtime import check_shared_paths
-from cxr_ray.train import build_trainer, check_resources, resolve_resources, storage_uri, training_inputs
+from cxr_ray.train import build_trainer, check_resources, resolve_resources, training_inputs
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,7 @@ SPACE_TYPES = ("choice", "uniform", "loguniform", "randint")
 TUNABLE_METRICS = (*SELECTION_METRICS, "pr_auc", "accuracy", "f1", "recall", "specificity", "precision")
 EXPERIMENT_CONFIG = "experiment_config.yaml"
 DRIVER_CPUS = 0.01
+CHECKPOINT_URI = "checkpoint_uri"  # reported with every checkpoint (see UriReportCallback)
 
 
 def _space_error(key: str, msg: str) -> ConfigError:
@@ -134,14 +135,23 @@ def train_driver_fn(params: dict[str, Any], base: dict[str, Any], cache_uri: str
     continues from its own latest Train checkpoint instead of starting over.
     """
     cfg = ExperimentConfig.from_dict(base).replace(**params)
-    from ray.tune.integration.ray_train import TuneReportCallback
-
     trial_id = ray.tune.get_context().get_trial_id()
     # Early stopping and the kept checkpoints follow the experiment's metric.
     inputs = training_inputs(cfg, open_cache(cache_uri), selection_metric=cfg.tune_metric)
     trainer = build_trainer(cfg, inputs, name=trial_id, storage_path=runs_uri,
-                            callbacks=[TuneReportCallback()])
+                            callbacks=[UriReportCallback()])
     trainer.fit()
+
+
+class UriReportCallback(TuneReportCallback):
+    """Ray's ``TuneReportCallback`` that also reports each checkpoint's URI (``s3://...``) as
+    ``checkpoint_uri``: Ray's own ``checkpoint_path`` is the path inside the filesystem
+    (``bucket/...``), which reads as a local path once it leaves Ray."""
+
+    def after_report(self, run_context, metrics, checkpoint):
+        if checkpoint is not None:
+            metrics = [{**metrics[0], CHECKPOINT_URI: io.checkpoint_uri(checkpoint)}, *metrics[1:]]
+        super().after_report(run_context, metrics, checkpoint)
 
 
 def _searcher(cfg: ExperimentConfig):
@@ -203,14 +213,24 @@ def _stop_reason(metrics: pd.DataFrame, error: Any, epochs: int) -> str:
     return "asha"
 
 
+def checkpoint_uris(df: pd.DataFrame, fs: pafs.FileSystem) -> pd.Series:
+    """Each reported epoch's checkpoint as a URI: ``checkpoint_uri`` where the trial reported it,
+    else (experiments started before it existed) Ray's ``checkpoint_path`` inside ``fs``, the
+    experiment's filesystem, which every trial's checkpoints share."""
+    uris = df[CHECKPOINT_URI] if CHECKPOINT_URI in df else pd.Series(None, index=df.index, dtype=object)
+    paths = df["checkpoint_path"] if "checkpoint_path" in df else pd.Series(None, index=df.index, dtype=object)
+    return pd.Series([u if isinstance(u, str) else (io.uri(fs, p) if isinstance(p, str) else None)
+                      for u, p in zip(uris, paths)], index=df.index, dtype=object)
+
+
 def _best_row(df: pd.DataFrame, metric: str) -> pd.Series | None:
     """The best epoch of a trial whose checkpoint still exists (Train keeps the newest of ties)."""
     if metric not in df or not df[metric].notna().any():
         return None
     ranked = df.sort_values([metric, "epoch"], ascending=[False, False])
     for _, row in ranked.iterrows():
-        path = row.get("checkpoint_path")
-        if isinstance(path, str) and io.exists(path):
+        uri = row.get(CHECKPOINT_URI)
+        if isinstance(uri, str) and io.exists(uri):
             return row
     return ranked.iloc[0]
 
@@ -221,7 +241,9 @@ def trials_table(grid: Any, cfg: ExperimentConfig) -> pd.DataFrame:
     metric = cfg.tune_metric
     for result in grid:
         df = result.metrics_dataframe if result.metrics_dataframe is not None else pd.DataFrame()
-        row: dict[str, Any] = {"trial_id": (result.metrics or {}).get("trial_id") or Path(result.path).name}
+        if not df.empty:
+            df = df.assign(**{CHECKPOINT_URI: checkpoint_uris(df, result.filesystem)})
+        row: dict[str, Any] = {"trial_id": (result.metrics or {}).get("trial_id") or io.name(result.path)}
         row.update({k: result.config.get(k) for k in cfg.tune.search_space})
         row["epochs_run"] = int(len(df))
         row["stop_reason"] = _stop_reason(df, result.error, cfg.train.epochs)
@@ -230,7 +252,7 @@ def trials_table(grid: Any, cfg: ExperimentConfig) -> pd.DataFrame:
         for k in ("pauc", "roc_auc"):
             row[k] = float(best[k]) if best is not None and k in best else float("nan")
         row["best_epoch"] = int(best["epoch"]) if best is not None else -1
-        row["checkpoint_path"] = best.get("checkpoint_path") if best is not None else None
+        row["checkpoint_path"] = best.get(CHECKPOINT_URI) if best is not None else None  # a URI or local path
         row["error"] = str(result.error).strip().splitlines()[0][:500] if result.error else ""
         rows.append(row)
     table = pd.DataFrame(rows)
@@ -242,14 +264,8 @@ def export_best(table: pd.DataFrame, exp_uri: str) -> str | None:
     ok = table[table["checkpoint_path"].notna() & (table["stop_reason"] != "failed")]
     if ok.empty:
         return None
-    src = ok.iloc[0]["checkpoint_path"]
     dst = io.join(exp_uri, "best")
-    fs, dst_path = io.resolve(dst)
-    src_fs, src_path = io.resolve(src)
-    if fs.get_file_info(dst_path).type != pafs.FileType.NotFound:
-        fs.delete_dir(dst_path)
-    fs.create_dir(dst_path, recursive=True)
-    pafs.copy_files(src_path, dst_path, source_filesystem=src_fs, destination_filesystem=fs)
+    io.copy_tree(ok.iloc[0]["checkpoint_path"], dst)
     return dst
 
 
@@ -286,7 +302,7 @@ def run_tune(cfg: ExperimentConfig, cache_uri: str, name: str, resume: bool = Fa
     """Run (or resume) the experiment ``name`` and write trials.csv and best/."""
     validate_search_space(cfg)
     cfg = resolve_resources(cfg, for_tune=True)
-    storage = storage_uri(cfg.train.storage_path)
+    storage = io.absolute(cfg.train.storage_path)
     exp_uri = io.join(storage, name)
     check_resources(cfg, trials=1, data_cpus=cfg.tune.data_cpus)
     check_shared_paths({"train.storage_path": storage})  # before the first trial

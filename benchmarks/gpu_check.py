@@ -84,10 +84,10 @@ def train_rate(depth: int, amp: bool, args: argparse.Namespace, device: torch.de
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    train_one_epoch(model, [(x, y)] * args.warmup, opt, None, loss_fn, device, amp=amp)
+    train_one_epoch(model, [(x, y)] * args.warmup, opt, None, loss_fn, device, "bf16" if amp else "fp32")
     sync(device)
     start = time.perf_counter()
-    res = train_one_epoch(model, [(x, y)] * args.steps, opt, None, loss_fn, device, amp=amp)
+    res = train_one_epoch(model, [(x, y)] * args.steps, opt, None, loss_fn, device, "bf16" if amp else "fp32")
     sync(device)
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
@@ -163,7 +163,7 @@ def trained_agreement(args: argparse.Namespace, device: torch.device, tmp: Path)
             if amp:
                 x = x.contiguous(memory_format=torch.channels_last)
             batches.append((x, y_all[order[i:i + bs]]))
-        res = train_one_epoch(model, batches, opt, None, loss_fn, device, amp=amp)
+        res = train_one_epoch(model, batches, opt, None, loss_fn, device, "bf16" if amp else "fp32")
     sync(device)
     train_s = time.perf_counter() - start
     ckpt = str(save_checkpoint(tmp / "trained", model.float().cpu().to(memory_format=torch.contiguous_format),
@@ -185,7 +185,7 @@ def trained_agreement(args: argparse.Namespace, device: torch.device, tmp: Path)
 
 def make_predictor(ckpt: str, device: torch.device, amp: bool, compile_: bool, batch: int) -> Predictor:
     score = ScoreConfig(batch_size=batch, gpus_per_actor=1.0 if device.type == "cuda" else 0.0,
-                        amp=amp, compile=compile_, torch_threads=os.cpu_count() or 1)
+                        amp="bf16" if amp else "fp32", compile=compile_, torch_threads=os.cpu_count() or 1)
     from dataclasses import asdict
 
     return Predictor(ckpt, asdict(score))

@@ -8,11 +8,16 @@ Throughput (same run, same model with random weights, same images, same batch si
 
 - plain loop: one process, ``PIL.Image.open(...).convert("L").resize(...)`` per file, batched
   model forward; what a user would write without cxr_ray;
-- model-only ceiling: the same forward passes over tensors decoded beforehand;
+- model-only ceiling: the same forward passes over tensors decoded beforehand, in fp32 and in
+  the precision ``auto`` picks here (bf16 on a CPU with AMX / AVX-512 BF16), channels_last for
+  ResNet-50 as the Predictor runs it;
 - ``cxr-ray score``: :func:`cxr_ray.score.run_score` on a local Ray started before the clock
-  (actor start and model load are inside the timing), writing the Parquet output.
+  (actor start and model load are inside the timing), writing the Parquet output, with nothing
+  hand-set: the previous release's defaults (one 1-CPU actor, fp32), today's defaults in fp32,
+  and today's defaults (the checkpoint records bf16 as a training run here would).
 
-Targets (2-core machine): score >= 1.0x the plain loop and >= 0.85x the ceiling.
+Targets (2-core machine): defaults >= 1.0x the plain loop and >= 0.85x the ceiling in the same
+precision; with bf16, defaults >= 2.5x the fp32 path.
 
 Memory: runs ``cxr-ray score`` as a subprocess on a 100,000-row and a 1,000,000-row manifest
 (2,000 small synthetic images, the other rows paths to files that do not exist, which become
@@ -41,16 +46,18 @@ from cxr_ray.checkpoint import save_checkpoint  # noqa: E402
 from cxr_ray.config import ExperimentConfig, ScoreConfig  # noqa: E402
 from cxr_ray.data.listing import list_inputs  # noqa: E402
 from cxr_ray.data.transforms import normalize  # noqa: E402
+from cxr_ray.engine import autocast, prefers_channels_last, resolve_precision  # noqa: E402
 from cxr_ray.models import build_model  # noqa: E402
 
 
-def make_checkpoint(out: Path, model: str, size: int) -> tuple[str, torch.nn.Module]:
-    """A checkpoint of ``model`` with random weights (same compute as a trained one)."""
+def make_checkpoint(out: Path, model: str, size: int, val_precision: str = "fp32") -> tuple[str, torch.nn.Module]:
+    """A checkpoint of ``model`` with random weights (same compute as a trained one), whose
+    threshold was chosen in ``val_precision`` (as a training run on this machine records)."""
     cfg = ExperimentConfig().replace(**{"model.name": model, "model.weights": "none", "model.width": 16,
                                         "data.image_size": size})
     torch.manual_seed(0)
     net = build_model(cfg.model).eval()
-    return str(save_checkpoint(out / "ckpt", net, cfg, 0.5, {}, 0)), net
+    return str(save_checkpoint(out / "ckpt", net, cfg, 0.5, {}, 0, val_precision=val_precision)), net
 
 
 def plain_decode(path: str, size: int) -> np.ndarray:
@@ -60,79 +67,95 @@ def plain_decode(path: str, size: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def forward(model: torch.nn.Module, batch: np.ndarray, device: torch.device, amp: bool) -> np.ndarray:
+def forward(model: torch.nn.Module, batch: np.ndarray, device: torch.device, precision: str,
+            channels_last: bool) -> np.ndarray:
+    """One batch as the Predictor computes it: normalise, optional channels_last, autocast."""
     x = normalize(torch.from_numpy(batch[:, None]).to(device), ExperimentConfig().data.normalize)  # as scored
-    if amp:
+    if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            return torch.sigmoid(model(x).float()).cpu().numpy()
-    return torch.sigmoid(model(x)).cpu().numpy()
+    with autocast(device, precision):
+        return torch.sigmoid(model(x).float()).cpu().numpy()
 
 
-def plain_loop(model, paths, size, bs, device, amp) -> float:
+def plain_loop(model, paths, size, bs, device, precision="fp32", channels_last=False) -> float:
     """Images/s of decode + forward in one process, batch by batch."""
     start = time.perf_counter()
     for i in range(0, len(paths), bs):
-        forward(model, np.stack([plain_decode(p, size) for p in paths[i:i + bs]]), device, amp)
+        forward(model, np.stack([plain_decode(p, size) for p in paths[i:i + bs]]), device, precision, channels_last)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return len(paths) / (time.perf_counter() - start)
 
 
-def model_only(model, images, bs, device, amp) -> float:
+def model_only(model, images, bs, device, precision, channels_last) -> float:
     """Images/s of the forward passes alone, over pre-decoded images (the ceiling)."""
+    forward(model, images[:bs], device, precision, channels_last)  # warm-up (oneDNN kernel selection)
     start = time.perf_counter()
     for i in range(0, len(images), bs):
-        forward(model, images[i:i + bs], device, amp)
+        forward(model, images[i:i + bs], device, precision, channels_last)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return len(images) / (time.perf_counter() - start)
 
 
 def throughput(args: argparse.Namespace) -> None:
+    """Plain loop, model-only ceilings per precision, and ``run_score`` as a user runs it."""
     import ray
 
     from cxr_ray.score import run_score
 
     device = torch.device(args.device)
     cores = torch.get_num_threads()
+    fast = resolve_precision("auto", device)  # what a checkpoint trained here records (val_precision)
+    cl = prefers_channels_last(args.model, device)
     listing = list_inputs([str(real_root() / "train"), str(real_root() / "val")])
     step = max(1, len(listing) // args.n)
     listing = listing.iloc[::step].head(args.n).reset_index(drop=True)
     paths = listing["path"].tolist()
+    rows: list[tuple[str, float]] = []
     with tempfile.TemporaryDirectory() as tmp:
         inputs = [str(Path(tmp) / "sample.csv")]  # the sampled files, as a manifest
         listing[["path"]].to_csv(inputs[0], index=False)
-        ckpt, model = make_checkpoint(Path(tmp), args.model, args.size)
-        amp = device.type == "cuda"
+        ckpt, model = make_checkpoint(Path(tmp), args.model, args.size, val_precision=fast)
         model = model.to(device)
-        if amp:
-            model = model.to(memory_format=torch.channels_last)
-        forward(model, np.stack([plain_decode(p, args.size) for p in paths[:args.batch_size]]), device, amp)
-        plain = plain_loop(model, paths, args.size, args.batch_size, device, amp)
+        plain = plain_loop(model, paths[:args.batch_size], args.size, args.batch_size, device)  # warm-up
+        plain = plain_loop(model, paths, args.size, args.batch_size, device)
+        rows.append(("plain loop: PIL decode + forward, fp32", plain))
         images = np.stack([plain_decode(p, args.size) for p in paths])
-        ceiling = model_only(model, images, args.batch_size, device, amp)
+        ceilings = {}
+        for precision in dict.fromkeys(("fp32", fast)):
+            m = model.to(memory_format=torch.channels_last) if cl else model
+            ceilings[precision] = model_only(m, images, args.batch_size, device, precision, cl)
+            rows.append((f"model only (ceiling), {precision}{' channels_last' if cl else ''}", ceilings[precision]))
         del model, images
         ray.init(num_cpus=args.cpus or None, log_to_driver=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
+        runs = {"score, before this release's defaults (1 CPU actor, fp32)":
+                ScoreConfig(batch_size=args.batch_size, cpus_per_actor=1.0, decode_cpus=1.0, amp="fp32"),
+                "score, defaults with score.amp=fp32": ScoreConfig(batch_size=args.batch_size, amp="fp32"),
+                f"score, defaults (amp=auto: {fast})": ScoreConfig(batch_size=args.batch_size)}
         if device.type == "cuda":
-            score = ScoreConfig(batch_size=args.batch_size, gpus_per_actor=1.0, cpus_per_actor=1.0,
-                                decode_cpus=1.0)
-        else:  # the actor computes on all cores; decoding tasks reserve the rest of the CPU budget
-            score = ScoreConfig(batch_size=args.batch_size, cpus_per_actor=cores - 0.5, decode_cpus=0.5,
-                                torch_threads=cores)
-        summary = run_score(ckpt, inputs, str(Path(tmp) / "out"), score)
+            gpu = ScoreConfig(batch_size=args.batch_size, gpus_per_actor=1.0)
+            runs = {f"score, 1 GPU actor (amp=auto: {fast})": gpu}
+        rates = {}
+        for i, (name, score) in enumerate(runs.items()):
+            summary = run_score(ckpt, inputs, str(Path(tmp) / f"out{i}"), score)
+            assert summary.scored == len(paths), summary
+            rates[name] = summary.images_per_s
+            rows.append((name, summary.images_per_s))
         ray.shutdown()
-    assert summary.scored == len(paths), summary
-    rate = summary.images_per_s
     print(f"\nscoring {len(paths)} real images ({args.model}, {args.size} px, batch {args.batch_size}, "
-          f"device {device}, {cores} threads)")
-    print(f"{'path':<34}{'images/s':>10}")
-    print(f"{'plain loop (PIL + forward)':<34}{plain:>10.1f}")
-    print(f"{'model only (ceiling)':<34}{ceiling:>10.1f}")
-    print(f"{'cxr-ray score (Ray Data)':<34}{rate:>10.1f}")
-    print(f"score / plain   = {rate / plain:.2f}x  (target >= 1.0)")
-    print(f"score / ceiling = {rate / ceiling:.2f}x  (target >= 0.85)")
+          f"device {device}, {cores} threads; bf16 fast here: {fast == 'bf16'})")
+    print("| path | images/s |\n|---|---|")
+    for name, rate in rows:
+        print(f"| {name} | {rate:.1f} |")
+    default = list(rates.values())[-1]
+    print(f"defaults / plain loop = {default / plain:.2f}x  (target >= 1.0)")
+    print(f"defaults / ceiling in the same precision ({fast}) = {default / ceilings[fast]:.2f}x  (target >= 0.85)")
+    if len(rates) == 3:
+        before, fp32 = list(rates.values())[:2]
+        print(f"defaults / before this release = {default / before:.2f}x; defaults / defaults in fp32 = "
+              f"{default / fp32:.2f}x  (target >= 2.5x with bf16)")
 
 
 def tree_rss(pid: int) -> int:

@@ -2,6 +2,7 @@
 
     python benchmarks/train_throughput.py [--model simple_cnn] [--size 128] [--epochs 3]
     python benchmarks/train_throughput.py --device cuda --model resnet50 --size 224   # on a GPU
+    python benchmarks/train_throughput.py --precision       # fp32 vs bf16 training on this CPU
 
 Both paths run the project's own ``engine.train_one_epoch`` with the same model, batch size,
 augmentation and data (the decode-once cache of the shared real images), in the same run:
@@ -10,7 +11,12 @@ permutation of it every epoch with numpy, on all the machine's cores (torch's de
 threads); the Ray path is ``cxr-ray train``'s TorchTrainer with Ray Data shards and its
 default resources (``train.cpus_per_worker=0``: auto), shuffled per epoch as in training.
 Ratio = ray / plain (target >= 0.85 on the 2-core development machine).
+Both run the precision ``train.amp=auto`` picks here (bf16 on a CPU with AMX / AVX-512 BF16).
 With ``--device cuda`` it also reports ResNet-50 images/s with and without bf16 + channels_last.
+
+``--precision``: the plain loop in fp32 vs bf16 (both channels_last, as cxr_ray runs them) for ResNet-50 (unfreeze_depth 1, 224 px) and simple_cnn (128 px), on the same batches,
+plus the validation ROC-AUC of a short simple_cnn run in each precision (evaluated in it).
+Targets on the AMX development machine: >= 2x (ResNet-50), >= 1.3x (simple_cnn), |dAUC| <= 0.01.
 """
 
 from __future__ import annotations
@@ -30,21 +36,23 @@ from common import real_root  # noqa: E402
 
 from cxr_ray.config import ExperimentConfig  # noqa: E402
 from cxr_ray.data.transforms import Collate, pixels_to_array, to_model_size  # noqa: E402
-from cxr_ray.engine import make_optimizer, make_scheduler, train_one_epoch  # noqa: E402
+from cxr_ray.engine import (make_optimizer, make_scheduler, predict, prefers_channels_last,  # noqa: E402
+                            resolve_precision, train_one_epoch)
 from cxr_ray.models import build_model  # noqa: E402
 
 
-def load_train_arrays(cache_uri: str, cache_size: int, image_size: int):
-    """The cache's train split as uint8 images, labels and keys (plain pyarrow, no Ray)."""
+def load_train_arrays(cache_uri: str, cache_size: int, image_size: int, split: str = "train"):
+    """The cache's ``split`` as uint8 images, labels and keys (plain pyarrow, no Ray)."""
     t = pq.read_table(f"{cache_uri}/data", columns=["pixels", "label", "key", "split", "error"]).to_pandas()
-    t = t[(t["split"] == "train") & t["error"].isna()]
+    t = t[(t["split"] == split) & t["error"].isna()]
     images = to_model_size(pixels_to_array(t["pixels"].tolist(), cache_size), image_size)
     return images, t["label"].to_numpy(np.float32), t["key"].to_numpy(np.int64)
 
 
 def plain_epochs(cfg: ExperimentConfig, arrays, epochs: int, device: torch.device,
-                 amp: bool = False, channels_last: bool = False) -> float:
-    """Images/s of a plain PyTorch loop over in-memory arrays (epochs after the first)."""
+                 precision: str = "fp32", channels_last: bool = False, val=None) -> float | tuple[float, float]:
+    """Images/s of a plain PyTorch loop over in-memory arrays (epochs after the first); with
+    ``val`` arrays also the validation ROC-AUC of the trained model, in the same precision."""
     images, labels, keys = arrays
     torch.manual_seed(0)
     model = build_model(cfg.model).to(device)
@@ -62,8 +70,52 @@ def plain_epochs(cfg: ExperimentConfig, arrays, epochs: int, device: torch.devic
                           normalize=cfg.data.normalize)
         batches = (collate({"image": images[order[i:i + bs]], "label": labels[order[i:i + bs]],
                             "key": keys[order[i:i + bs]]}) for i in range(0, len(order), bs))
-        rates.append(train_one_epoch(model, batches, opt, sched, loss_fn, device, amp=amp).images_per_s)
-    return float(np.mean(rates[1:] if len(rates) > 1 else rates))
+        rates.append(train_one_epoch(model, batches, opt, sched, loss_fn, device, precision).images_per_s)
+    rate = float(np.mean(rates[1:] if len(rates) > 1 else rates))
+    if val is None:
+        return rate
+    from sklearn.metrics import roc_auc_score
+
+    collate = Collate(device, channels_last=channels_last, normalize=cfg.data.normalize)
+    images, labels, _ = val
+    probs, y, _ = predict(model, (collate({"image": images[i:i + bs], "label": labels[i:i + bs]})
+                                  for i in range(0, len(labels), bs)), device, precision)
+    return rate, float(roc_auc_score(y, probs))
+
+
+def precision_table(args: argparse.Namespace) -> None:
+    """fp32 vs bf16 training rates of both models and the AUC of a short simple_cnn run in each."""
+    import ray
+
+    from cxr_ray.data.cache import prepare_cache
+    from cxr_ray.runtime import init_ray
+
+    device = torch.device("cpu")
+    base = ExperimentConfig().replace(**{
+        "data.root": str(real_root()), "data.cache_dir": f"{args.workdir}/cache", "data.image_size": 224,
+        "model.weights": "none", "model.width": 16, "train.batch_size": 16, "train.lr": 0.003})
+    init_ray()
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    cache = prepare_cache(base)
+    ray.shutdown()
+    train = load_train_arrays(cache.uri, cache.size, 224)
+    print(f"\n{torch.get_num_threads()} threads; bf16 fast on this CPU: {resolve_precision('auto', device) == 'bf16'}")
+    print("\n| model | images/epoch | fp32 img/s | bf16 img/s | bf16 / fp32 |\n|---|---|---|---|---|")
+    for name, size, depth, n, epochs in (("resnet50", 224, 1, args.limit, 2), ("simple_cnn", 128, 4, None, 3)):
+        cfg = base.replace(**{"model.name": name, "model.unfreeze_depth": depth, "data.image_size": size})
+        arrays = tuple(a[:n] for a in (to_model_size(train[0][:, 0], size), *train[1:]))
+        cl = prefers_channels_last(name, device)
+        fp32 = plain_epochs(cfg, arrays, epochs, device, "fp32", cl)
+        bf16 = plain_epochs(cfg, arrays, epochs, device, "bf16", cl)
+        print(f"| {name} {size}px b16{' channels_last' if cl else ''} | {len(arrays[1])} | {fp32:.1f} | "
+              f"{bf16:.1f} | {bf16 / fp32:.2f}x |")
+    cfg = base.replace(**{"model.name": "simple_cnn", "data.image_size": 128})
+    arrays = (to_model_size(train[0][:, 0], 128), *train[1:])
+    val = load_train_arrays(cache.uri, cache.size, 128, split="val")
+    aucs = {p: plain_epochs(cfg, arrays, args.epochs, device, p, val=val)[1] for p in ("fp32", "bf16")}
+    print(f"\nsimple_cnn 128px, {args.epochs} epochs on {len(arrays[1])} images, validation ROC-AUC on "
+          f"{len(val[1])} images: fp32 {aucs['fp32']:.4f}, bf16 {aucs['bf16']:.4f} "
+          f"(difference {aucs['bf16'] - aucs['fp32']:+.4f})")
 
 
 def ray_epochs(cfg: ExperimentConfig, cache, epochs: int) -> float:
@@ -88,7 +140,12 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="cpu")
     p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "cxr-bench"))
+    p.add_argument("--precision", action="store_true", help="fp32 vs bf16 training on this CPU")
+    p.add_argument("--limit", type=int, default=256, help="--precision: ResNet-50 images per epoch")
     args = p.parse_args(argv)
+    if args.precision:
+        precision_table(args)
+        return 0
     device = torch.device(args.device)
     cfg = ExperimentConfig().replace(**{
         "data.root": str(real_root()), "data.image_size": args.size, "data.cache_dir": f"{args.workdir}/cache",
@@ -97,7 +154,7 @@ def main(argv=None) -> int:
     if device.type == "cuda":
         arrays = _arrays_without_ray(cfg)
         fp32 = plain_epochs(cfg, arrays, args.epochs, device)
-        fast = plain_epochs(cfg, arrays, args.epochs, device, amp=True, channels_last=True)
+        fast = plain_epochs(cfg, arrays, args.epochs, device, "bf16", channels_last=True)
         print(f"| {args.model} {args.size}px batch {args.batch_size} | fp32 {fp32:.0f} img/s | bf16+channels_last "
               f"{fast:.0f} img/s | {fast / fp32:.2f}x |")
         return 0
@@ -106,18 +163,19 @@ def main(argv=None) -> int:
     from cxr_ray.data.cache import prepare_cache
     from cxr_ray.runtime import init_ray
 
-    init_ray(num_cpus=2)  # the local Ray cxr-ray itself starts (worker niceness included)
+    init_ray()  # the local Ray cxr-ray itself starts (worker niceness included)
     ray.data.DataContext.get_current().enable_progress_bars = False
     cache = prepare_cache(cfg)
     arrays = load_train_arrays(cache.uri, cache.size, args.size)
     # Plain loop (all cores: torch's default threads) before and after the Ray run, averaged:
     # this 2-core machine drifts by +-10% between minutes, which would bias a single baseline.
-    before = plain_epochs(cfg, arrays, args.epochs, device)
+    precision, cl = resolve_precision(cfg.train.amp, device), prefers_channels_last(args.model, device)
+    before = plain_epochs(cfg, arrays, args.epochs, device, precision, cl)
     ray_rate = ray_epochs(cfg, cache, args.epochs)
-    after = plain_epochs(cfg, arrays, args.epochs, device)
+    after = plain_epochs(cfg, arrays, args.epochs, device, precision, cl)
     plain = (before + after) / 2
     ray.shutdown()
-    print(f"\nplain loop before/after the Ray run: {before:.1f} / {after:.1f} img/s")
+    print(f"\nplain loop before/after the Ray run: {before:.1f} / {after:.1f} img/s (both in {precision})")
     print(f"\n| model | images/epoch | plain PyTorch ({torch.get_num_threads()} threads) img/s | "
           f"Ray Train (1 worker, defaults) img/s | ratio |")
     print("|---|---|---|---|---|")

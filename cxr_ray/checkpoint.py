@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import pickle
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ import yaml
 import cxr_ray
 from cxr_ray.config import ExperimentConfig
 from cxr_ray.data.catalog import CLASSES
+
+log = logging.getLogger(__name__)
 
 MODEL_FILE, CONFIG_FILE, META_FILE, STATE_FILE = "model.pt", "config.yaml", "checkpoint.json", "train_state.pt"
 
@@ -125,6 +128,25 @@ class LoadedCheckpoint:
     def digest(self) -> str:
         """The content digest (see :func:`content_digest`)."""
         return str(self.meta["digest"])
+
+    @property
+    def val_precision(self) -> str:
+        """The precision its threshold was chosen in (``fp32`` for checkpoints before it was recorded)."""
+        return str(self.meta.get("val_precision", "fp32"))
+
+    def precision(self, setting: str, device: torch.device) -> str:
+        """``bf16`` / ``fp32`` for applying this model on ``device`` under a ``score.amp``-style
+        ``setting``: ``auto`` keeps the threshold's own precision where the device runs it fast
+        (``engine.resolve_precision``), and says so when it cannot."""
+        from cxr_ray.engine import resolve_precision
+
+        chosen = resolve_precision(setting, device, stored=self.val_precision)
+        if chosen != self.val_precision:
+            log.warning("%s: its threshold was chosen in %s; applying it in %s (%s): probabilities differ "
+                        "slightly (bf16 vs fp32 on real images: max 0.02, >= 99.5%% same decisions)",
+                        self.path, self.val_precision, chosen,
+                        f"amp={setting}" if setting != "auto" else f"{device.type} has no fast bf16")
+        return chosen
 
     @property
     def model_id(self) -> str:

@@ -199,7 +199,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     root = args.data or ckpt.cfg.data.root
     io.check_location(args.out, "--out")
     init_ray(args.address)
-    metrics = evaluate_checkpoint(ckpt, root, args.split, args.out, cache_dir=args.cache or "")
+    metrics = evaluate_checkpoint(ckpt, root, args.split, args.out, cache_dir=args.cache or "", amp=args.amp)
     print(format_table(metrics, f"[evaluate] {args.split} split of {root}"))
     print(args.out)
     return 0
@@ -378,6 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", help="cache folder (default: the checkpoint config's)")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--out", required=True, help="output folder or URI")
+    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="model precision (default auto: the precision the checkpoint's threshold was "
+                        "chosen in, where this CPU runs it fast)")
     _config_and_address(p)  # only the config's storage: section applies (the model brings its own)
     p.set_defaults(func=cmd_evaluate)
 

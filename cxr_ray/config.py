@@ -42,6 +42,8 @@ def _check_location(value: str, key: str) -> None:
 
 
 NORMALIZATIONS = ("fixed", "per_image")
+PRECISIONS = ("auto", "bf16", "fp32")  # train.amp, score.amp (engine.resolve_precision)
+LEGACY_BOOLS = {"score.amp": {True: "bf16", False: "fp32"}}  # keys that were true/false before
 
 
 @dataclass(frozen=True)
@@ -176,6 +178,10 @@ class TrainConfig:
     storage_path: str = "runs"  # local folder or pyarrow URI (s3://, gs://) for results
     name: str = ""  # run name; "" -> generated
     keep_checkpoints: int = 2  # best N checkpoints kept by the selection metric
+    # training and validation precision: "auto" = bf16 where the device runs it fast (CUDA with
+    # bf16; CPUs with AMX or AVX-512 BF16, detected at run time), else fp32; "bf16" / "fp32" force
+    # one. The threshold is chosen in it and the checkpoint records it (val_precision).
+    amp: str = "auto"
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", "an int >= 1", self.epochs)
@@ -198,6 +204,7 @@ class TrainConfig:
         _check_location(self.storage_path, "train.storage_path")
         _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", "an int >= 1",
                self.keep_checkpoints)
+        _check(self.amp in PRECISIONS, "train.amp", f"one of {list(PRECISIONS)}", self.amp)
 
 
 SELECTIONS = ("selection_score", "pauc", "recall_at_specificity", "roc_auc")
@@ -272,15 +279,16 @@ class ScoreConfig:
     batch_size: int = 64  # images per model forward
     num_actors: int = 1  # predictor actors, each loading the model once (min when max_actors > 0)
     max_actors: int = 0  # > num_actors: autoscale the predictor pool between the two
-    cpus_per_actor: float = 1.0
+    cpus_per_actor: float = 0.0  # 0 = auto: the cluster's CPUs (up to a node's) shared by the actors
     gpus_per_actor: float = 0.0  # > 0 runs the model on CUDA; fractions share a GPU between actors
     torch_threads: int = 0  # intra-op threads per CPU actor; 0 -> ceil(cpus_per_actor)
     memory_per_actor_gb: float = 1.0  # heap memory reserved per predictor actor (Ray "memory")
-    decode_cpus: float = 1.0  # CPUs reserved by each read+decode task
+    decode_cpus: float = 0.0  # CPUs reserved by each read+decode task; 0 = auto (0.5; 1.0 beside GPUs)
     decode_batch_size: int = 32  # files per read+decode task call
-    # bf16 autocast + channels_last on CUDA (ignored on CPU). Off by default: the stored
-    # threshold was chosen on fp32 validation probabilities (checkpoint.json val_precision).
-    amp: bool = False
+    # model precision: "auto" = the checkpoint's own (checkpoint.json val_precision, the precision
+    # its threshold was chosen in) where the device runs it fast (bf16: CUDA, or a CPU with AMX /
+    # AVX-512 BF16), else fp32; "bf16" / "fp32" force one. (true/false from older configs read as bf16/fp32.)
+    amp: str = "auto"
     compile: bool = False  # torch.compile the model in each actor
     rows_per_file: int = 10_000  # rows per output Parquet file (a committed unit for --resume)
 
@@ -289,15 +297,16 @@ class ScoreConfig:
         _check(self.num_actors >= 1, "score.num_actors", "an int >= 1", self.num_actors)
         _check(self.max_actors == 0 or self.max_actors >= self.num_actors, "score.max_actors",
                f"0 or an int >= score.num_actors ({self.num_actors})", self.max_actors)
-        _check(self.cpus_per_actor > 0, "score.cpus_per_actor", "a float > 0", self.cpus_per_actor)
+        _check(self.cpus_per_actor >= 0, "score.cpus_per_actor", "a float >= 0 (0 = auto)", self.cpus_per_actor)
         _check(self.gpus_per_actor >= 0, "score.gpus_per_actor", "a float >= 0", self.gpus_per_actor)
         _check(self.torch_threads >= 0, "score.torch_threads", "an int >= 0", self.torch_threads)
         _check(self.memory_per_actor_gb >= 0, "score.memory_per_actor_gb", "a float >= 0",
                self.memory_per_actor_gb)
-        _check(self.decode_cpus > 0, "score.decode_cpus", "a float > 0", self.decode_cpus)
+        _check(self.decode_cpus >= 0, "score.decode_cpus", "a float >= 0 (0 = auto)", self.decode_cpus)
         _check(self.decode_batch_size >= 1, "score.decode_batch_size", "an int >= 1",
                self.decode_batch_size)
         _check(self.rows_per_file >= 1, "score.rows_per_file", "an int >= 1", self.rows_per_file)
+        _check(self.amp in PRECISIONS, "score.amp", f"one of {list(PRECISIONS)}", self.amp)
 
 
 @dataclass(frozen=True)
@@ -387,6 +396,8 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
     if typ is float:
         _check(isinstance(value, (int, float)) and not isinstance(value, bool), key, "a number", value)
         return float(value)
+    if typ is str and isinstance(value, bool) and key in LEGACY_BOOLS:
+        return LEGACY_BOOLS[key][value]
     if typ is str:
         _check(isinstance(value, str), key, "a string", value)
         return value
@@ -442,6 +453,8 @@ def apply_overrides(cfg: ExperimentConfig, overrides: Mapping[str, Any]) -> Expe
         node = data
         for part in section.split("."):
             node = node[part]
+        if isinstance(value, bool) and key in LEGACY_BOOLS:
+            value = LEGACY_BOOLS[key][value]
         # YAML reads "weights=none" fine, but "root=123" as int; keep strings strings.
         if isinstance(node[name], str) and not isinstance(value, str) and value is not None:
             value = str(value)

@@ -7,6 +7,7 @@ Batches are ``(images, labels)`` tensors already on the device (see
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -16,16 +17,65 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from cxr_ray.config import TrainConfig
+from cxr_ray.config import PRECISIONS, TrainConfig
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
-def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA when enabled; a no-op otherwise (fp32 on CPU)."""
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+BF16_CPU_FLAGS = {"amx_bf16", "avx512_bf16"}  # Intel Sapphire Rapids and later, AMD Zen 4 and later
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_runs_bf16_fast() -> bool:
+    """True when this CPU has bf16 matrix instructions (AMX or AVX-512 BF16, from the kernel's
+    ``/proc/cpuinfo`` flags); without them bf16 autocast on CPU is emulated and slower than fp32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return bool(BF16_CPU_FLAGS & set(line.split(":", 1)[1].split()))
+    except OSError:  # not Linux: no detection, fp32
+        pass
+    return False
+
+
+def runs_bf16_fast(device: torch.device) -> bool:
+    """bf16 is a speed path on ``device``: a CUDA GPU with bf16, or a CPU with AMX/AVX-512 BF16."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and cpu_runs_bf16_fast()
+
+
+def resolve_precision(setting: str, device: torch.device, stored: str | None = None) -> str:
+    """``"bf16"`` or ``"fp32"`` for a ``train.amp`` / ``score.amp`` setting on ``device``.
+
+    ``bf16``/``fp32`` are taken as given. ``auto`` is bf16 where the device runs it fast, fp32
+    otherwise; with ``stored`` (the precision a checkpoint's threshold was chosen in) ``auto``
+    keeps a threshold's own precision: fp32 for an fp32 threshold, bf16 only where it is fast.
+    """
+    if setting not in PRECISIONS:
+        raise ValueError(f"precision {setting!r}: expected one of {list(PRECISIONS)}")
+    if setting != "auto":
+        return setting
+    if stored == "fp32":
+        return "fp32"
+    return "bf16" if runs_bf16_fast(device) else "fp32"
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast (CPU or CUDA) for ``precision == "bf16"``; a no-op for fp32. Losses,
+    metrics and the sigmoid run in fp32 outside it."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def prefers_channels_last(model_name: str, device: torch.device) -> bool:
+    """channels_last memory format where it is faster: on CUDA and on CPU (oneDNN's NHWC
+    convolutions), for both models. Measured on the AMX development CPU, simple_cnn training at
+    128 px, batch 32: 62 -> 78 img/s in fp32, 134 -> 169 in bf16; ResNet-50 inference at 224 px:
+    10.7 -> 15.6 img/s in fp32. Other devices (e.g. MPS) keep NCHW."""
+    return device.type in ("cuda", "cpu")
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -75,7 +125,7 @@ class EpochResult:
 
 def train_one_epoch(model: nn.Module, batches: Iterable[Batch], optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler | None, loss_fn: nn.Module,
-                    device: torch.device, amp: bool = False,
+                    device: torch.device, precision: str = "fp32",
                     on_batch: Callable[[int, float], None] | None = None) -> EpochResult:
     """One optimisation pass; returns the mean loss per image, image count and wall time.
 
@@ -84,7 +134,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable[Batch], optimizer: torch
     model.train()
     total, n, start = 0.0, 0, time.perf_counter()
     for x, y in batches:
-        with autocast(device, amp):
+        with autocast(device, precision):
             logits = model(x).squeeze(1)
         loss = loss_fn(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
@@ -100,13 +150,13 @@ def train_one_epoch(model: nn.Module, batches: Iterable[Batch], optimizer: torch
 
 
 @torch.no_grad()
-def predict(model: nn.Module, batches: Iterable[Batch], device: torch.device, amp: bool = False,
+def predict(model: nn.Module, batches: Iterable[Batch], device: torch.device, precision: str = "fp32",
             loss_fn: nn.Module | None = None) -> tuple[np.ndarray, np.ndarray, float]:
     """Probabilities of PNEUMONIA, the labels, and the mean loss (nan without ``loss_fn``)."""
     model.eval()
     probs, labels, total = [], [], 0.0
     for x, y in batches:
-        with autocast(device, amp):
+        with autocast(device, precision):
             logits = model(x).squeeze(1).float()
         if loss_fn is not None:
             total += float(loss_fn(logits, y)) * len(y)

@@ -21,7 +21,7 @@ from cxr_ray.checkpoint import LoadedCheckpoint
 from cxr_ray.data import io
 from cxr_ray.data.catalog import CLASSES
 from cxr_ray.data.transforms import Collate
-from cxr_ray.engine import predict
+from cxr_ray.engine import predict, prefers_channels_last
 from cxr_ray.metrics import binary_metrics, bootstrap_ci
 
 log = logging.getLogger(__name__)
@@ -29,16 +29,21 @@ log = logging.getLogger(__name__)
 TABLE_METRICS = ("accuracy", "precision", "recall", "f1", "roc_auc", "specificity")
 
 
-def predict_split(ckpt: LoadedCheckpoint, cache: Any, split: str, batch_size: int = 64
-                  ) -> pd.DataFrame:
-    """``path, patient, label, probability`` for every decodable image of ``split`` (driver process)."""
+def predict_split(ckpt: LoadedCheckpoint, cache: Any, split: str, batch_size: int = 64,
+                  precision: str = "fp32") -> pd.DataFrame:
+    """``path, patient, label, probability`` for every decodable image of ``split`` (driver
+    process, CPU), in ``precision`` (``"bf16"`` / ``"fp32"``, see ``LoadedCheckpoint.precision``)."""
     from cxr_ray.data.pipeline import collated_keeping, split_dataset
 
+    device = torch.device("cpu")
+    channels_last = prefers_channels_last(ckpt.cfg.model.name, device)
+    model = ckpt.model.to(memory_format=torch.channels_last) if channels_last else ckpt.model
     ds = split_dataset(cache, split, ckpt.cfg.data.image_size, with_paths=True)
     kept: dict[str, list] = {}
+    collate = Collate(device, channels_last=channels_last, normalize=ckpt.cfg.data.normalize)
     batches = collated_keeping(ds.iter_batches(batch_size=batch_size, batch_format="numpy"),
-                               Collate("cpu", normalize=ckpt.cfg.data.normalize), ("path", "patient"), kept)
-    probs, labels, _ = predict(ckpt.model, batches, torch.device("cpu"))
+                               collate, ("path", "patient"), kept)
+    probs, labels, _ = predict(model, batches, device, precision)
     return pd.DataFrame({"path": kept.get("path", []), "patient": kept.get("patient", []),
                          "label": labels.astype(np.int64), "probability": probs.astype(np.float32)}
                         ).sort_values("path", ignore_index=True)
@@ -116,7 +121,8 @@ def format_table(metrics: dict[str, Any], title: str) -> str:
     for k in TABLE_METRICS:
         lo, hi = metrics["ci"].get(k, (float("nan"), float("nan")))
         lines.append(f"{k:<12}{metrics[k]:>8.4f}   [{lo:.4f}, {hi:.4f}]")
-    lines.append(f"threshold {metrics['threshold']:.4f} (from validation); n = {metrics['n']}; "
+    how = f", applied in {metrics['amp']}" if "amp" in metrics else ""
+    lines.append(f"threshold {metrics['threshold']:.4f} (from validation{how}); n = {metrics['n']}; "
                  f"confusion [[TN, FP], [FN, TP]] = {metrics['confusion_matrix']}")
     if "ci_method" in metrics:
         lines.append(f"95% CIs: {metrics['ci_method']}")
@@ -124,18 +130,23 @@ def format_table(metrics: dict[str, Any], title: str) -> str:
 
 
 def evaluate_checkpoint(ckpt: LoadedCheckpoint, data_root: str, split: str, out_dir: str,
-                        cache_dir: str = "") -> dict[str, Any]:
-    """Run the full evaluation; writes metrics.json, predictions.parquet and plots to ``out_dir``."""
+                        cache_dir: str = "", amp: str = "auto") -> dict[str, Any]:
+    """Run the full evaluation; writes metrics.json, predictions.parquet and plots to ``out_dir``.
+
+    ``amp`` (``auto`` | ``bf16`` | ``fp32``): ``auto`` is the precision the checkpoint's
+    threshold was chosen in, where this CPU runs it fast (see ``LoadedCheckpoint.precision``)."""
     from cxr_ray.data.cache import prepare_cache
 
     data_cfg = dataclasses.replace(ckpt.cfg.data, root=data_root,
                                    cache_dir=cache_dir or ckpt.cfg.data.cache_dir)
     cfg = dataclasses.replace(ckpt.cfg, data=data_cfg)
     cache = prepare_cache(cfg)
-    preds = predict_split(ckpt, cache, split)
+    precision = ckpt.precision(amp, torch.device("cpu"))
+    preds = predict_split(ckpt, cache, split, precision=precision)
     preds["prediction"] = np.where(preds["probability"] >= ckpt.threshold, CLASSES[1], CLASSES[0])
     metrics = metrics_report(preds, ckpt.threshold)
-    metrics.update(split=split, checkpoint=ckpt.path, data=data_root)
+    metrics.update(split=split, checkpoint=ckpt.path, data=data_root, amp=precision,
+                   val_precision=ckpt.val_precision)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) if io.is_uri(out_dir) else Path(out_dir)  # URIs: write locally, then upload
         out.mkdir(parents=True, exist_ok=True)

@@ -56,8 +56,20 @@ def _load_resnet50_state(weights: str) -> dict[str, torch.Tensor] | None:
     return state
 
 
+class FrozenBatchNorm(FrozenBatchNorm2d):
+    """torchvision's ``FrozenBatchNorm2d`` computed in the input's dtype: under bf16 autocast
+    its fp32 buffers would otherwise turn every frozen block's activations back into fp32
+    (``x * scale + bias`` promotes), and each following convolution would cast them again.
+    Identical in fp32; the same state dict."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        bias = self.bias - self.running_mean * scale
+        return x * scale.to(x.dtype).reshape(1, -1, 1, 1) + bias.to(x.dtype).reshape(1, -1, 1, 1)
+
+
 def _frozen_bn(bn: nn.BatchNorm2d) -> FrozenBatchNorm2d:
-    frozen = FrozenBatchNorm2d(bn.num_features, eps=bn.eps)
+    frozen = FrozenBatchNorm(bn.num_features, eps=bn.eps)
     frozen.load_state_dict({k: v for k, v in bn.state_dict().items() if k != "num_batches_tracked"})
     return frozen
 

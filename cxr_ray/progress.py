@@ -5,7 +5,7 @@ through Ray's worker-log prefix, if at all. Rank 0 therefore sends small progres
 through a Ray queue (:class:`ProgressReporter`); the driver prints them as they arrive
 (:class:`ProgressPrinter`), while ``trainer.fit()`` blocks the main thread.
 
-Event schema (dicts): ``{"kind": "start", "epochs", "start_epoch", "images"}``,
+Event schema (dicts): ``{"kind": "start", "epochs", "start_epoch", "images", "precision"}``,
 ``{"kind": "batch", "epoch", "images", "seconds"}``, ``{"kind": "epoch", "epoch", "seconds",
 "metrics"}``, ``{"kind": "stop", "epoch", "best_epoch"}``.
 """
@@ -109,10 +109,11 @@ class ProgressPrinter:
         if kind == "start":
             self.epochs, self.images = int(e["epochs"]), int(e["images"])
             self.training_started = time.monotonic()  # the ETA leaves out Ray and data start-up
+            how = f" in {e['precision']}" if e.get("precision") else ""
             if e["start_epoch"]:
                 return (f"[train] resumed from checkpoint after epoch {e['start_epoch']}/{self.epochs}; "
-                        f"{self.epochs - e['start_epoch']} epoch(s) to go")
-            return f"[train] training {self.epochs} epoch(s) on {self.images:,} images per worker"
+                        f"{self.epochs - e['start_epoch']} epoch(s) to go{how}")
+            return f"[train] training {self.epochs} epoch(s) on {self.images:,} images per worker{how}"
         if kind == "batch":
             rate = e["images"] / max(e["seconds"], 1e-9)
             left = max(self.images - e["images"], 0) / max(rate, 1e-9)

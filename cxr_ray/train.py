@@ -33,7 +33,7 @@ from cxr_ray.data import io
 from cxr_ray.data.catalog import DataError
 from cxr_ray.data.pipeline import TorchCollate, collated_keeping, epoch_batches, split_datasets
 from cxr_ray.engine import (EarlyStopping, make_optimizer, make_scheduler, pos_weight_from_counts, predict,
-                            train_one_epoch)
+                            prefers_channels_last, resolve_precision, train_one_epoch)
 from cxr_ray.metrics import SELECTION_METRICS, validation_metrics
 from cxr_ray.models import build_model
 from cxr_ray.progress import ProgressPrinter, ProgressReporter
@@ -44,7 +44,6 @@ log = logging.getLogger(__name__)
 REPORTED = ("epoch", "train_loss", "val_loss", "roc_auc", "pr_auc", "accuracy", "precision", "recall",
             "specificity", "f1", "threshold", "n", *SELECTION_METRICS, "specificity_lower_bound", "best_epoch",
             "train_images_per_s", "stop")
-VAL_PRECISION = "fp32"  # validation (and so the stored threshold) runs in fp32, as evaluate does
 
 
 def _world() -> int:
@@ -91,8 +90,11 @@ class TrainLoopRunner:
         # With a progress queue the driver prints each epoch; worker log lines would repeat it.
         self.log = log.info if self.rank == 0 and config.get("progress") is None else log.debug
         torch.manual_seed(t.seed + self.rank)
+        # one precision for training and validation: the threshold is chosen in it (val_precision)
+        self.precision = resolve_precision(t.amp, self.device)
+        self.channels_last = prefers_channels_last(self.cfg.model.name, self.device)
         model = build_model(self.cfg.model)
-        if self.gpu:
+        if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = ray.train.torch.prepare_model(model)
         steps = max(1, int(np.ceil(config["n_train"] / (t.batch_size * max(1, self.ctx.get_world_size())))))
@@ -129,21 +131,23 @@ class TrainLoopRunner:
         """
         t = self.cfg.train
         collate = TorchCollate(self.device, self.cfg.augment, seed=t.seed + 1000 * self.rank, epoch=epoch,
-                               channels_last=self.gpu, normalize=self.cfg.data.normalize)
+                               channels_last=self.channels_last, normalize=self.cfg.data.normalize)
         return epoch_batches(self.train_data, t.batch_size, collate, shuffle_seed=t.seed * 1000 + self.rank,
                              epoch=epoch, prefetch_batches=2 if self.gpu else 0)
 
     def validate(self, epoch: int) -> dict[str, Any]:
-        """Rank 0: metrics over the whole validation split, in fp32 (``VAL_PRECISION``), with the
-        threshold chosen by ``metric.threshold_rule`` over patients.
+        """Rank 0: metrics over the whole validation split, in the training precision (recorded
+        in the checkpoint as ``val_precision``), with the threshold chosen by
+        ``metric.threshold_rule`` over patients.
 
         The unwrapped model runs outside DDP, so no collective waits on the other workers.
         """
         kept: dict[str, list] = {}
-        collate = TorchCollate(self.device, channels_last=self.gpu, normalize=self.cfg.data.normalize)
+        collate = TorchCollate(self.device, channels_last=self.channels_last, normalize=self.cfg.data.normalize)
         batches = collated_keeping(self.val_data.iter_batches(batch_size=self.cfg.train.batch_size,
                                                               batch_format="numpy"), collate, ("patient",), kept)
-        probs, labels, val_loss = predict(unwrap(self.model), batches, self.device, amp=False, loss_fn=self.loss_fn)
+        probs, labels, val_loss = predict(unwrap(self.model), batches, self.device, self.precision,
+                                          loss_fn=self.loss_fn)
         m = self.cfg.metric
         metrics = validation_metrics(labels, probs, m.min_specificity, groups=np.asarray(kept.get("patient", [])),
                                      rule=m.threshold_rule, val_loss=val_loss)
@@ -153,7 +157,7 @@ class TrainLoopRunner:
     def run_epoch(self, epoch: int) -> dict[str, Any]:
         """Train one epoch, validate on the whole validation split, return the metrics."""
         result = train_one_epoch(self.model, self.train_batches(epoch), self.optimizer, self.scheduler,
-                                 self.loss_fn, self.device, amp=self.gpu,
+                                 self.loss_fn, self.device, self.precision,
                                  on_batch=lambda n, sec: self.progress.batch(epoch, n, sec))
         totals = _gather(np.array([[result.loss * result.images, result.images, result.seconds]]))
         metrics = _broadcast(self.validate(epoch) if self.rank == 0 else None)
@@ -177,15 +181,16 @@ class TrainLoopRunner:
         with tempfile.TemporaryDirectory() as d:
             save_checkpoint(d, self.model, self.cfg, metrics["threshold"], metrics, epoch, {
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "early_stopping": self.stopper.state_dict(), "epoch": epoch}, val_precision=VAL_PRECISION)
+                "early_stopping": self.stopper.state_dict(), "epoch": epoch}, val_precision=self.precision)
             ray.train.report(scalars, checkpoint=ray.train.Checkpoint.from_directory(d))
         self.progress.emit("epoch", epoch=epoch, metrics=scalars)
 
     def run(self) -> None:
         """Epochs from the restored position until the last epoch or early stopping."""
         self.restore()
+        how = self.precision + (", channels_last" if self.channels_last else "")
         self.progress.emit("start", epochs=self.cfg.train.epochs, start_epoch=self.start_epoch,
-                           images=self.images_per_worker)
+                           images=self.images_per_worker, precision=f"{how} (train.amp={self.cfg.train.amp})")
         for epoch in range(self.start_epoch, self.cfg.train.epochs):
             metrics = self.run_epoch(epoch)
             self.report(epoch, metrics)
@@ -330,7 +335,7 @@ def check_resources(cfg: ExperimentConfig, trials: int = 1, data_cpus: float = 1
 # Keys that may differ when a run is resumed: where and how fast it runs, not what it learns.
 RESUMABLE_CHANGES = ("train.cpus_per_worker", "train.torch_threads", "train.data_cpus", "train.num_workers",
                      "train.gpus_per_worker", "train.max_failures", "train.storage_path", "train.name",
-                     "data.cache_dir", "data.materialize_gb", "storage.endpoint_url")
+                     "data.cache_dir", "data.materialize_gb", "storage.endpoint_url", "train.amp")
 
 
 def read_run_config(run_dir: str) -> ExperimentConfig:

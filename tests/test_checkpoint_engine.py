@@ -158,3 +158,40 @@ def test_pos_weight():
     assert pos_weight_from_counts(300, 900) == pytest.approx(1 / 3)
     with pytest.raises(ValueError, match="both classes"):
         pos_weight_from_counts(0, 10)
+
+
+def test_precision_policy(monkeypatch):
+    """auto = bf16 where the device runs it fast; a checkpoint's fp32 threshold stays fp32."""
+    from cxr_ray import engine
+
+    cpu = torch.device("cpu")
+    for fast in (True, False):
+        monkeypatch.setattr(engine, "cpu_runs_bf16_fast", lambda fast=fast: fast)
+        want = "bf16" if fast else "fp32"
+        assert engine.resolve_precision("auto", cpu) == want  # training
+        assert engine.resolve_precision("auto", cpu, stored="bf16") == want  # bf16 threshold, if fast
+        assert engine.resolve_precision("auto", cpu, stored="fp32") == "fp32"
+        assert engine.resolve_precision("bf16", cpu, stored="fp32") == "bf16"  # forced
+    with pytest.raises(ValueError, match="expected one of"):
+        engine.resolve_precision("fp16", cpu)
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    monkeypatch.undo()
+    engine.cpu_runs_bf16_fast.cache_clear()
+    assert engine.cpu_runs_bf16_fast() == ("amx_bf16" in flags or "avx512_bf16" in flags)
+
+
+def test_bf16_on_cpu_runs_and_keeps_probabilities_fp32():
+    torch.manual_seed(0)
+    model = build_model(ExperimentConfig().replace(**{"model.name": "simple_cnn", "model.weights": "none",
+                                                      "model.width": 8}).model)
+    x, y = torch.randn(6, 1, 32, 32), torch.zeros(6)
+    p32, _, _ = predict(model, [(x, y)], torch.device("cpu"), "fp32")
+    p16, _, _ = predict(model, [(x, y)], torch.device("cpu"), "bf16")
+    assert p16.dtype == np.float32 and np.abs(p16 - p32).max() < 0.02
+
+
+def test_old_true_false_amp_settings_still_load():
+    from cxr_ray.config import load_config
+
+    assert load_config(None, ["score.amp=true"]).score.amp == "bf16"
+    assert ExperimentConfig.from_saved({"score": {"amp": False}}).score.amp == "fp32"

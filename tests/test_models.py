@@ -28,6 +28,26 @@ def test_frozen_batchnorm_statistics_do_not_move():
     assert any(not torch.equal(state[k], v) for k, v in after_l4.items())  # trainable BN updates
 
 
+def test_frozen_batchnorm_keeps_bf16_activations_bf16():
+    """Under bf16 autocast a frozen stage must not promote its activations back to fp32 (it
+    halved the bf16 speed-up of training ResNet-50 on CPU); in fp32 it equals torchvision's."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    from cxr_ray.models import FrozenBatchNorm
+
+    torch.manual_seed(0)
+    ours, ref = FrozenBatchNorm(8), FrozenBatchNorm2d(8)
+    for m in (ours, ref):
+        m.load_state_dict({"weight": torch.rand(8) + 0.5, "bias": torch.randn(8), "running_mean": torch.randn(8),
+                           "running_var": torch.rand(8) + 0.1} if m is ours else ours.state_dict())
+    x = torch.randn(2, 8, 5, 5)
+    assert torch.allclose(ours(x), ref(x), atol=1e-6)
+    assert ours(x.bfloat16()).dtype == torch.bfloat16 and ref(x.bfloat16()).dtype == torch.float32
+    model = build_model(ModelConfig(weights="none", unfreeze_depth=1)).eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model.layer3(model.layer2(torch.randn(1, 256, 8, 8))).dtype == torch.bfloat16
+
+
 def test_head_is_dropout_and_one_logit():
     model = build_model(ModelConfig(weights="none", dropout=0.4))
     assert isinstance(model.fc[0], nn.Dropout) and model.fc[0].p == 0.4

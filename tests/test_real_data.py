@@ -1,5 +1,6 @@
 """On the shared real chest X-rays (skipped where absent): counts, labels, and that it learns."""
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -66,6 +67,18 @@ def test_scratch_cnn_learns_real_pneumonia_and_scoring_matches_evaluate(ray_loca
     for key in ("roc_auc", "accuracy", "recall", "specificity", "precision", "threshold"):
         assert summary.metrics[key] == pytest.approx(ev[key], abs=1e-6), key
     assert summary.metrics["confusion_matrix"] == ev["confusion_matrix"]
+
+    # Training chose the threshold in its own precision (bf16 where this CPU runs it fast), and
+    # bf16 and fp32 probabilities agree on the real validation images.
+    from cxr_ray.engine import cpu_runs_bf16_fast
+    from cxr_ray.evaluate import predict_split
+
+    ckpt = load_checkpoint(best_ckpt.path)
+    assert ckpt.val_precision == ("bf16" if cpu_runs_bf16_fast() else "fp32") == ev["amp"]
+    cache = prepare_cache(cfg)
+    p32, p16 = (predict_split(ckpt, cache, "val", precision=p)["probability"].to_numpy() for p in ("fp32", "bf16"))
+    assert len(p32) == len(preds) and np.abs(p16 - p32).max() <= 0.02
+    assert ((p16 >= ckpt.threshold) == (p32 >= ckpt.threshold)).mean() >= 0.995
 
 
 def test_every_patient_of_the_real_data_stays_in_one_split(real_root):

@@ -206,3 +206,27 @@ def test_uri_inputs_and_output(ray_local, checkpoint, mixed_folder, tmp_path):
     assert set(df["path"]) == set(listing["path"]) and df["error"].isna().all()
     assert summary.scored == 14 and summary.metrics is not None
     assert (tmp_path / "uri_out" / "_metrics.json").is_file() and not (tmp_path / "uri_out" / "_tmp").exists()
+
+
+def test_defaults_size_the_job_from_the_cluster_and_keep_the_checkpoint_precision(ray_local, checkpoint,
+                                                                                  tmp_path, monkeypatch):
+    """Nothing set: one actor takes the 2-CPU cluster's CPUs after a 0.5-CPU decode task, and
+    the model runs in the precision its threshold was chosen in, where the CPU runs it fast."""
+    from cxr_ray import engine
+    from cxr_ray.score.job import resolve_score
+
+    fp32 = load_checkpoint(checkpoint)  # saved with val_precision fp32
+    bf16_dir = tmp_path / "bf16"
+    shutil.copytree(checkpoint, bf16_dir)
+    meta = bf16_dir / "checkpoint.json"
+    meta.write_text(meta.read_text().replace('"val_precision": "fp32"', '"val_precision": "bf16"'))
+    bf16 = load_checkpoint(bf16_dir)
+    for fast in (True, False):
+        monkeypatch.setattr(engine, "cpu_runs_bf16_fast", lambda fast=fast: fast)
+        auto = resolve_score(ScoreConfig(), bf16)
+        assert (auto.decode_cpus, auto.cpus_per_actor, auto.amp) == (0.5, 1.5, "bf16" if fast else "fp32")
+        assert resolve_score(ScoreConfig(), fp32).amp == "fp32"
+        assert resolve_score(ScoreConfig(amp="bf16"), fp32).amp == "bf16"
+    two = resolve_score(ScoreConfig(num_actors=2, decode_cpus=0.4), fp32)
+    assert (two.cpus_per_actor, two.decode_cpus) == (0.75, 0.4)
+    assert resolve_score(ScoreConfig(cpus_per_actor=1.0), fp32).cpus_per_actor == 1.0  # as set

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -65,6 +66,41 @@ class ScoreSummary:
                  f"{self.images_per_s:.1f} images/s over {self.seconds:.1f} s"]
         lines.append(f"[score] output {self.output}: {self.total_rows} rows")
         return "\n".join(lines)
+
+
+AUTO_DECODE_CPUS = 0.5  # per read+decode task: a 224-1024 px JPEG decodes far faster than a CPU model runs
+
+
+def resolve_score(score: ScoreConfig, ckpt: LoadedCheckpoint) -> ScoreConfig:
+    """``score`` with its auto settings made concrete for the running cluster, once per job:
+
+    - ``decode_cpus=0``: 0.5 per read+decode task (1.0 next to GPU actors);
+    - ``cpus_per_actor=0``: on CPU, the cluster's CPUs after one decode task shared among the
+      pool's actors (never more than one node has, in quarter CPUs), so a user who sets
+      nothing gets the machine; 1.0 next to a GPU; the actor runs one torch thread per CPU;
+    - ``amp=auto``: the checkpoint's own precision where the actors' device runs it fast
+      (:meth:`LoadedCheckpoint.precision`), decided here so every actor of a job uses the same.
+    """
+    import ray
+    import torch
+
+    gpu = score.gpus_per_actor > 0
+    decode = score.decode_cpus or (1.0 if gpu else AUTO_DECODE_CPUS)
+    cpus = score.cpus_per_actor
+    if not cpus:
+        if gpu:
+            cpus = 1.0
+        else:
+            nodes = [float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
+            free = float(ray.cluster_resources().get("CPU", 0.0)) - decode
+            cpus = min(max(nodes, default=1.0), free / max(score.num_actors, score.max_actors))
+            cpus = max(0.25, math.floor(cpus * 4) / 4)
+    device = torch.device("cuda" if gpu else "cpu")
+    if gpu and not torch.cuda.is_available() and score.amp == "auto":
+        amp = ckpt.val_precision  # a driver without a GPU cannot probe the actors' one
+    else:
+        amp = ckpt.precision(score.amp, device)
+    return dataclasses.replace(score, decode_cpus=decode, cpus_per_actor=cpus, amp=amp)
 
 
 def check_resources(score: ScoreConfig) -> None:
@@ -198,7 +234,11 @@ def _run_leased(ckpt: LoadedCheckpoint, out: OutputFolder, inputs: list[str], sc
     if with_labels and todo.labelled == 0:
         raise ScoreError("--with-labels: no input file sits in a NORMAL/PNEUMONIA folder and no "
                          "manifest has a 'label' column")
+    score = resolve_score(score, ckpt)
     check_resources(score)
+    log.info("[score] %d predictor actor(s) x %g CPU(s)%s, model in %s; read+decode tasks %g CPU(s) each",
+             score.num_actors, score.cpus_per_actor, f" + {score.gpus_per_actor:g} GPU" if score.gpus_per_actor else
+             f" ({score.torch_threads or math.ceil(score.cpus_per_actor)} torch threads)", score.amp, score.decode_cpus)
     check_shared_paths({"--input": todo.first_path} if todo.first_path else {})  # read on every node
     job = out.read_job() or {"started_at": datetime.now(timezone.utc).isoformat(), "runs": []}
     job.update(checkpoint=str(checkpoint), model=ckpt.model_id, threshold=ckpt.threshold,

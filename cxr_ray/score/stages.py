@@ -52,8 +52,9 @@ def score_device(score: ScoreConfig):
 class Predictor:
     """Ray Data callable class: loads the checkpoint once per actor, scores decoded batches.
 
-    On CUDA with ``score.amp`` it runs bf16 autocast on a channels_last model; on CPU it
-    runs fp32 with ``score.torch_threads`` (default: the actor's CPUs) intra-op threads.
+    Precision from ``score.amp`` (``auto``: the checkpoint's own where the device runs it fast,
+    see ``LoadedCheckpoint.precision``), channels_last where faster; on CPU with
+    ``score.torch_threads`` (default: the actor's CPUs) intra-op threads.
     """
 
     def __init__(self, checkpoint: str, score: dict[str, Any]):
@@ -66,21 +67,24 @@ class Predictor:
         if self.device.type == "cpu":
             torch.set_num_threads(self.score.torch_threads or math.ceil(self.score.cpus_per_actor))
         ckpt = load_checkpoint(checkpoint)
-        self.amp = self.score.amp and self.device.type == "cuda"
+        from cxr_ray.engine import prefers_channels_last
+
+        self.precision = ckpt.precision(self.score.amp, self.device)
+        channels_last = prefers_channels_last(ckpt.cfg.model.name, self.device)
         model = ckpt.model.to(self.device)
-        if self.amp:
+        if channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = torch.compile(model) if self.score.compile else model
         self.threshold, self.model_id = np.float32(ckpt.threshold), ckpt.model_id
-        self.collate = Collate(self.device, channels_last=self.amp, normalize=ckpt.cfg.data.normalize)
+        self.collate = Collate(self.device, channels_last=channels_last, normalize=ckpt.cfg.data.normalize)
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """PNEUMONIA probabilities of uint8 ``(B, 1, N, N)`` images: evaluation's own
-        ``Collate`` (normalise, channels_last on GPU) and the engine's ``predict``."""
+        ``Collate`` (normalise, channels_last) and the engine's ``predict``."""
         from cxr_ray.engine import predict
 
         batch = self.collate({"image": images, "label": np.zeros(len(images), np.float32)})
-        probs, _, _ = predict(self.model, [batch], self.device, amp=self.amp)
+        probs, _, _ = predict(self.model, [batch], self.device, self.precision)
         return probs.astype(np.float32)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -109,7 +109,7 @@ def main(argv=None) -> int:
     from cxr_ray.runtime import init_ray
     from cxr_ray.train import run_training
 
-    init_ray(num_cpus=2)
+    init_ray()
     ray.data.DataContext.get_current().enable_progress_bars = False
     cache = prepare_cache(cfg)
     result = run_training(cfg, cache, progress=False)

@@ -14,9 +14,10 @@ Ratio = ray / plain (target >= 0.85 on the 2-core development machine).
 Both run the precision ``train.amp=auto`` picks here (bf16 on a CPU with AMX / AVX-512 BF16).
 With ``--device cuda`` it also reports ResNet-50 images/s with and without bf16 + channels_last.
 
-``--precision``: the plain loop in fp32 vs bf16 (both channels_last, as cxr_ray runs them) for ResNet-50 (unfreeze_depth 1, 224 px) and simple_cnn (128 px), on the same batches,
-plus the validation ROC-AUC of a short simple_cnn run in each precision (evaluated in it).
-Targets on the AMX development machine: >= 2x (ResNet-50), >= 1.3x (simple_cnn), |dAUC| <= 0.01.
+``--precision``: the plain loop in fp32 vs bf16 (both channels_last, as cxr_ray runs them) for
+ResNet-50 (unfreeze_depth 1, 224 px) and simple_cnn (128 px), on the same batches, plus the
+validation ROC-AUC of a short simple_cnn run in each precision (evaluated in it). Targets on the
+AMX development machine: >= 2x (ResNet-50), >= 1.3x (simple_cnn), |dAUC| <= 0.01.
 """
 
 from __future__ import annotations

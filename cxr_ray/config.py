@@ -282,7 +282,7 @@ class ScoreConfig:
     cpus_per_actor: float = 0.0  # 0 = auto: the cluster's CPUs (up to a node's) shared by the actors
     gpus_per_actor: float = 0.0  # > 0 runs the model on CUDA; fractions share a GPU between actors
     torch_threads: int = 0  # intra-op threads per CPU actor; 0 -> ceil(cpus_per_actor)
-    memory_per_actor_gb: float = 1.0  # heap memory reserved per predictor actor (Ray "memory")
+    memory_per_actor_gb: float = 1.5  # heap reserved per predictor actor (Ray "memory"); ResNet-50 CPU: 1.2 GiB
     decode_cpus: float = 0.0  # CPUs reserved by each read+decode task; 0 = auto (0.5; 1.0 beside GPUs)
     decode_batch_size: int = 32  # files per read+decode task call
     # model precision: "auto" = the checkpoint's own (checkpoint.json val_precision, the precision

@@ -56,6 +56,16 @@ def _load_resnet50_state(weights: str) -> dict[str, torch.Tensor] | None:
     return state
 
 
+class LogitLinear(nn.Linear):
+    """The classifier's last layer, always in fp32 (also under bf16 autocast): bf16 logits
+    carry ~3 significant digits, which ties validation probabilities, coarsens the selection
+    score and the chosen threshold. Costs one small fp32 matmul; the same state dict."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(x.float())
+
+
 class FrozenBatchNorm(FrozenBatchNorm2d):
     """torchvision's ``FrozenBatchNorm2d`` computed in the input's dtype: under bf16 autocast
     its fp32 buffers would otherwise turn every frozen block's activations back into fp32
@@ -106,7 +116,7 @@ def build_resnet50(cfg: ModelConfig) -> nn.Module:
     for name in (*STEM, *RESNET_STAGES):
         if name not in trainable:
             _freeze(model, name)
-    model.fc = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(model.fc.in_features, 1))
+    model.fc = nn.Sequential(nn.Dropout(cfg.dropout), LogitLinear(model.fc.in_features, 1))
     return model
 
 
@@ -127,7 +137,7 @@ class SimpleCNN(nn.Module):
         chans = [1, width, width * 2, width * 4, width * 8]
         self.features = nn.Sequential(*[_conv_block(a, b) for a, b in zip(chans[:-1], chans[1:])])
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout),
-                                  nn.Linear(chans[-1], 1))
+                                  LogitLinear(chans[-1], 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import uuid
 
@@ -59,6 +60,17 @@ def worker_env() -> dict | None:
 
     endpoint = os.environ.get(ENDPOINT_ENV)
     return {"env_vars": {ENDPOINT_ENV: endpoint}} if endpoint else None
+
+
+def cpu_share(reserved: float, shares: int) -> float:
+    """CPUs for each of ``shares`` equal consumers of the cluster after ``reserved`` CPUs: never
+    more than the largest node has, in quarter CPUs (a tidy number in config.yaml), at least 0.25."""
+    import ray
+
+    nodes = [float(n["Resources"].get("CPU", 0)) for n in alive_nodes()]
+    free = float(ray.cluster_resources().get("CPU", 0.0)) - reserved
+    cpus = min(max(nodes, default=1.0), free / max(1, shares))
+    return max(0.25, math.floor(cpus * 4) / 4)
 
 
 def alive_nodes() -> list[dict]:

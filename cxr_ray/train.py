@@ -37,7 +37,7 @@ from cxr_ray.engine import (EarlyStopping, make_optimizer, make_scheduler, pos_w
 from cxr_ray.metrics import SELECTION_METRICS, validation_metrics
 from cxr_ray.models import build_model
 from cxr_ray.progress import ProgressPrinter, ProgressReporter
-from cxr_ray.runtime import check_shared_paths
+from cxr_ray.runtime import check_shared_paths, cpu_share
 
 log = logging.getLogger(__name__)
 
@@ -237,10 +237,7 @@ def resolve_resources(cfg: ExperimentConfig, for_tune: bool = False) -> Experime
     if for_tune:
         cpus = 1.0
     else:
-        nodes = [float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
-        free = float(ray.cluster_resources().get("CPU", 0.0)) - t.data_cpus
-        cpus = min(max(nodes, default=1.0), free / max(1, t.num_workers))
-        cpus = max(0.25, math.floor(cpus * 4) / 4)  # quarter CPUs: a tidy number in config.yaml
+        cpus = cpu_share(t.data_cpus, t.num_workers)
     return cfg.replace(**{"train.cpus_per_worker": cpus})
 
 

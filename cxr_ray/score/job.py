@@ -19,7 +19,7 @@ from cxr_ray.data import io
 from cxr_ray.data.catalog import CLASSES, patient_id
 from cxr_ray.data.lease import LeaseHeld, acquire
 from cxr_ray.data.listing import UNKNOWN_LABEL, PathSet, check_inputs, iter_inputs
-from cxr_ray.runtime import check_shared_paths
+from cxr_ray.runtime import check_shared_paths, cpu_share
 from cxr_ray.score.output import (
     JOB_FILE,
     LEASE_FILE,
@@ -81,20 +81,11 @@ def resolve_score(score: ScoreConfig, ckpt: LoadedCheckpoint) -> ScoreConfig:
     - ``amp=auto``: the checkpoint's own precision where the actors' device runs it fast
       (:meth:`LoadedCheckpoint.precision`), decided here so every actor of a job uses the same.
     """
-    import ray
     import torch
 
     gpu = score.gpus_per_actor > 0
     decode = score.decode_cpus or (1.0 if gpu else AUTO_DECODE_CPUS)
-    cpus = score.cpus_per_actor
-    if not cpus:
-        if gpu:
-            cpus = 1.0
-        else:
-            nodes = [float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
-            free = float(ray.cluster_resources().get("CPU", 0.0)) - decode
-            cpus = min(max(nodes, default=1.0), free / max(score.num_actors, score.max_actors))
-            cpus = max(0.25, math.floor(cpus * 4) / 4)
+    cpus = score.cpus_per_actor or (1.0 if gpu else cpu_share(decode, max(score.num_actors, score.max_actors)))
     device = torch.device("cuda" if gpu else "cpu")
     if gpu and not torch.cuda.is_available() and score.amp == "auto":
         amp = ckpt.val_precision  # a driver without a GPU cannot probe the actors' one

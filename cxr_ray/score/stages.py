@@ -67,9 +67,10 @@ class Predictor:
         if self.device.type == "cpu":
             torch.set_num_threads(self.score.torch_threads or math.ceil(self.score.cpus_per_actor))
         ckpt = load_checkpoint(checkpoint)
-        from cxr_ray.engine import prefers_channels_last
+        from cxr_ray.engine import prefers_channels_last, resolve_precision
 
-        self.precision = ckpt.precision(self.score.amp, self.device)
+        # the driver resolved score.amp for the job (job.resolve_score) and warned about a mismatch
+        self.precision = resolve_precision(self.score.amp, self.device, ckpt.val_precision)
         channels_last = prefers_channels_last(ckpt.cfg.model.name, self.device)
         model = ckpt.model.to(self.device)
         if channels_last:

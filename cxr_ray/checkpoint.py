@@ -5,7 +5,8 @@ Layout::
     model.pt          state dict of the (unwrapped) model, loaded with weights_only=True
     config.yaml       the full ExperimentConfig the model was trained with
     checkpoint.json   threshold, the rule that chose it and the precision it was chosen in
-                      (threshold_rule, val_precision), class map, the validation metrics at it,
+                      (threshold_rule, val_precision), the temperature that calibrates the
+                      probabilities (absent: 1), class map, the validation metrics at it,
                       epoch, versions of torch/torchvision/ray/cxr_ray, and ``digest``: a
                       SHA-256 of the weights, the config and the threshold (the model's
                       identity: scoring output's ``model`` column, the URI fetch cache)
@@ -65,30 +66,34 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, cfg: ExperimentConfig, threshold: float,
                     metrics: dict[str, Any], epoch: int, train_state: dict[str, Any] | None = None,
-                    val_precision: str = "fp32") -> Path:
+                    val_precision: str = "fp32", temperature: float | None = None) -> Path:
     """Write a checkpoint folder (see module doc) and return its path.
 
     ``val_precision``: the precision of the validation pass that chose ``threshold``; the
-    threshold belongs to it (bf16 and fp32 probabilities differ slightly).
+    threshold belongs to it (bf16 and fp32 probabilities differ slightly). ``temperature``:
+    probabilities are ``sigmoid(logit / temperature)`` and ``threshold`` is on that scale.
     """
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
     torch.save(state, out / MODEL_FILE)
     cfg.to_yaml(out / CONFIG_FILE)
-    meta = {"digest": content_digest(out, float(threshold)), "threshold": float(threshold),
+    meta = {"digest": content_digest(out, float(threshold), temperature), "threshold": float(threshold),
             "threshold_rule": metrics.get("threshold_rule", "given"),
             "val_precision": val_precision, "class_map": {str(i): c for i, c in enumerate(CLASSES)},
             "positive_class": CLASSES[1], "epoch": int(epoch), "metrics": _jsonable(metrics),
             "versions": versions()}
+    if temperature is not None:
+        meta["temperature"] = float(temperature)
     (out / META_FILE).write_text(json.dumps(meta, indent=1))
     if train_state is not None:
         torch.save(train_state, out / STATE_FILE)
     return out
 
 
-def content_digest(folder: Path, threshold: float) -> str:
-    """``sha256:<hex>`` of model.pt, config.yaml and the threshold: what decides every score."""
+def content_digest(folder: Path, threshold: float, temperature: float | None = None) -> str:
+    """``sha256:<hex>`` of model.pt, config.yaml, the threshold and the temperature (when the
+    checkpoint has one): what decides every score."""
     import hashlib
 
     h = hashlib.sha256()
@@ -97,6 +102,8 @@ def content_digest(folder: Path, threshold: float) -> str:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
     h.update(repr(float(threshold)).encode())
+    if temperature is not None:
+        h.update(f"T={float(temperature)!r}".encode())
     return f"sha256:{h.hexdigest()}"
 
 
@@ -130,14 +137,19 @@ class LoadedCheckpoint:
         return str(self.meta["digest"])
 
     @property
+    def temperature(self) -> float:
+        """Probabilities are ``sigmoid(logit / temperature)`` (1.0 for checkpoints without one)."""
+        return float(self.meta.get("temperature") or 1.0)
+
+    @property
     def val_precision(self) -> str:
         """The precision its threshold was chosen in (``fp32`` for checkpoints before it was recorded)."""
         return str(self.meta.get("val_precision", "fp32"))
 
-    def precision(self, setting: str, device: torch.device) -> str:
+    def precision(self, setting: str, device: torch.device, why: str = "") -> str:
         """``bf16`` / ``fp32`` for applying this model on ``device`` under a ``score.amp``-style
         ``setting``: ``auto`` keeps the threshold's own precision where the device runs it fast
-        (``engine.resolve_precision``), and says so when it cannot."""
+        (``engine.resolve_precision``), and says so (or ``why``) when it cannot."""
         from cxr_ray.engine import resolve_precision
 
         chosen = resolve_precision(setting, device, stored=self.val_precision)
@@ -145,7 +157,7 @@ class LoadedCheckpoint:
             log.warning("%s: its threshold was chosen in %s; applying it in %s (%s): probabilities differ "
                         "slightly (bf16 vs fp32 on real images: max 0.02, >= 99.5%% same decisions)",
                         self.path, self.val_precision, chosen,
-                        f"amp={setting}" if setting != "auto" else f"{device.type} has no fast bf16")
+                        why or (f"amp={setting}" if setting != "auto" else f"{device.type} has no fast bf16"))
         return chosen
 
     @property
@@ -191,7 +203,8 @@ def fetch_checkpoint(uri: str) -> Path:
             raise CheckpointError(f"{uri} is not a cxr_ray checkpoint: {name} is missing")
         (tmp / name).write_bytes(io.read_bytes(io.join(uri, name)))
     (tmp / META_FILE).write_text(json.dumps(meta))  # the same meta whose digest keys the copy
-    local = cache / _digest_key(meta.get("digest") or content_digest(tmp, float(meta["threshold"])))
+    local = cache / _digest_key(meta.get("digest") or content_digest(tmp, float(meta["threshold"]),
+                                                                     meta.get("temperature")))
     if local.exists():
         shutil.rmtree(tmp)
     else:
@@ -212,6 +225,10 @@ def load_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
     from cxr_ray.models import build_model
 
     folder = fetch_checkpoint(str(path)) if io.is_uri(str(path)) else Path(path)
+    if (folder / "model.json").is_file() and not (folder / CONFIG_FILE).is_file():
+        source = json.loads((folder / "model.json").read_text()).get("source", {}).get("checkpoint")
+        raise CheckpointError(f"{folder} is a model exported by cxr-ray export, not a checkpoint; pass the "
+                              f"checkpoint it came from ({source}); score.backend=onnxruntime runs its ONNX export")
     for name in (MODEL_FILE, CONFIG_FILE, META_FILE):
         if not (folder / name).is_file():
             raise CheckpointError(f"{folder} is not a cxr_ray checkpoint: {name} is missing")
@@ -219,7 +236,7 @@ def load_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
     meta = json.loads((folder / META_FILE).read_text())
     model = build_model(dataclasses.replace(cfg.model, weights="none"))
     state = safe_load(folder / MODEL_FILE)  # first: a file that would run code is refused as such
-    actual = content_digest(folder, float(meta["threshold"]))
+    actual = content_digest(folder, float(meta["threshold"]), meta.get("temperature"))
     if meta.setdefault("digest", actual) != actual:  # checkpoints saved before digests: computed
         raise CheckpointError(f"{folder}: model.pt, config.yaml or the threshold changed after the checkpoint "
                               f"was saved (digest {actual[:19]}..., checkpoint.json says {meta['digest'][:19]}...); "

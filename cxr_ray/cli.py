@@ -180,6 +180,9 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"{b['recall']:.4f} and specificity {b['specificity']:.4f} (95% lower bound "
           f"{b['specificity_lower_bound']:.4f}) at threshold {b['threshold']:.4f}, chosen by "
           f"{cfg.metric.threshold_rule} on {b['n']} validation images")
+    if cfg.metric.calibrate and "temperature" in b:  # (checkpoints of runs started before it: absent)
+        print(f"[train] probabilities calibrated on validation: temperature {b['temperature']:.3f}, "
+              f"ECE {b['val_ece_before']:.4f} -> {b['val_ece']:.4f}")
     print(f"[train] run folder: {io.checkpoint_uri(result)}")
     print(io.checkpoint_uri(best))  # s3://... stays s3://: Ray's own .path is the key in the bucket
     return 0
@@ -238,6 +241,32 @@ def cmd_score(args: argparse.Namespace) -> int:
         print(format_table(summary.metrics, f"[score] metrics over the labelled rows of {args.output}"))
     print(summary.format())
     print(args.output)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export a checkpoint as ONNX or TorchScript with its JSON contract; last line: the folder."""
+    from cxr_ray.checkpoint import load_checkpoint
+    from cxr_ray.data import io
+    from cxr_ray.export import FORMATS, SIDECAR, export_checkpoint
+
+    bad = [o for o in args.set if not o.split("=", 1)[0].strip().startswith("storage.")]
+    if bad:
+        raise ConfigError(f"export uses the checkpoint's own config; only storage.* may be set, not {bad}")
+    ckpt = load_checkpoint(args.checkpoint)
+    io.check_location(args.out, "--out")
+    meta = export_checkpoint(ckpt, args.format, args.out)
+    art, inp, dec = meta["artifacts"][args.format], meta["input"], meta["decision"]
+    diff = art["parity_max_abs_logit_diff"]
+    print(f"[export] {ckpt.model_id} -> {io.join(args.out, FORMATS[args.format])} ({art['exporter']})")
+    print(f"[export] input {inp['name']}: float32 {tuple(inp['shape'])}, 8-bit gray / 255, "
+          f"normalisation ({inp['normalization']['mode']}) inside the model; output {meta['output']['name']}: "
+          f"PNEUMONIA logit; PNEUMONIA when {dec['probability']} >= {dec['threshold']:.6g}")
+    print("[export] parity with the checkpoint (fp32, 3 random images): "
+          + (f"max |logit difference| {diff:.2e}" if diff is not None else
+             "not checked (onnxruntime is not installed: pip install 'cxr_ray[onnx]')"))
+    print(f"[export] contract: {io.join(args.out, SIDECAR)}")
+    print(args.out)
     return 0
 
 
@@ -397,6 +426,14 @@ def build_parser() -> argparse.ArgumentParser:
     _config_and_address(p)  # the config's score: section sets the scale
     p.set_defaults(func=cmd_score)
 
+    p = sub.add_parser("export", help="export a checkpoint as ONNX or TorchScript with its JSON contract")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder or URI (from train or tune)")
+    p.add_argument("--format", required=True, choices=["onnx", "torchscript"],
+                   help="onnx (needs the onnx extra) or torchscript")
+    p.add_argument("--out", required=True, help="output folder or URI (model file + model.json)")
+    _config_and_address(p)  # only the config's storage: section applies
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("inspect", help="counts per split/class, patients, sizes, problems")
     _common(p)
     p.set_defaults(func=cmd_inspect)
@@ -412,12 +449,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from cxr_ray.data.catalog import DataError
     from cxr_ray.models import WeightsError
     from cxr_ray.data.io import StorageError
+    from cxr_ray.export import ExportError
     from cxr_ray.runtime import ClusterError
 
     try:
         use_storage_from_args(args)
         return func(args)
-    except (ConfigError, DataError, CheckpointError, WeightsError, ClusterError, StorageError) as e:
+    except (ConfigError, DataError, CheckpointError, WeightsError, ClusterError, StorageError,
+            ExportError) as e:
         print(f"cxr-ray {args.command}: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001 - a Ray worker's failure, or a bug: one line + the log

@@ -43,6 +43,7 @@ def _check_location(value: str, key: str) -> None:
 
 NORMALIZATIONS = ("fixed", "per_image")
 PRECISIONS = ("auto", "bf16", "fp32")  # train.amp, score.amp (engine.resolve_precision)
+SCORE_BACKENDS = ("auto", "torch", "onnxruntime")  # score.backend
 LEGACY_BOOLS = {"score.amp": {True: "bf16", False: "fp32"}}  # keys that were true/false before
 
 
@@ -223,6 +224,9 @@ class MetricConfig:
     # spec_lower_bound: lowest threshold whose 95% patient-bootstrap lower bound of validation
     # specificity >= min_specificity; point: the point estimate (sits on one image)
     threshold_rule: str = "spec_lower_bound"
+    # temperature scaling: fit T on each validation pass's logits (stored in the checkpoint,
+    # applied by evaluate and score), so probabilities are calibrated; false keeps T = 1
+    calibrate: bool = True
 
     def __post_init__(self) -> None:
         _check(0.0 < self.min_specificity < 1.0, "metric.min_specificity", "a float in (0, 1)",
@@ -290,6 +294,11 @@ class ScoreConfig:
     # AVX-512 BF16), else fp32; "bf16" / "fp32" force one. (true/false from older configs read as bf16/fp32.)
     amp: str = "auto"
     compile: bool = False  # torch.compile the model in each actor
+    # what runs the model in the actors: "torch" (the checkpoint's PyTorch model), or
+    # "onnxruntime" (its ONNX export, made once per machine; fp32; needs the onnx extra);
+    # "auto": onnxruntime where the job runs fp32 on CPU and the onnx extra is installed
+    # (1.7x torch fp32 on the development CPU), torch otherwise (bf16, GPUs, score.compile)
+    backend: str = "auto"
     rows_per_file: int = 10_000  # rows per output Parquet file (a committed unit for --resume)
 
     def __post_init__(self) -> None:
@@ -307,6 +316,12 @@ class ScoreConfig:
                self.decode_batch_size)
         _check(self.rows_per_file >= 1, "score.rows_per_file", "an int >= 1", self.rows_per_file)
         _check(self.amp in PRECISIONS, "score.amp", f"one of {list(PRECISIONS)}", self.amp)
+        _check(self.backend in SCORE_BACKENDS, "score.backend", f"one of {list(SCORE_BACKENDS)}", self.backend)
+        _check(self.backend != "onnxruntime" or self.amp != "bf16", "score.amp",
+               "auto or fp32 with score.backend=onnxruntime (its export runs fp32; bf16 needs "
+               "score.backend=torch)", self.amp)
+        _check(self.backend != "onnxruntime" or not self.compile, "score.compile",
+               "false with score.backend=onnxruntime (torch.compile applies to the torch backend)", self.compile)
 
 
 @dataclass(frozen=True)

@@ -150,21 +150,37 @@ def train_one_epoch(model: nn.Module, batches: Iterable[Batch], optimizer: torch
 
 
 @torch.no_grad()
-def predict(model: nn.Module, batches: Iterable[Batch], device: torch.device, precision: str = "fp32",
-            loss_fn: nn.Module | None = None) -> tuple[np.ndarray, np.ndarray, float]:
-    """Probabilities of PNEUMONIA, the labels, and the mean loss (nan without ``loss_fn``)."""
+def predict_logits(model: nn.Module, batches: Iterable[Batch], device: torch.device, precision: str = "fp32",
+                   loss_fn: nn.Module | None = None) -> tuple[np.ndarray, np.ndarray, float]:
+    """fp32 PNEUMONIA logits, the labels, and the mean loss (nan without ``loss_fn``)."""
     model.eval()
-    probs, labels, total = [], [], 0.0
+    logits_all, labels, total = [], [], 0.0
     for x, y in batches:
         with autocast(device, precision):
             logits = model(x).squeeze(1).float()
         if loss_fn is not None:
             total += float(loss_fn(logits, y)) * len(y)
-        probs.append(torch.sigmoid(logits).cpu().numpy())
+        logits_all.append(logits.cpu().numpy())
         labels.append(y.cpu().numpy())
-    p = np.concatenate(probs) if probs else np.zeros(0, np.float32)
+    z = np.concatenate(logits_all) if logits_all else np.zeros(0, np.float32)
     t = np.concatenate(labels) if labels else np.zeros(0, np.float32)
-    return p, t, (total / len(p) if loss_fn is not None and len(p) else float("nan"))
+    return z, t, (total / len(z) if loss_fn is not None and len(z) else float("nan"))
+
+
+def probabilities(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """float32 ``sigmoid(logits / temperature)`` computed by torch in fp32, as everywhere in cxr_ray."""
+    z = torch.from_numpy(np.ascontiguousarray(logits, np.float32))
+    if temperature != 1.0:
+        z = z / temperature
+    return torch.sigmoid(z).numpy()
+
+
+def predict(model: nn.Module, batches: Iterable[Batch], device: torch.device, precision: str = "fp32",
+            loss_fn: nn.Module | None = None, temperature: float = 1.0) -> tuple[np.ndarray, np.ndarray, float]:
+    """Probabilities of PNEUMONIA (``sigmoid(logit / temperature)``), the labels, and the mean
+    loss (nan without ``loss_fn``; always of the raw logits)."""
+    z, t, loss = predict_logits(model, batches, device, precision, loss_fn)
+    return probabilities(z, temperature), t, loss
 
 
 @dataclass

@@ -17,11 +17,12 @@ import numpy as np
 import pandas as pd
 import torch
 
+from cxr_ray.calibration import calibration_report
 from cxr_ray.checkpoint import LoadedCheckpoint
 from cxr_ray.data import io
 from cxr_ray.data.catalog import CLASSES
 from cxr_ray.data.transforms import Collate
-from cxr_ray.engine import predict, prefers_channels_last
+from cxr_ray.engine import predict_logits, prefers_channels_last, probabilities
 from cxr_ray.metrics import binary_metrics, bootstrap_ci
 
 log = logging.getLogger(__name__)
@@ -31,8 +32,9 @@ TABLE_METRICS = ("accuracy", "precision", "recall", "f1", "roc_auc", "specificit
 
 def predict_split(ckpt: LoadedCheckpoint, cache: Any, split: str, batch_size: int = 64,
                   precision: str = "fp32") -> pd.DataFrame:
-    """``path, patient, label, probability`` for every decodable image of ``split`` (driver
-    process, CPU), in ``precision`` (``"bf16"`` / ``"fp32"``, see ``LoadedCheckpoint.precision``)."""
+    """``path, patient, label, logit, probability`` for every decodable image of ``split``
+    (driver process, CPU), in ``precision`` (``"bf16"`` / ``"fp32"``, see
+    ``LoadedCheckpoint.precision``); ``probability`` is ``sigmoid(logit / ckpt.temperature)``."""
     from cxr_ray.data.pipeline import collated_keeping, split_dataset
 
     device = torch.device("cpu")
@@ -43,9 +45,10 @@ def predict_split(ckpt: LoadedCheckpoint, cache: Any, split: str, batch_size: in
     collate = Collate(device, channels_last=channels_last, normalize=ckpt.cfg.data.normalize)
     batches = collated_keeping(ds.iter_batches(batch_size=batch_size, batch_format="numpy"),
                                collate, ("path", "patient"), kept)
-    probs, labels, _ = predict(model, batches, device, precision)
+    logits, labels, _ = predict_logits(model, batches, device, precision)
     return pd.DataFrame({"path": kept.get("path", []), "patient": kept.get("patient", []),
-                         "label": labels.astype(np.int64), "probability": probs.astype(np.float32)}
+                         "label": labels.astype(np.int64), "logit": logits.astype(np.float32),
+                         "probability": probabilities(logits, ckpt.temperature)}
                         ).sort_values("path", ignore_index=True)
 
 
@@ -103,7 +106,29 @@ def write_plots(preds: pd.DataFrame, metrics: dict[str, Any], out: Path) -> list
         ax.set_ylabel("precision")
         ax.legend(loc="lower left")
         files.append(_save(fig, out / "pr_curve.png"))
+    if "calibration" in metrics:
+        files.append(reliability_plot(metrics["calibration"], out / "reliability.png"))
     return files
+
+
+def reliability_plot(cal: dict[str, Any], path: Path) -> Path:
+    """Reliability diagram: observed share of PNEUMONIA against the mean predicted probability
+    per bin, before (T = 1) and after temperature scaling, with each curve's ECE."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="perfectly calibrated")
+    for key, style, name in (("before", "o-", "raw"), ("after", "s-", f"T = {cal['temperature']:.2f}")):
+        pts = cal[f"reliability_{key}"]
+        ax.plot([b["predicted"] for b in pts], [b["observed"] for b in pts], style, ms=4,
+                label=f"{name}: ECE {cal[f'ece_{key}']:.3f}, Brier {cal[f'brier_{key}']:.3f}")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("mean predicted probability of PNEUMONIA")
+    ax.set_ylabel("observed share of PNEUMONIA")
+    ax.set_title(f"reliability ({cal['ece_bins']} bins)")
+    ax.legend(loc="upper left", fontsize=7)
+    return _save(fig, path)
 
 
 def _save(fig: Any, path: Path) -> Path:
@@ -126,6 +151,11 @@ def format_table(metrics: dict[str, Any], title: str) -> str:
                  f"confusion [[TN, FP], [FN, TP]] = {metrics['confusion_matrix']}")
     if "ci_method" in metrics:
         lines.append(f"95% CIs: {metrics['ci_method']}")
+    if "calibration" in metrics:
+        c = metrics["calibration"]
+        lines.append(f"calibration: temperature {c['temperature']:.3f} (from validation); ECE "
+                     f"{c['ece_before']:.4f} -> {c['ece_after']:.4f}, Brier {c['brier_before']:.4f} -> "
+                     f"{c['brier_after']:.4f} (raw -> calibrated)")
     return "\n".join(lines)
 
 
@@ -146,7 +176,9 @@ def evaluate_checkpoint(ckpt: LoadedCheckpoint, data_root: str, split: str, out_
     preds["prediction"] = np.where(preds["probability"] >= ckpt.threshold, CLASSES[1], CLASSES[0])
     metrics = metrics_report(preds, ckpt.threshold)
     metrics.update(split=split, checkpoint=ckpt.path, data=data_root, amp=precision,
-                   val_precision=ckpt.val_precision)
+                   val_precision=ckpt.val_precision,
+                   calibration=calibration_report(preds["label"].to_numpy(), preds["logit"].to_numpy(),
+                                                  ckpt.temperature))
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) if io.is_uri(out_dir) else Path(out_dir)  # URIs: write locally, then upload
         out.mkdir(parents=True, exist_ok=True)

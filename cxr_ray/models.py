@@ -63,7 +63,7 @@ class LogitLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(x.device.type, enabled=False):
-            return super().forward(x.float())
+            return super().forward(x.to(self.weight.dtype))
 
 
 class FrozenBatchNorm(FrozenBatchNorm2d):

@@ -27,13 +27,15 @@ import yaml
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from cxr_ray.calibration import ece, fit_temperature
 from cxr_ray.checkpoint import MODEL_FILE, load_train_state, safe_load, save_checkpoint, unwrap
 from cxr_ray.config import ConfigError, ExperimentConfig, config_diff
 from cxr_ray.data import io
 from cxr_ray.data.catalog import DataError
 from cxr_ray.data.pipeline import TorchCollate, collated_keeping, epoch_batches, split_datasets
-from cxr_ray.engine import (EarlyStopping, make_optimizer, make_scheduler, pos_weight_from_counts, predict,
-                            prefers_channels_last, resolve_precision, train_one_epoch)
+from cxr_ray.engine import (EarlyStopping, make_optimizer, make_scheduler, pos_weight_from_counts,
+                            predict_logits, prefers_channels_last, probabilities, resolve_precision,
+                            train_one_epoch)
 from cxr_ray.metrics import SELECTION_METRICS, validation_metrics
 from cxr_ray.models import build_model
 from cxr_ray.progress import ProgressPrinter, ProgressReporter
@@ -43,7 +45,7 @@ log = logging.getLogger(__name__)
 
 REPORTED = ("epoch", "train_loss", "val_loss", "roc_auc", "pr_auc", "accuracy", "precision", "recall",
             "specificity", "f1", "threshold", "n", *SELECTION_METRICS, "specificity_lower_bound", "best_epoch",
-            "train_images_per_s", "stop")
+            "train_images_per_s", "stop", "temperature", "val_ece_before", "val_ece")
 
 
 def _world() -> int:
@@ -146,12 +148,15 @@ class TrainLoopRunner:
         collate = TorchCollate(self.device, channels_last=self.channels_last, normalize=self.cfg.data.normalize)
         batches = collated_keeping(self.val_data.iter_batches(batch_size=self.cfg.train.batch_size,
                                                               batch_format="numpy"), collate, ("patient",), kept)
-        probs, labels, val_loss = predict(unwrap(self.model), batches, self.device, self.precision,
-                                          loss_fn=self.loss_fn)
+        logits, labels, val_loss = predict_logits(unwrap(self.model), batches, self.device, self.precision,
+                                                  loss_fn=self.loss_fn)
         m = self.cfg.metric
+        temperature = fit_temperature(logits, labels) if m.calibrate else 1.0
+        probs = probabilities(logits, temperature)  # the threshold is chosen on the calibrated scale
         metrics = validation_metrics(labels, probs, m.min_specificity, groups=np.asarray(kept.get("patient", [])),
                                      rule=m.threshold_rule, val_loss=val_loss)
-        metrics["val_loss"] = val_loss
+        metrics.update(val_loss=val_loss, temperature=temperature,
+                       val_ece_before=ece(labels, probabilities(logits)), val_ece=ece(labels, probs))
         return metrics
 
     def run_epoch(self, epoch: int) -> dict[str, Any]:
@@ -181,7 +186,8 @@ class TrainLoopRunner:
         with tempfile.TemporaryDirectory() as d:
             save_checkpoint(d, self.model, self.cfg, metrics["threshold"], metrics, epoch, {
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "early_stopping": self.stopper.state_dict(), "epoch": epoch}, val_precision=self.precision)
+                "early_stopping": self.stopper.state_dict(), "epoch": epoch}, val_precision=self.precision,
+                temperature=metrics["temperature"])
             ray.train.report(scalars, checkpoint=ray.train.Checkpoint.from_directory(d))
         self.progress.emit("epoch", epoch=epoch, metrics=scalars)
 

@@ -43,6 +43,7 @@ def test_unknown_yaml_key_names_file(tmp_path):
     ("model.dropout=1.5", "model.dropout"), ("data.val_split=random", "data.val_split"),
     ("train.lr=2", "train.lr"), ("metric.min_specificity=1.0", "metric.min_specificity"),
     ("data.cache_size=64", "data.cache_size"), ("train.use_gpu=maybe", "train.use_gpu"),
+    ("score.backend=tensorrt", "score.backend"),
 ])
 def test_bad_values_name_the_field(override, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
@@ -65,3 +66,10 @@ def test_issue_keys_exist():
 
 def test_string_fields_stay_strings():
     assert load_config(None, ["data.root=123"]).data.root == "123"
+
+
+def test_onnxruntime_backend_refuses_settings_it_cannot_honour():
+    assert load_config(None, ["score.backend=onnxruntime"]).score.amp == "auto"
+    for override, field in (("score.amp=bf16", "score.amp"), ("score.compile=true", "score.compile")):
+        with pytest.raises(ConfigError, match=field.replace(".", r"\.") + ".*onnxruntime"):
+            load_config(None, ["score.backend=onnxruntime", override])

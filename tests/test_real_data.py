@@ -82,6 +82,14 @@ def test_scratch_cnn_learns_real_pneumonia_and_scoring_matches_evaluate(ray_loca
     assert len(p32) == 1317 and np.abs(p16 - p32).max() <= 0.02
     assert ((p16 >= ckpt.threshold) == (p32 >= ckpt.threshold)).mean() >= 0.995
 
+    # The ONNX Runtime backend scores the validation images with the fp32 model's probabilities.
+    onnx = run_score(best_ckpt.path, [str(manifest)], str(tmp_path / "scores_onnx"),
+                     ScoreConfig(cpus_per_actor=1.0, decode_cpus=0.5, backend="onnxruntime"), with_labels=True)
+    assert onnx.failed == 0 and onnx.scored == len(preds)
+    by_path = pd.read_parquet(tmp_path / "scores_onnx").set_index("path")["prob_pneumonia"]
+    fp32_val = predict_split(ckpt, cache, "val", precision="fp32").set_index("path")["probability"]
+    assert np.abs(by_path.loc[fp32_val.index].to_numpy() - fp32_val.to_numpy()).max() <= 1e-5
+
 
 def test_every_patient_of_the_real_data_stays_in_one_split(real_root):
     from cxr_ray.config import DataConfig

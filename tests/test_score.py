@@ -225,8 +225,40 @@ def test_defaults_size_the_job_from_the_cluster_and_keep_the_checkpoint_precisio
         monkeypatch.setattr(engine, "cpu_runs_bf16_fast", lambda fast=fast: fast)
         auto = resolve_score(ScoreConfig(), bf16)
         assert (auto.decode_cpus, auto.cpus_per_actor, auto.amp) == (0.5, 1.5, "bf16" if fast else "fp32")
-        assert resolve_score(ScoreConfig(), fp32).amp == "fp32"
-        assert resolve_score(ScoreConfig(amp="bf16"), fp32).amp == "bf16"
+        # backend=auto: torch runs bf16; an fp32 job on CPU goes to ONNX Runtime (installed here)
+        assert auto.backend == ("torch" if fast else "onnxruntime")
+        assert (resolve_score(ScoreConfig(), fp32).amp, resolve_score(ScoreConfig(), fp32).backend) == (
+            "fp32", "onnxruntime")
+        assert (resolve_score(ScoreConfig(amp="bf16"), fp32).amp, resolve_score(ScoreConfig(amp="bf16"), fp32).backend
+                ) == ("bf16", "torch")
+        assert resolve_score(ScoreConfig(compile=True), fp32).backend == "torch"
+        assert resolve_score(ScoreConfig(backend="torch"), fp32).backend == "torch"
     two = resolve_score(ScoreConfig(num_actors=2, decode_cpus=0.4), fp32)
     assert (two.cpus_per_actor, two.decode_cpus) == (0.75, 0.4)
     assert resolve_score(ScoreConfig(cpus_per_actor=1.0), fp32).cpus_per_actor == 1.0  # as set
+
+
+def test_onnxruntime_backend_scores_like_the_torch_model(ray_local, checkpoint, mixed_folder, tmp_path):
+    """score.backend=onnxruntime: the actors run the checkpoint's ONNX export (fp32) and give
+    the torch model's fp32 probabilities; bad files are reported the same way."""
+    import dataclasses
+    import json
+
+    root, _ = mixed_folder
+    runs = {}
+    for backend in ("torch", "onnxruntime"):
+        out = tmp_path / backend
+        run_score(checkpoint, [str(root)], str(out), dataclasses.replace(SCORE, backend=backend, amp="fp32"))
+        runs[backend] = pd.read_parquet(out).set_index("path").sort_index()
+        job = json.loads((out / "_score_job.json").read_text())
+        assert (job["score"]["backend"], job["score"]["amp"]) == (backend, "fp32")
+    torch_df, onnx_df = runs["torch"], runs["onnxruntime"]
+    assert list(torch_df.index) == list(onnx_df.index)
+    assert (torch_df["error"].fillna("") == onnx_df["error"].fillna("")).all()
+    ok = torch_df["error"].isna()
+    assert ok.sum() == 20 and torch_df.loc[ok, "prob_pneumonia"].std() > 1e-3
+    diff = np.abs(torch_df.loc[ok, "prob_pneumonia"] - onnx_df.loc[ok, "prob_pneumonia"])
+    assert diff.max() <= 1e-5, diff.max()
+    assert (torch_df["prediction"].fillna("") == onnx_df["prediction"].fillna("")).all()
+    with pytest.raises(Exception, match="score.amp: expected auto or fp32 with score.backend=onnxruntime"):
+        ScoreConfig(backend="onnxruntime", amp="bf16")

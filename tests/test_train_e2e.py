@@ -50,6 +50,15 @@ def test_train_two_workers_then_evaluate(synthetic_root, tmp_path):
     for key in ("roc_auc", "pr_auc", "accuracy", "recall", "specificity", "precision", "f1", "threshold"):
         assert meta["metrics"][key] == pytest.approx(val_metrics[key], abs=1e-6), key
     assert meta["metrics"]["confusion_matrix"] == val_metrics["confusion_matrix"]
+    # The temperature was fitted on these validation logits: evaluate applies it, and on the
+    # split it was fitted on it cannot do worse than T = 1 (it minimises the NLL there).
+    from cxr_ray.calibration import nll
+
+    cal = val_metrics["calibration"]
+    assert cal["temperature"] == meta["temperature"] > 0
+    assert cal["ece_after"] == pytest.approx(meta["metrics"]["val_ece"])
+    y, z = val_preds["label"].to_numpy(), val_preds["logit"].to_numpy()
+    assert nll(z, y, meta["temperature"]) <= nll(z, y, 1.0) + 1e-9
     out = tmp_path / "eval"
     ev = cxr_ray("evaluate", "--checkpoint", str(ckpt), "--split", "test", "--out", str(out))
     assert ev.returncode == 0, ev.stderr[-3000:]
@@ -58,10 +67,11 @@ def test_train_two_workers_then_evaluate(synthetic_root, tmp_path):
         assert isinstance(metrics[key], float), key
     assert metrics["threshold"] == pytest.approx(meta["threshold"])  # never re-tuned on test
     preds = pd.read_parquet(out / "predictions.parquet")
-    assert list(preds.columns) == ["path", "patient", "label", "probability", "prediction"]
+    assert list(preds.columns) == ["path", "patient", "label", "logit", "probability", "prediction"]
     assert len(preds) == metrics["n"] and preds["path"].str.contains("/test/").all()
-    assert {"confusion_matrix.png", "roc_curve.png", "pr_curve.png"} <= {p.name for p in out.iterdir()}
-    assert "roc_auc" in ev.stdout and "95% CI" in ev.stdout
+    plots = {"confusion_matrix.png", "roc_curve.png", "pr_curve.png", "reliability.png"}
+    assert plots <= {p.name for p in out.iterdir()}
+    assert "roc_auc" in ev.stdout and "95% CI" in ev.stdout and "calibration: temperature" in ev.stdout
 
 
 def _worker_pids() -> list[int]:

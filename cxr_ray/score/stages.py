@@ -52,9 +52,11 @@ def score_device(score: ScoreConfig):
 class Predictor:
     """Ray Data callable class: loads the checkpoint once per actor, scores decoded batches.
 
-    Precision from ``score.amp`` (``auto``: the checkpoint's own where the device runs it fast,
-    see ``LoadedCheckpoint.precision``), channels_last where faster; on CPU with
+    ``score.backend=torch``: the checkpoint's model, in the precision the driver resolved for
+    the job (``score.amp``, see ``job.resolve_score``), channels_last where faster, on CPU with
     ``score.torch_threads`` (default: the actor's CPUs) intra-op threads.
+    ``score.backend=onnxruntime``: its ONNX export (``export.cached_export``: made once per
+    machine), fp32, with as many ONNX Runtime threads. (``auto`` was resolved by the driver.)
     """
 
     def __init__(self, checkpoint: str, score: dict[str, Any]):
@@ -64,9 +66,19 @@ class Predictor:
 
         self.score = ScoreConfig(**score)
         self.device = score_device(self.score)
+        threads = self.score.torch_threads or math.ceil(self.score.cpus_per_actor)
         if self.device.type == "cpu":
-            torch.set_num_threads(self.score.torch_threads or math.ceil(self.score.cpus_per_actor))
+            torch.set_num_threads(threads)
         ckpt = load_checkpoint(checkpoint)
+        self.threshold, self.model_id = np.float32(ckpt.threshold), ckpt.model_id
+        self.temperature = ckpt.temperature
+        self.onnx = None
+        if self.score.backend == "onnxruntime":
+            from cxr_ray.export import OnnxModel, cached_export
+
+            self.onnx = OnnxModel(cached_export(ckpt, "onnx"), threads if self.device.type == "cpu" else 0,
+                                  cuda=self.device.type == "cuda")
+            return
         from cxr_ray.engine import prefers_channels_last, resolve_precision
 
         # the driver resolved score.amp for the job (job.resolve_score) and warned about a mismatch
@@ -76,16 +88,18 @@ class Predictor:
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = torch.compile(model) if self.score.compile else model
-        self.threshold, self.model_id = np.float32(ckpt.threshold), ckpt.model_id
         self.collate = Collate(self.device, channels_last=channels_last, normalize=ckpt.cfg.data.normalize)
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
-        """PNEUMONIA probabilities of uint8 ``(B, 1, N, N)`` images: evaluation's own
-        ``Collate`` (normalise, channels_last) and the engine's ``predict``."""
-        from cxr_ray.engine import predict
+        """Calibrated PNEUMONIA probabilities (``sigmoid(logit / temperature)``) of uint8
+        ``(B, 1, N, N)`` images: evaluation's own ``Collate`` (normalise, channels_last) and the
+        engine's ``predict``, or the ONNX export (normalisation inside) and the same sigmoid."""
+        from cxr_ray.engine import predict, probabilities
 
+        if self.onnx is not None:
+            return probabilities(self.onnx.logits(images.astype(np.float32) / np.float32(255.0)), self.temperature)
         batch = self.collate({"image": images, "label": np.zeros(len(images), np.float32)})
-        probs, _, _ = predict(self.model, [batch], self.device, self.precision)
+        probs, _, _ = predict(self.model, [batch], self.device, self.precision, temperature=self.temperature)
         return probs.astype(np.float32)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -1,0 +1,264 @@
+"""Exported models for serving: ONNX or TorchScript, with a JSON sidecar (the input contract).
+
+An export folder holds::
+
+    model.onnx | model.torchscript.pt   the model: the one-channel stem, the checkpoint's own
+                                        normalisation and the network; input ``image`` float32
+                                        ``(batch, 1, N, N)`` = 8-bit gray / 255, output
+                                        ``logit`` ``(batch, 1)``, the PNEUMONIA logit; any batch
+    model.json                          the contract (:func:`sidecar`): how to make the input from
+                                        a file, how to turn the logit into a probability and a
+                                        class, which checkpoint it came from, cxr_ray's version
+
+so a serving system needs nothing from cxr_ray. Both formats can live in one folder (the
+sidecar lists each); a folder holding another checkpoint's export is refused.
+
+``cached_export`` gives the scoring job's ``onnxruntime`` backend a local export of a
+checkpoint, made once per machine and keyed by the checkpoint's content digest.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+import cxr_ray
+from cxr_ray.checkpoint import LoadedCheckpoint
+from cxr_ray.config import ExperimentConfig
+from cxr_ray.data import io
+from cxr_ray.data.transforms import GRAY_MEAN, GRAY_STD, normalize
+
+log = logging.getLogger(__name__)
+
+FORMATS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
+SIDECAR = "model.json"
+INPUT_NAME, OUTPUT_NAME = "image", "logit"
+ONNX_OPSET = 18
+PARITY_TOLERANCE = 1e-4  # max |logit difference| between the export and the checkpoint (fp32)
+
+
+class ExportError(RuntimeError):
+    """A model could not be exported, or an export folder is unusable; names the path."""
+
+
+class ServingModel(nn.Module):
+    """What is exported: float32 ``(B, 1, N, N)`` in [0, 1] (8-bit gray / 255) -> ``(B, 1)``
+    PNEUMONIA logits, through the checkpoint's normalisation (``data.normalize``) and model."""
+
+    def __init__(self, model: nn.Module, normalize_mode: str):
+        super().__init__()
+        self.model = model
+        self.normalize_mode = normalize_mode
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.model(normalize(image, self.normalize_mode))
+
+
+def serving_model(ckpt: LoadedCheckpoint) -> ServingModel:
+    """The checkpoint's model with its normalisation in front, fp32, CPU, eval mode."""
+    return ServingModel(ckpt.model.float().cpu().eval(), ckpt.cfg.data.normalize).eval()
+
+
+def input_contract(cfg: ExperimentConfig) -> dict[str, Any]:
+    """How a file becomes the exported model's input, from the checkpoint's config (the steps
+    of ``data.decode`` and ``data.transforms``, which training, evaluation and scoring use)."""
+    n, s = cfg.data.image_size, cfg.data.resolved_cache_size
+    steps = [
+        "decode to one 8-bit gray channel: RGB/CMYK/palette to luminance (PIL 'L'), transparency "
+        "on black, 16-bit min-max stretched; DICOM: modality LUT, VOI LUT or first window, "
+        "MONOCHROME1 inverted",
+        f"resize to {s}x{s}, aspect ratio not kept, PIL bilinear (antialiased); JPEGs may first be "
+        f"reduced by libjpeg's DCT scaling (draft mode) to no less than {s} px",
+    ]
+    if s != n:
+        steps.append(f"resize {s}x{s} -> {n}x{n}: bilinear, antialias, align_corners=False "
+                     f"(torch.nn.functional.interpolate), rounded back to uint8")
+    steps.append("float32 = uint8 / 255, shape (batch, 1, H, W)")
+    norm: dict[str, Any] = {"mode": cfg.data.normalize, "in_model": True}
+    if cfg.data.normalize == "fixed":
+        norm.update(mean=GRAY_MEAN, std=GRAY_STD, formula="(x - mean) / std")
+    else:
+        norm.update(formula="(x - mean(x)) / max(std(x, unbiased), 1e-3) per image")
+    return {"name": INPUT_NAME, "dtype": "float32", "shape": ["batch", 1, n, n], "layout": "NCHW",
+            "channels": 1, "color": "grayscale, bone bright", "value_range": [0.0, 1.0],
+            "image_size": n, "decode_size": s, "preprocessing": steps, "normalization": norm}
+
+
+def sidecar(ckpt: LoadedCheckpoint, artifacts: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The ``model.json`` contract of ``ckpt``'s export with ``artifacts`` ({format: details})."""
+    meta = ckpt.meta
+    temperature = meta.get("temperature")
+    decision = {
+        "probability": "sigmoid(logit / temperature)" if temperature else "sigmoid(logit)",
+        "threshold": ckpt.threshold,
+        "rule": f"{meta.get('positive_class', 'PNEUMONIA')} when probability >= threshold",
+        "threshold_rule": meta.get("threshold_rule"),
+        "threshold_precision": ckpt.val_precision,
+    }
+    if temperature:
+        decision["temperature"] = float(temperature)
+    return {
+        "cxr_ray_version": cxr_ray.__version__,
+        "artifacts": artifacts,
+        "input": input_contract(ckpt.cfg),
+        "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": ["batch", 1],
+                   "meaning": "logit of PNEUMONIA (class 1) vs NORMAL (class 0)"},
+        "decision": decision,
+        "class_map": meta.get("class_map", {"0": "NORMAL", "1": "PNEUMONIA"}),
+        "source": {"checkpoint": str(ckpt.path), "digest": ckpt.digest, "model_id": ckpt.model_id,
+                   "epoch": meta.get("epoch"), "model": ckpt.cfg.model.name,
+                   "validation_metrics": meta.get("metrics", {}), "versions": meta.get("versions", {})},
+    }
+
+
+def example_input(ckpt: LoadedCheckpoint, batch: int = 2, seed: int = 0) -> torch.Tensor:
+    """A random input batch of the model's size (values in [0, 1])."""
+    n = ckpt.cfg.data.image_size
+    return torch.rand(batch, 1, n, n, generator=torch.Generator().manual_seed(seed))
+
+
+def export_onnx(model: ServingModel, example: torch.Tensor, path: Path) -> dict[str, Any]:
+    """Write ``model`` to ``path`` as ONNX (torch's ``torch.export``-based exporter, needs the
+    ``onnx`` extra) with a dynamic batch dimension; returns the artifact's details."""
+    try:
+        import onnx  # noqa: F401 - the exporter needs both
+        import onnxscript  # noqa: F401
+    except ImportError as e:
+        raise ExportError(f"ONNX export needs the onnx extra (pip install 'cxr_ray[onnx]'): {e}") from e
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    for name in ("onnx_ir", "onnxscript", "torch.onnx"):  # one INFO line per graph rewrite otherwise
+        logging.getLogger(name).setLevel(logging.WARNING)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(model, (example,), dynamo=True, input_names=[INPUT_NAME],
+                                    output_names=[OUTPUT_NAME], opset_version=ONNX_OPSET,
+                                    dynamic_shapes={"image": {0: batch}}, verbose=False)
+        program.save(str(path), external_data=False)
+    return {"file": path.name, "opset": ONNX_OPSET, "exporter": f"torch.onnx (dynamo) {torch.__version__}"}
+
+
+def export_torchscript(model: ServingModel, example: torch.Tensor, path: Path) -> dict[str, Any]:
+    """Write ``model`` to ``path`` as TorchScript (traced; any batch size); the artifact's details."""
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(model, example, check_trace=False)
+        traced.save(str(path))
+    return {"file": path.name, "exporter": f"torch.jit.trace {torch.__version__}",
+            "load": "torch.jit.load(path, map_location='cpu')"}
+
+
+def run_export(path: Path, fmt: str, images: np.ndarray, threads: int = 0) -> np.ndarray:
+    """Logits ``(B,)`` of the exported model at ``path`` for float32 ``(B, 1, N, N)`` ``images``."""
+    if fmt == "onnx":
+        return OnnxModel(path, threads).logits(images)
+    module = torch.jit.load(str(path), map_location="cpu")
+    with torch.no_grad():
+        return module(torch.from_numpy(np.ascontiguousarray(images, np.float32))).squeeze(1).numpy()
+
+
+def parity(ckpt: LoadedCheckpoint, model: ServingModel, path: Path, fmt: str) -> float | None:
+    """Max |logit difference| between the export and the checkpoint's fp32 model on a batch of
+    3 random images (a batch size other than the traced one: the batch is dynamic); ``None``
+    when ONNX Runtime is not installed to run an ONNX export."""
+    x = example_input(ckpt, batch=3, seed=1)
+    with torch.no_grad():
+        ref = model(x).squeeze(1).numpy()
+    try:
+        got = run_export(path, fmt, x.numpy())
+    except ImportError:
+        return None
+    return float(np.abs(got - ref).max())
+
+
+def _read_sidecar(folder: str) -> dict[str, Any] | None:
+    target = io.join(folder, SIDECAR)
+    return json.loads(io.read_bytes(target)) if io.exists(target) else None
+
+
+def export_checkpoint(ckpt: LoadedCheckpoint, fmt: str, out: str) -> dict[str, Any]:
+    """Export ``ckpt`` as ``fmt`` (``onnx`` / ``torchscript``) into the folder or URI ``out``;
+    returns the sidecar written there. A folder holding another checkpoint's export is refused;
+    one holding this checkpoint's other format gains this one. The export must reproduce the
+    checkpoint's fp32 logits within :data:`PARITY_TOLERANCE` or nothing is written."""
+    if fmt not in FORMATS:
+        raise ExportError(f"--format: {fmt!r} is not one of {list(FORMATS)}")
+    existing = _read_sidecar(out)
+    if existing and existing.get("source", {}).get("digest") != ckpt.digest:
+        raise ExportError(f"{out} holds the export of another checkpoint "
+                          f"({existing.get('source', {}).get('checkpoint')}); choose an empty folder")
+    model = serving_model(ckpt)
+    with tempfile.TemporaryDirectory(prefix="cxr-export-") as tmp:
+        path = Path(tmp) / FORMATS[fmt]
+        details = (export_onnx if fmt == "onnx" else export_torchscript)(model, example_input(ckpt), path)
+        diff = parity(ckpt, model, path, fmt)
+        if diff is not None and diff > PARITY_TOLERANCE:
+            raise ExportError(f"the {fmt} export's logits differ from the checkpoint's by {diff:.2e} "
+                              f"(> {PARITY_TOLERANCE:g}); nothing written to {out}")
+        details["parity_max_abs_logit_diff"] = diff
+        artifacts = {**(existing or {}).get("artifacts", {}), fmt: details}
+        meta = sidecar(ckpt, artifacts)
+        (Path(tmp) / SIDECAR).write_text(json.dumps(meta, indent=1))
+        for name in (FORMATS[fmt], SIDECAR):  # the model first: a sidecar never names a missing file
+            io.write_bytes(io.join(out, name), (Path(tmp) / name).read_bytes())
+    return meta
+
+
+def cached_export(ckpt: LoadedCheckpoint, fmt: str = "onnx") -> Path:
+    """A local export of ``ckpt`` under ``$CXR_RAY_CACHE/exports/<digest>/``, made on first use
+    on this machine (concurrent callers: the first to finish wins, the others reuse it)."""
+    from cxr_ray.config import DataConfig
+
+    key = ckpt.digest.split(":", 1)[-1][:24]
+    folder = Path(DataConfig().resolved_cache_dir) / "exports" / key
+    if (folder / FORMATS[fmt]).is_file() and (folder / SIDECAR).is_file():
+        return folder / FORMATS[fmt]
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{key}.tmp", dir=folder.parent))
+    try:
+        export_checkpoint(ckpt, fmt, str(tmp))
+        try:
+            os.rename(tmp, folder)
+        except OSError:  # another process won the race (or an export of the other format exists)
+            if not (folder / FORMATS[fmt]).is_file():
+                shutil.copy2(tmp / FORMATS[fmt], folder / FORMATS[fmt])
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder / FORMATS[fmt]
+
+
+class OnnxModel:
+    """An ONNX export run by ONNX Runtime (the ``onnx`` extra) on CPU, or CUDA when asked and
+    available: ``logits(images)`` for float32 ``(B, 1, N, N)`` images in [0, 1]."""
+
+    def __init__(self, path: str | os.PathLike, threads: int = 0, cuda: bool = False):
+        try:
+            import onnxruntime as ort
+        except ImportError as e:
+            raise ImportError(f"running {path} needs onnxruntime (pip install 'cxr_ray[onnx]')") from e
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        providers = ["CPUExecutionProvider"]
+        if cuda:
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise RuntimeError("score.backend=onnxruntime on GPU needs onnxruntime-gpu "
+                                   "(CUDAExecutionProvider); this onnxruntime has "
+                                   f"{ort.get_available_providers()}")
+            providers.insert(0, "CUDAExecutionProvider")
+        self.session = ort.InferenceSession(str(path), options, providers=providers)
+
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        """``(B,)`` float32 logits."""
+        x = np.ascontiguousarray(images, dtype=np.float32)
+        return self.session.run([OUTPUT_NAME], {INPUT_NAME: x})[0][:, 0]

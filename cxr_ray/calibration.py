@@ -89,8 +89,12 @@ def reliability(labels: np.ndarray, probs: np.ndarray, bins: int = ECE_BINS) -> 
 
 
 def calibration_report(labels: np.ndarray, logits: np.ndarray, temperature: float) -> dict[str, Any]:
-    """ECE and Brier score of ``sigmoid(logit)`` (before) and ``sigmoid(logit / T)`` (after)."""
-    before, after = sigmoid(logits), sigmoid(np.asarray(logits, np.float64) / temperature)
+    """ECE and Brier score of ``sigmoid(logit)`` (before) and ``sigmoid(logit / T)`` (after),
+    from the same fp32 probabilities training, evaluate and score compute (an image on a bin
+    edge must land in the same bin everywhere)."""
+    from cxr_ray.engine import probabilities
+
+    before, after = probabilities(logits), probabilities(logits, temperature)
     return {"temperature": float(temperature), "ece_bins": ECE_BINS,
             "ece_before": ece(labels, before), "ece_after": ece(labels, after),
             "brier_before": brier(labels, before), "brier_after": brier(labels, after),

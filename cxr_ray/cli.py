@@ -198,14 +198,34 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     bad = [o for o in args.set if not o.split("=", 1)[0].strip().startswith("storage.")]
     if bad:
         raise ConfigError(f"evaluate uses the checkpoint's own config; only storage.* may be set, not {bad}")
+    prevalences = parse_prevalences(args.prevalence)
     ckpt = load_checkpoint(args.checkpoint)
     root = args.data or ckpt.cfg.data.root
     io.check_location(args.out, "--out")
     init_ray(args.address)
-    metrics = evaluate_checkpoint(ckpt, root, args.split, args.out, cache_dir=args.cache or "", amp=args.amp)
+    if args.explain < 0:
+        raise ConfigError(f"--explain: expected a count >= 0, got {args.explain}")
+    metrics = evaluate_checkpoint(ckpt, root, args.split, args.out, cache_dir=args.cache or "", amp=args.amp,
+                                  prevalences=prevalences, explain=args.explain)
     print(format_table(metrics, f"[evaluate] {args.split} split of {root}"))
+    if args.explain:
+        print(f"[evaluate] Grad-CAM gallery: {io.join(args.out, 'explain', 'index.html')}")
     print(args.out)
     return 0
+
+
+def parse_prevalences(text: str) -> tuple[float, ...]:
+    """``--prevalence 0.05,0.2`` -> (0.05, 0.2); each a share of PNEUMONIA strictly between 0 and 1."""
+    values = []
+    for part in filter(None, (p.strip() for p in (text or "").split(","))):
+        try:
+            v = float(part)
+        except ValueError:
+            v = float("nan")
+        if not 0.0 < v < 1.0:
+            raise ConfigError(f"--prevalence: {part!r} is not a share of PNEUMONIA between 0 and 1 (e.g. 0.05,0.2)")
+        values.append(v)
+    return tuple(values)
 
 
 def cmd_score(args: argparse.Namespace) -> int:
@@ -244,6 +264,29 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    """Grad-CAM overlays of images and an index.html gallery; last line: the output folder."""
+    from cxr_ray.checkpoint import load_checkpoint
+    from cxr_ray.data.listing import list_inputs
+    from cxr_ray.explain import explain_files, summary, write_gallery
+
+    ckpt = load_checkpoint(args.checkpoint)
+    listing = list_inputs(args.input)  # a missing input fails here, naming it
+    paths, errors = listing["path"].tolist(), listing["error"].fillna("").tolist()
+    print(f"[explain] {len(paths)} file(s), {ckpt.cfg.model.name} at {ckpt.cfg.data.image_size} px", flush=True)
+    items = explain_files(ckpt, paths, errors, on_batch=lambda n: print(f"[explain] {n}/{len(paths)}", flush=True)
+                          if len(paths) > 64 else None)
+    index = write_gallery(items, args.out, f"cxr_ray Grad-CAM: {ckpt.model_id}")
+    c = summary(items)
+    print(f"[explain] {c['explained']} explained ({c['pneumonia']} PNEUMONIA, {c['explained'] - c['pneumonia']} "
+          f"NORMAL at threshold {ckpt.threshold:.4f}); {c['failed']} could not be read")
+    for it in [it for it in items if it.error][:20]:
+        print(f"  - {it.path}: {it.error}")
+    print(f"[explain] gallery: {index}")
+    print(args.out)
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     """Export a checkpoint as ONNX or TorchScript with its JSON contract; last line: the folder."""
     from cxr_ray.checkpoint import load_checkpoint
@@ -259,7 +302,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     art, inp, dec = meta["artifacts"][args.format], meta["input"], meta["decision"]
     diff = art["parity_max_abs_logit_diff"]
     print(f"[export] {ckpt.model_id} -> {io.join(args.out, FORMATS[args.format])} ({art['exporter']})")
-    print(f"[export] input {inp['name']}: float32 {tuple(inp['shape'])}, 8-bit gray / 255, "
+    shape = "(" + ", ".join(map(str, inp["shape"])) + ")"
+    print(f"[export] input {inp['name']}: float32 {shape}, 8-bit gray / 255, "
           f"normalisation ({inp['normalization']['mode']}) inside the model; output {meta['output']['name']}: "
           f"PNEUMONIA logit; PNEUMONIA when {dec['probability']} >= {dec['threshold']:.6g}")
     print("[export] parity with the checkpoint (fp32, 3 random images): "
@@ -410,6 +454,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp32"],
                    help="model precision (default auto: the precision the checkpoint's threshold was "
                         "chosen in, where this CPU runs it fast)")
+    p.add_argument("--explain", type=int, default=0, metavar="N",
+                   help="also write a Grad-CAM gallery (explain/index.html) of the N most confident true "
+                        "positives, false positives and false negatives (needs the explain extra)")
+    p.add_argument("--prevalence", default="", metavar="P[,P...]",
+                   help="also give PPV/NPV of each operating point at these shares of PNEUMONIA, e.g. 0.05,0.2")
     _config_and_address(p)  # only the config's storage: section applies (the model brings its own)
     p.set_defaults(func=cmd_evaluate)
 
@@ -425,6 +474,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add the true label from NORMAL/PNEUMONIA folders and print metrics")
     _config_and_address(p)  # the config's score: section sets the scale
     p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("explain", help="Grad-CAM overlays (where the model looked) and an index.html gallery")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder or URI (from train or tune)")
+    p.add_argument("--input", action="append", required=True, metavar="PATH",
+                   help="image file, folder (recursive), glob or CSV/Parquet manifest (repeatable)")
+    p.add_argument("--out", required=True, help="output folder: one overlay PNG per image and index.html")
+    p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("export", help="export a checkpoint as ONNX or TorchScript with its JSON contract")
     p.add_argument("--checkpoint", required=True, help="checkpoint folder or URI (from train or tune)")
@@ -449,6 +505,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from cxr_ray.data.catalog import DataError
     from cxr_ray.models import WeightsError
     from cxr_ray.data.io import StorageError
+    from cxr_ray.explain import ExplainError
     from cxr_ray.export import ExportError
     from cxr_ray.runtime import ClusterError
 
@@ -456,7 +513,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         use_storage_from_args(args)
         return func(args)
     except (ConfigError, DataError, CheckpointError, WeightsError, ClusterError, StorageError,
-            ExportError) as e:
+            ExportError, ExplainError) as e:
         print(f"cxr-ray {args.command}: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001 - a Ray worker's failure, or a bug: one line + the log

@@ -23,7 +23,7 @@ from cxr_ray.data import io
 from cxr_ray.data.catalog import CLASSES
 from cxr_ray.data.transforms import Collate
 from cxr_ray.engine import predict_logits, prefers_channels_last, probabilities
-from cxr_ray.metrics import binary_metrics, bootstrap_ci
+from cxr_ray.metrics import binary_metrics, bootstrap_ci, operating_points
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +82,9 @@ def write_plots(preds: pd.DataFrame, metrics: dict[str, Any], out: Path) -> list
     fig, ax = plt.subplots(figsize=(4, 4))
     cm = np.array(metrics["confusion_matrix"])
     ax.imshow(cm, cmap="Blues")
-    for (i, j), v in np.ndenumerate(cm):
-        ax.text(j, i, str(v), ha="center", va="center", color="black", fontsize=14)
+    for (i, j), v in np.ndenumerate(cm):  # white on the dark cells, black on the light ones
+        ax.text(j, i, str(v), ha="center", va="center", fontsize=14,
+                color="white" if v > cm.max() / 2 else "black")
     ax.set_xticks([0, 1], CLASSES)
     ax.set_yticks([0, 1], CLASSES)
     ax.set_xlabel("predicted")
@@ -95,13 +96,21 @@ def write_plots(preds: pd.DataFrame, metrics: dict[str, Any], out: Path) -> list
         fig, ax = plt.subplots(figsize=(4, 4))
         ax.plot(fpr, tpr, label=f"AUC {metrics['roc_auc']:.3f}")
         ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+        for k, row in enumerate((metrics.get("operating_points") or {}).get("rows", [])):
+            ax.errorbar(1 - row["specificity"], row["recall"], fmt="*" if k == 0 else "o", ms=9 if k == 0 else 4,
+                        xerr=[[row["specificity"] - row["specificity_ci"][0]],
+                              [row["specificity_ci"][1] - row["specificity"]]],
+                        yerr=[[row["recall"] - row["recall_ci"][0]], [row["recall_ci"][1] - row["recall"]]],
+                        capsize=2, lw=0.8, label=f"{row['rule']} (t={row['threshold']:.3f})")
         ax.set_xlabel("1 - specificity")
         ax.set_ylabel("recall (sensitivity)")
-        ax.legend(loc="lower right")
+        ax.legend(loc="lower right", fontsize=6)
         files.append(_save(fig, out / "roc_curve.png"))
         prec, rec, _ = precision_recall_curve(y, p)
         fig, ax = plt.subplots(figsize=(4, 4))
         ax.plot(rec, prec, label=f"AP {metrics['pr_auc']:.3f}")
+        ax.plot(metrics["recall"], metrics["precision"], "*", ms=9,
+                label=f"stored threshold {metrics['threshold']:.3f}")
         ax.set_xlabel("recall")
         ax.set_ylabel("precision")
         ax.legend(loc="lower left")
@@ -109,6 +118,38 @@ def write_plots(preds: pd.DataFrame, metrics: dict[str, Any], out: Path) -> list
     if "calibration" in metrics:
         files.append(reliability_plot(metrics["calibration"], out / "reliability.png"))
     return files
+
+
+def operating_table(ckpt: LoadedCheckpoint, val: pd.DataFrame, preds: pd.DataFrame,
+                    prevalences: tuple[float, ...]) -> dict[str, Any] | None:
+    """Operating points chosen on ``val`` and what each gives on ``preds`` (see
+    ``metrics.operating_points``); None when ``val`` lacks a class or ``preds`` is empty."""
+    yv = val["label"].to_numpy()
+    if len(preds) == 0 or len(np.unique(yv)) < 2:
+        return None
+    rows = operating_points(yv, val["probability"].to_numpy(), preds["label"].to_numpy(),
+                            preds["probability"].to_numpy(),
+                            (f"stored ({ckpt.meta.get('threshold_rule', 'given')})", ckpt.threshold),
+                            groups=preds["patient"].to_numpy(), prevalences=tuple(prevalences))
+    return {"chosen_on": f"validation split ({len(val)} images)", "rows": rows}
+
+
+def explain_gallery(ckpt: LoadedCheckpoint, preds: pd.DataFrame, n: int, out: Path) -> Path:
+    """Grad-CAM gallery of the ``n`` most confident true positives, false positives and false
+    negatives of ``preds`` (``explain.write_gallery``), re-read from their files."""
+    from cxr_ray.explain import explain_files, write_gallery
+
+    positive = preds["probability"] >= ckpt.threshold
+    groups = {"most confident true positives": preds[positive & (preds["label"] == 1)].nlargest(n, "probability"),
+              "most confident false positives": preds[positive & (preds["label"] == 0)].nlargest(n, "probability"),
+              "most confident false negatives": preds[~positive & (preds["label"] == 1)].nsmallest(n, "probability")}
+    paths = [p for g in groups.values() for p in g["path"]]
+    items = explain_files(ckpt, paths)
+    sections, start = {}, 0
+    for title, g in groups.items():
+        sections[title] = list(range(start, start + len(g)))
+        start += len(g)
+    return write_gallery(items, out, f"cxr_ray Grad-CAM: {ckpt.model_id}", sections)
 
 
 def reliability_plot(cal: dict[str, Any], path: Path) -> Path:
@@ -151,6 +192,19 @@ def format_table(metrics: dict[str, Any], title: str) -> str:
                  f"confusion [[TN, FP], [FN, TP]] = {metrics['confusion_matrix']}")
     if "ci_method" in metrics:
         lines.append(f"95% CIs: {metrics['ci_method']}")
+    table = metrics.get("operating_points")
+    if table:
+        lines.append(f"operating points chosen on the {table['chosen_on']}, applied to this split "
+                     f"(95% CIs); PPV/NPV at prevalence:")
+        prevs = [pv["prevalence"] for pv in table["rows"][0]["predictive_values"]]
+        head = "".join(f"  {'PPV/NPV @' + format(p, '.3g') + ('*' if i == 0 else ''):<17}" for i, p in enumerate(prevs))
+        lines.append(f"  {'rule':<26}{'threshold':>9}  {'val rec/spec':<13}  {'recall':<22}  {'specificity':<22}{head}")
+        for r in table["rows"]:
+            pv = "".join(f"  {format(v['ppv'], '.3f') + ' / ' + format(v['npv'], '.3f'):<17}"
+                         for v in r["predictive_values"])
+            lines.append(f"  {r['rule']:<26}{r['threshold']:>9.4f}  {r['val_recall']:.2f}/{r['val_specificity']:.2f}"
+                         f"{'':<4}  {_with_ci(r, 'recall'):<22}  {_with_ci(r, 'specificity'):<22}{pv}")
+        lines.append("  (* this split's own prevalence)")
     if "calibration" in metrics:
         c = metrics["calibration"]
         lines.append(f"calibration: temperature {c['temperature']:.3f} (from validation); ECE "
@@ -159,12 +213,22 @@ def format_table(metrics: dict[str, Any], title: str) -> str:
     return "\n".join(lines)
 
 
+def _with_ci(row: dict[str, Any], key: str) -> str:
+    lo, hi = row[f"{key}_ci"]
+    return f"{row[key]:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
 def evaluate_checkpoint(ckpt: LoadedCheckpoint, data_root: str, split: str, out_dir: str,
-                        cache_dir: str = "", amp: str = "auto") -> dict[str, Any]:
+                        cache_dir: str = "", amp: str = "auto", prevalences: tuple[float, ...] = (),
+                        explain: int = 0) -> dict[str, Any]:
     """Run the full evaluation; writes metrics.json, predictions.parquet and plots to ``out_dir``.
 
     ``amp`` (``auto`` | ``bf16`` | ``fp32``): ``auto`` is the precision the checkpoint's
-    threshold was chosen in, where this CPU runs it fast (see ``LoadedCheckpoint.precision``)."""
+    threshold was chosen in, where this CPU runs it fast (see ``LoadedCheckpoint.precision``).
+    The operating-point table's thresholds are chosen on the validation split of the same
+    data root; ``prevalences`` adds PPV / NPV at those shares of PNEUMONIA. ``explain`` > 0
+    writes a Grad-CAM gallery (``explain/index.html``) of the most confident true positives,
+    false positives and false negatives, that many of each."""
     from cxr_ray.data.cache import prepare_cache
 
     data_cfg = dataclasses.replace(ckpt.cfg.data, root=data_root,
@@ -179,13 +243,18 @@ def evaluate_checkpoint(ckpt: LoadedCheckpoint, data_root: str, split: str, out_
                    val_precision=ckpt.val_precision,
                    calibration=calibration_report(preds["label"].to_numpy(), preds["logit"].to_numpy(),
                                                   ckpt.temperature))
+    val = preds if split == "val" else predict_split(ckpt, cache, "val", precision=precision)
+    metrics["operating_points"] = operating_table(ckpt, val, preds, prevalences)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) if io.is_uri(out_dir) else Path(out_dir)  # URIs: write locally, then upload
         out.mkdir(parents=True, exist_ok=True)
         preds.to_parquet(out / "predictions.parquet", index=False)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
         write_plots(preds, metrics, out)
+        if explain > 0:
+            explain_gallery(ckpt, preds, explain, out / "explain")
         if io.is_uri(out_dir):
-            for f in out.iterdir():
-                io.write_bytes(io.join(out_dir, f.name), f.read_bytes())
+            for f in out.rglob("*"):
+                if f.is_file():
+                    io.write_bytes(io.join(out_dir, *f.relative_to(out).parts), f.read_bytes())
     return metrics

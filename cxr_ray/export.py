@@ -161,7 +161,9 @@ def run_export(path: Path, fmt: str, images: np.ndarray, threads: int = 0) -> np
     """Logits ``(B,)`` of the exported model at ``path`` for float32 ``(B, 1, N, N)`` ``images``."""
     if fmt == "onnx":
         return OnnxModel(path, threads).logits(images)
-    module = torch.jit.load(str(path), map_location="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch >= 2.10: "torch.jit.load is deprecated"
+        module = torch.jit.load(str(path), map_location="cpu")
     with torch.no_grad():
         return module(torch.from_numpy(np.ascontiguousarray(images, np.float32))).squeeze(1).numpy()
 

@@ -208,3 +208,87 @@ def _fast_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, f
         "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
         "roc_auc": float(roc_auc_score(y, p)),
     }
+
+
+# Operating points chosen on validation, reported on the evaluated split (evaluate's table).
+OPERATING_SPECIFICITIES = (0.85, 0.90, 0.95)
+OPERATING_RECALL = 0.95
+
+
+def operating_thresholds(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    """Thresholds chosen on one (validation) set by common rules: the highest recall at
+    specificity >= 0.85 / 0.90 / 0.95, the highest specificity at recall >= 0.95, and Youden's
+    J (max recall + specificity - 1). Predictions are ``prob >= threshold``."""
+    labels, probs = np.asarray(labels).astype(int), np.asarray(probs, dtype=np.float64)
+    require_both_classes(labels, "operating points")
+    out = {f"specificity >= {s:.2f}": threshold_for_specificity(labels, probs, s)[1]
+           for s in OPERATING_SPECIFICITIES}
+    fpr, tpr, thresholds = roc_curve(labels, probs, drop_intermediate=False)
+    thresholds = np.minimum(thresholds, np.nextafter(1.0, 2.0))  # roc_curve's first is +inf
+    out[f"recall >= {OPERATING_RECALL:.2f}"] = float(thresholds[int(np.argmax(tpr >= OPERATING_RECALL - 1e-12))])
+    out["Youden's J"] = float(thresholds[int(np.argmax(tpr - fpr))])
+    return out
+
+
+def threshold_cis(labels: np.ndarray, probs: np.ndarray, thresholds: np.ndarray, groups: np.ndarray | None = None,
+                  n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict[str, np.ndarray]:
+    """Percentile bootstrap CIs of recall, specificity and accuracy at each of ``thresholds``
+    (arrays of shape ``(2, len(thresholds))``: low, high); whole patients resampled with ``groups``."""
+    labels, probs = np.asarray(labels).astype(int), np.asarray(probs, dtype=np.float64)
+    thresholds = np.asarray(thresholds, dtype=np.float64)
+    draw = _cluster_resampler(groups, len(labels), np.random.default_rng(seed))
+    rows: dict[str, list[np.ndarray]] = {"recall": [], "specificity": [], "accuracy": []}
+    for _ in range(n_boot):
+        idx = draw()
+        y, p = labels[idx], probs[idx]
+        pos, neg = np.sort(p[y == 1]), np.sort(p[y == 0])
+        if not len(pos) or not len(neg):
+            continue
+        tp = len(pos) - np.searchsorted(pos, thresholds, side="left")
+        tn = np.searchsorted(neg, thresholds, side="left")
+        rows["recall"].append(tp / len(pos))
+        rows["specificity"].append(tn / len(neg))
+        rows["accuracy"].append((tp + tn) / len(y))
+    q = ((1 - level) / 2 * 100, (1 + level) / 2 * 100)
+    return {k: np.percentile(np.stack(v), q, axis=0) if v else np.full((2, len(thresholds)), np.nan)
+            for k, v in rows.items()}
+
+
+def predictive_values(recall: float, specificity: float, prevalence: float) -> tuple[float, float]:
+    """``(PPV, NPV)`` of a test with this recall (sensitivity) and specificity where a share
+    ``prevalence`` of the images are PNEUMONIA (Bayes' rule; nan where undefined)."""
+    tp, fp = recall * prevalence, (1 - specificity) * (1 - prevalence)
+    tn, fn = specificity * (1 - prevalence), (1 - recall) * prevalence
+    return (tp / (tp + fp) if tp + fp else float("nan"), tn / (tn + fn) if tn + fn else float("nan"))
+
+
+def operating_points(val_labels: np.ndarray, val_probs: np.ndarray, labels: np.ndarray, probs: np.ndarray,
+                     stored: tuple[str, float], groups: np.ndarray | None = None,
+                     prevalences: tuple[float, ...] = ()) -> list[dict[str, Any]]:
+    """One row per operating point: ``stored`` (name, threshold) and those of
+    :func:`operating_thresholds` on the validation set, each with its validation recall and
+    specificity and, on the evaluated set, recall, specificity and accuracy with 95% CIs, and
+    PPV / NPV at the evaluated set's own prevalence and at each of ``prevalences``."""
+    chosen = {stored[0]: float(stored[1]), **operating_thresholds(val_labels, val_probs)}
+    names, ts = list(chosen), np.array(list(chosen.values()))
+    ci = threshold_cis(labels, probs, ts, groups)
+    own = float(np.mean(np.asarray(labels) == 1))
+    rows = []
+    for i, (name, t) in enumerate(zip(names, ts)):
+        val, ev = _fast_counts(val_labels, val_probs, t), _fast_counts(labels, probs, t)
+        row: dict[str, Any] = {"rule": name, "threshold": float(t), "val_recall": val["recall"],
+                               "val_specificity": val["specificity"], **ev,
+                               **{f"{k}_ci": [float(ci[k][0, i]), float(ci[k][1, i])] for k in ci}}
+        row["predictive_values"] = [
+            {"prevalence": pi, "ppv": ppv, "npv": npv, "own": pi == own}
+            for pi in (own, *prevalences) for ppv, npv in [predictive_values(ev["recall"], ev["specificity"], pi)]]
+        rows.append(row)
+    return rows
+
+
+def _fast_counts(labels: np.ndarray, probs: np.ndarray, threshold: float) -> dict[str, float]:
+    y, pred = np.asarray(labels).astype(int), np.asarray(probs, dtype=np.float64) >= threshold
+    n_pos, n_neg = int((y == 1).sum()), int((y == 0).sum())
+    tp, tn = int((pred & (y == 1)).sum()), int((~pred & (y == 0)).sum())
+    return {"recall": tp / n_pos if n_pos else float("nan"), "specificity": tn / n_neg if n_neg else float("nan"),
+            "accuracy": (tp + tn) / len(y) if len(y) else float("nan")}

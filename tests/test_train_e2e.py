@@ -56,13 +56,22 @@ def test_train_two_workers_then_evaluate(synthetic_root, tmp_path):
 
     cal = val_metrics["calibration"]
     assert cal["temperature"] == meta["temperature"] > 0
-    assert cal["ece_after"] == pytest.approx(meta["metrics"]["val_ece"])
+    assert cal["ece_after"] == pytest.approx(meta["metrics"]["val_ece"], abs=1e-6), (cal, meta["metrics"])
     y, z = val_preds["label"].to_numpy(), val_preds["logit"].to_numpy()
     assert nll(z, y, meta["temperature"]) <= nll(z, y, 1.0) + 1e-9
     out = tmp_path / "eval"
-    ev = cxr_ray("evaluate", "--checkpoint", str(ckpt), "--split", "test", "--out", str(out))
+    ev = cxr_ray("evaluate", "--checkpoint", str(ckpt), "--split", "test", "--out", str(out),
+                 "--prevalence", "0.05,0.2", "--explain", "2")
     assert ev.returncode == 0, ev.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
+    rows = metrics["operating_points"]["rows"]  # chosen on validation, applied to test
+    assert len(rows) == 6 and rows[0]["threshold"] == pytest.approx(meta["threshold"])
+    assert rows[0]["recall"] == pytest.approx(metrics["recall"]) and rows[0]["specificity"] == pytest.approx(
+        metrics["specificity"])
+    assert [v["prevalence"] for v in rows[0]["predictive_values"]][1:] == [0.05, 0.2]
+    assert "operating points chosen on the validation split" in ev.stdout
+    page = (out / "explain" / "index.html").read_text()  # --explain 2: up to 2 TP, FP and FN overlays
+    assert "most confident true positives" in page and 1 <= len(list((out / "explain").glob("*.png"))) <= 6
     for key in ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "threshold"):
         assert isinstance(metrics[key], float), key
     assert metrics["threshold"] == pytest.approx(meta["threshold"])  # never re-tuned on test

@@ -26,8 +26,10 @@ def _blob(yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, ry: float, rx: f
     return np.exp(-(((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2))
 
 
-def chest_image(size: int, pneumonia: bool, rng: np.random.Generator) -> np.ndarray:
-    """One synthetic ``(size, size)`` uint8 chest image; opacities when ``pneumonia``."""
+def chest_image(size: int, pneumonia: bool, rng: np.random.Generator, with_mask: bool = False
+                ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """One synthetic ``(size, size)`` uint8 chest image; opacities when ``pneumonia``. With
+    ``with_mask``, also the boolean mask of the opacities (the same image either way)."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
     body = _blob(yy, xx, 0.55, 0.5, 0.75, rng.uniform(0.38, 0.46)) > 0.35
     img = 0.08 + 0.55 * body
@@ -44,15 +46,19 @@ def chest_image(size: int, pneumonia: bool, rng: np.random.Generator) -> np.ndar
         cy, cx = rng.uniform(0.3, 0.65), 0.5 + rng.choice([-1, 1]) * rng.uniform(0.1, 0.25)
         r = rng.uniform(0.01, 0.025)
         img += rng.uniform(0.05, 0.15) * _blob(yy, xx, cy, cx, r, r)
+    mask = np.zeros(img.shape, bool)
     if pneumonia:
         for _ in range(rng.integers(1, 5)):
             cy, cx = rng.uniform(0.35, 0.7), 0.5 + rng.choice([-1, 1]) * rng.uniform(0.12, 0.24)
             ry, rx = rng.uniform(0.05, 0.12), rng.uniform(0.04, 0.09)
-            patch = _blob(yy, xx, cy, cx, ry, rx) * (0.6 + 0.4 * rng.random((size, size)))
+            blob = _blob(yy, xx, cy, cx, ry, rx)
+            patch = blob * (0.6 + 0.4 * rng.random((size, size)))
             img += rng.uniform(0.05, 0.35) * patch * np.clip(lungs * 2.0, 0, 1)
+            mask |= (blob > 0.3) & (lungs > 0.1)
     img = (img - img.mean()) * rng.uniform(0.8, 1.2) + img.mean() + rng.uniform(-0.08, 0.08)
     img += rng.normal(0, 0.035, img.shape)
-    return (np.clip(img, 0, 1) * 255).astype(np.uint8)
+    pixels = (np.clip(img, 0, 1) * 255).astype(np.uint8)
+    return (pixels, mask) if with_mask else pixels
 
 
 def _patient_names(label: int, patient: int, n: int, rng: np.random.Generator) -> list[str]:

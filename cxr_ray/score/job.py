@@ -260,10 +260,11 @@ def _run_leased(ckpt: LoadedCheckpoint, out: OutputFolder, inputs: list[str], sc
                          "manifest has a 'label' column")
     score = resolve_score(score, ckpt)
     check_resources(score)
-    log.info("[score] %d predictor actor(s) x %g CPU(s)%s, model in %s; read+decode tasks %g CPU(s) each",
+    log.info("[score] %d predictor actor(s) x %g CPU(s)%s, model on the %s backend in %s; read+decode tasks "
+             "%g CPU(s) each",
              score.num_actors, score.cpus_per_actor, f" + {score.gpus_per_actor:g} GPU" if score.gpus_per_actor else
              f" ({score.torch_threads or math.ceil(score.cpus_per_actor)} threads)",
-             f"{score.backend}, {score.amp}", score.decode_cpus)
+             score.backend, score.amp, score.decode_cpus)
     check_shared_paths({"--input": todo.first_path} if todo.first_path else {})  # read on every node
     job = out.read_job() or {"started_at": datetime.now(timezone.utc).isoformat(), "runs": []}
     job.update(checkpoint=str(checkpoint), model=ckpt.model_id, threshold=ckpt.threshold,

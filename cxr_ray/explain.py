@@ -1,0 +1,178 @@
+"""Where the model looked: Grad-CAM heatmaps (Captum's ``LayerGradCam``) and overlay galleries.
+
+The target of a one-logit head is the PNEUMONIA logit; a NORMAL prediction is explained with
+the negative logit (what pushed the image towards NORMAL). The layer is the last convolutional
+stage: ResNet-50's ``layer4``, ``simple_cnn``'s last convolution. Heatmaps are upsampled to the
+model's input size and scaled to [0, 1] per image.
+
+``explain_files`` decodes files through the checkpoint's own preprocessing (as ``score``
+does), writes one overlay PNG per image (the X-ray, the heatmap, the probability and the
+prediction in the corner) and an ``index.html`` gallery; a file that cannot be read is listed
+there with the reason, and the others go on. Captum is the ``explain`` extra.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from cxr_ray.checkpoint import LoadedCheckpoint
+from cxr_ray.data.catalog import CLASSES
+
+
+class ExplainError(RuntimeError):
+    """Explanations cannot be made (missing extra, unknown model)."""
+
+
+def target_layer(model: nn.Module, name: str) -> nn.Module:
+    """The layer Grad-CAM reads: ResNet-50's last stage, simple_cnn's last convolution."""
+    if name == "resnet50":
+        return model.layer4
+    if name == "simple_cnn":
+        return [m for m in model.features.modules() if isinstance(m, nn.Conv2d)][-1]
+    raise ExplainError(f"no Grad-CAM layer known for model {name!r}")
+
+
+def gradcam(model: nn.Module, layer: nn.Module, x: torch.Tensor, positive: np.ndarray) -> np.ndarray:
+    """Grad-CAM maps ``(B, H, W)`` in [0, 1] of normalised fp32 input ``x`` ``(B, 1, H, W)``:
+    for the PNEUMONIA logit where ``positive``, for its negative elsewhere."""
+    try:
+        from captum.attr import LayerAttribution, LayerGradCam
+    except ImportError as e:
+        raise ExplainError(f"Grad-CAM needs Captum: pip install 'cxr_ray[explain]' ({e})") from e
+    sign = torch.where(torch.as_tensor(positive, dtype=torch.bool), 1.0, -1.0).to(x.device)
+
+    def signed_logit(inp: torch.Tensor) -> torch.Tensor:  # (B, 1): the explained class's logit
+        return model(inp) * sign[: len(inp), None]
+
+    model.eval()
+    x = x.detach().float().clone().requires_grad_(True)  # frozen backbones: gradients still reach the layer
+    cam = LayerGradCam(signed_logit, layer).attribute(x, target=0, relu_attributions=True)
+    cam = LayerAttribution.interpolate(cam, tuple(x.shape[-2:]), interpolate_mode="bilinear")[:, 0]
+    cam = cam.detach().cpu().numpy().astype(np.float32)
+    top = cam.reshape(len(cam), -1).max(axis=1).reshape(-1, 1, 1)
+    return np.divide(cam, top, out=np.zeros_like(cam), where=top > 0)
+
+
+@dataclass
+class Explained:
+    """One image's explanation: the model-size image, its heatmap, probability and class."""
+
+    path: str
+    image: np.ndarray | None  # uint8 (N, N)
+    heatmap: np.ndarray | None  # float (N, N) in [0, 1]
+    probability: float = float("nan")
+    prediction: str = ""
+    error: str = ""
+
+
+def explain_images(ckpt: LoadedCheckpoint, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Calibrated probabilities ``(B,)`` and Grad-CAM maps ``(B, N, N)`` of uint8 model-size
+    images ``(B, 1, N, N)`` (fp32, CPU), each map for the class the model predicts."""
+    from cxr_ray.data.transforms import Collate
+    from cxr_ray.engine import probabilities
+
+    x, _ = Collate("cpu", normalize=ckpt.cfg.data.normalize)({"image": images, "label": np.zeros(len(images))})
+    model = ckpt.model.float().eval()
+    with torch.no_grad():
+        probs = probabilities(model(x).squeeze(1).numpy(), ckpt.temperature)
+    maps = gradcam(model, target_layer(model, ckpt.cfg.model.name), x, probs >= ckpt.threshold)
+    return probs, maps
+
+
+def explain_files(ckpt: LoadedCheckpoint, paths: list[str], errors: list[str] | None = None,
+                  batch_size: int = 16, on_batch: Callable[[int], None] | None = None) -> list[Explained]:
+    """Decode ``paths`` with the checkpoint's preprocessing and explain them (a file that
+    cannot be decoded, or whose listing ``errors`` entry is set, gets ``error`` instead)."""
+    from cxr_ray.data.decode import decode_path
+    from cxr_ray.data.transforms import to_model_size
+
+    cache_size, size = ckpt.cfg.data.resolved_cache_size, ckpt.cfg.data.image_size
+    errors = errors or [""] * len(paths)
+    out: list[Explained] = []
+    for start in range(0, len(paths), batch_size):
+        chunk = []
+        for path, listed in zip(paths[start:start + batch_size], errors[start:start + batch_size]):
+            d = decode_path(path, cache_size, listing_error=listed or "")
+            if d.error:
+                out.append(Explained(path, None, None, error=d.error))
+            else:
+                chunk.append((path, d.pixels))
+        if chunk:
+            images = to_model_size(np.stack([p for _, p in chunk]), size)
+            probs, maps = explain_images(ckpt, images)
+            for (path, _), img, p, m in zip(chunk, images[:, 0], probs, maps):
+                out.append(Explained(path, img, m, float(p), CLASSES[int(p >= ckpt.threshold)]))
+        if on_batch:
+            on_batch(min(start + batch_size, len(paths)))
+    return out
+
+
+def overlay(image: np.ndarray, heatmap: np.ndarray, caption: str, scale: int = 2):
+    """A PIL RGB image: the gray X-ray with the heatmap (jet, 40%) over it, ``scale`` x the
+    model size, and ``caption`` in the top-left corner on a dark box."""
+    import matplotlib
+    from PIL import Image, ImageDraw
+
+    gray = np.repeat(image[..., None].astype(np.float32) / 255.0, 3, axis=-1)
+    heat = matplotlib.colormaps["jet"](heatmap)[..., :3]
+    alpha = 0.4 * heatmap[..., None] ** 0.5  # faint where the map is near zero
+    rgb = ((1 - alpha) * gray + alpha * heat) * 255
+    img = Image.fromarray(rgb.clip(0, 255).astype(np.uint8)).resize(
+        (image.shape[1] * scale, image.shape[0] * scale), Image.Resampling.BILINEAR)
+    draw = ImageDraw.Draw(img)
+    box = draw.textbbox((4, 4), caption)
+    draw.rectangle((box[0] - 3, box[1] - 3, box[2] + 3, box[3] + 3), fill=(0, 0, 0))
+    draw.text((4, 4), caption, fill=(255, 255, 255))
+    return img
+
+
+def write_gallery(items: list[Explained], out: str | os.PathLike, title: str,
+                  sections: dict[str, list[int]] | None = None) -> Path:
+    """One overlay PNG per explained item and ``index.html`` linking them (grouped by
+    ``sections``: title -> item indices; default one section); unreadable items are listed."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    names: dict[int, str] = {}
+    for i, it in enumerate(items):
+        if it.error:
+            continue
+        stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(it.path).stem)[:60]
+        names[i] = f"{i:05d}_{stem}.png"
+        caption = f"{it.prediction}  p={it.probability:.3f}"
+        overlay(it.image, it.heatmap, caption).save(out / names[i])
+    sections = sections or {"": list(range(len(items)))}
+    parts = [f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>",
+             "<style>body{font-family:sans-serif;background:#111;color:#eee}figure{display:inline-block;"
+             "margin:6px;width:300px;vertical-align:top}img{width:300px}figcaption{font-size:12px;"
+             "word-break:break-all}.err{color:#f88}</style>", f"<h1>{html.escape(title)}</h1>",
+             "<p>Grad-CAM of the predicted class (PNEUMONIA: the PNEUMONIA logit; NORMAL: its negative); "
+             "red = most influence. Probabilities are calibrated.</p>"]
+    for heading, idx in sections.items():
+        if heading:
+            parts.append(f"<h2>{html.escape(heading)} ({len(idx)})</h2>")
+        for i in idx:
+            it = items[i]
+            if it.error:
+                parts.append(f"<figure><figcaption class='err'>{html.escape(it.path)}: could not be read: "
+                             f"{html.escape(it.error)}</figcaption></figure>")
+            else:
+                parts.append(f"<figure><a href='{names[i]}'><img src='{names[i]}' alt=''></a><figcaption>"
+                             f"{html.escape(it.prediction)} p={it.probability:.3f}<br>{html.escape(it.path)}"
+                             "</figcaption></figure>")
+    (out / "index.html").write_text("\n".join(parts))
+    return out / "index.html"
+
+
+def summary(items: list[Explained]) -> dict[str, Any]:
+    """Counts for the command's output."""
+    ok = [it for it in items if not it.error]
+    return {"explained": len(ok), "failed": len(items) - len(ok),
+            "pneumonia": sum(it.prediction == CLASSES[1] for it in ok)}

@@ -1,0 +1,90 @@
+"""Grad-CAM: it points at the opacities of a trained model, and ``cxr-ray explain`` writes a
+gallery a person can open, listing the files it could not read."""
+
+from __future__ import annotations
+
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_cli
+from PIL import Image
+
+from cxr_ray.checkpoint import load_checkpoint, save_checkpoint
+from cxr_ray.config import ExperimentConfig
+from cxr_ray.data.synthetic import chest_image
+from cxr_ray.data.transforms import normalize
+from cxr_ray.explain import explain_images, gradcam, target_layer
+from cxr_ray.models import build_model
+
+SIZE = 64
+EPOCHS = 10  # the opacity/outside ratio: 2.2 after 6 epochs, 2.9 after 10
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> str:
+    """simple_cnn trained in-process for a few epochs on synthetic images (opacities = PNEUMONIA)."""
+    cfg = ExperimentConfig().replace(**{"model.name": "simple_cnn", "model.weights": "none", "model.width": 16,
+                                        "data.image_size": SIZE, "model.dropout": 0.0})
+    rng = np.random.default_rng(0)
+    labels = np.arange(384) % 2
+    x = normalize(torch.from_numpy(np.stack([chest_image(SIZE, bool(y), rng) for y in labels])[:, None]),
+                  cfg.data.normalize)
+    y = torch.tensor(labels, dtype=torch.float32)
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(EPOCHS):
+        model.train()
+        for idx in torch.randperm(len(y)).split(32):
+            opt.zero_grad()
+            torch.nn.functional.binary_cross_entropy_with_logits(model(x[idx]).squeeze(1), y[idx]).backward()
+            opt.step()
+    return str(save_checkpoint(tmp_path_factory.mktemp("explain") / "ckpt", model, cfg, 0.5, {}, 5))
+
+
+def test_gradcam_of_a_trained_model_lies_on_the_opacities(trained):
+    ckpt = load_checkpoint(trained)
+    rng = np.random.default_rng(123)  # unseen images, opacity masks known
+    pairs = [chest_image(SIZE, True, rng, with_mask=True) for _ in range(32)]
+    images = np.stack([img for img, _ in pairs])[:, None]
+    masks = np.stack([m for _, m in pairs])
+    probs, maps = explain_images(ckpt, images)
+    assert (probs >= 0.5).mean() >= 0.8  # it learned the task
+    keep = masks.reshape(len(masks), -1).any(axis=1) & (probs >= 0.5)
+    inside = np.mean([m[k].mean() for m, k in zip(maps[keep], masks[keep])])
+    outside = np.mean([m[~k].mean() for m, k in zip(maps[keep], masks[keep])])
+    assert inside >= 2 * outside, (inside, outside)
+
+
+def test_normal_explanations_use_the_negative_logit_and_maps_are_scaled(trained):
+    ckpt = load_checkpoint(trained)
+    images = np.stack([chest_image(SIZE, False, np.random.default_rng(s)) for s in range(4)])[:, None]
+    x = normalize(torch.from_numpy(images), ckpt.cfg.data.normalize)
+    layer = target_layer(ckpt.model, "simple_cnn")
+    pos, neg = gradcam(ckpt.model, layer, x, np.ones(4, bool)), gradcam(ckpt.model, layer, x, np.zeros(4, bool))
+    assert pos.shape == neg.shape == (4, SIZE, SIZE) and 0 <= neg.min() and neg.max() <= 1
+    assert not np.allclose(pos, neg)  # a different target, a different map
+    resnet = build_model(ExperimentConfig().replace(**{"model.weights": "none", "model.unfreeze_depth": 0}).model)
+    cam = gradcam(resnet.eval(), target_layer(resnet, "resnet50"), torch.randn(2, 1, 64, 64), np.ones(2, bool))
+    assert cam.shape == (2, 64, 64)  # a fully frozen backbone still gets its gradients
+
+
+def test_cli_writes_overlays_and_a_gallery_naming_unreadable_files(trained, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    rng = np.random.default_rng(5)
+    for i in range(3):
+        Image.fromarray(chest_image(90, i % 2 == 1, rng)).save(folder / f"img {i}.png")
+    (folder / "broken.jpeg").write_bytes(b"\xff\xd8 not a jpeg")
+    out = tmp_path / "gallery"
+    res = run_cli("explain", "--checkpoint", trained, "--input", str(folder), "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().splitlines()[-1] == str(out)
+    assert "3 explained" in res.stdout and "1 could not be read" in res.stdout and "broken.jpeg" in res.stdout
+    pngs = sorted(out.glob("*.png"))
+    assert len(pngs) == 3 and Image.open(pngs[0]).size == (2 * SIZE, 2 * SIZE)
+    page = (out / "index.html").read_text()
+    assert all(p.name in page for p in pngs) and "broken.jpeg" in page and "could not be read" in page
+    assert run_cli("explain", "--checkpoint", trained, "--input", str(tmp_path / "missing"),
+                   "--out", str(out)).returncode == 2

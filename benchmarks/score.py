@@ -13,8 +13,11 @@ Throughput (same run, same model with random weights, same images, same batch si
   ResNet-50 as the Predictor runs it;
 - ``cxr-ray score``: :func:`cxr_ray.score.run_score` on a local Ray started before the clock
   (actor start and model load are inside the timing), writing the Parquet output, with nothing
-  hand-set: the previous release's defaults (one 1-CPU actor, fp32), today's defaults in fp32,
-  and today's defaults (the checkpoint records bf16 as a training run here would).
+  hand-set: the previous release's defaults (one 1-CPU actor, fp32, torch), today's defaults in
+  fp32 on the torch backend, today's defaults (the checkpoint records bf16 as a training run
+  here would), and ``score.backend=onnxruntime`` (fp32; what ``backend=auto`` picks for fp32 jobs);
+- after the jobs (so nothing of it runs beside them): the ONNX Runtime model-only rows, fp32 and
+  int8 (static QDQ), with their logit agreement with torch fp32.
 
 Targets (2-core machine): defaults >= 1.0x the plain loop and >= 0.85x the ceiling in the same
 precision; with bf16, defaults >= 2.5x the fp32 path.
@@ -128,18 +131,15 @@ def throughput(args: argparse.Namespace) -> None:
             m = model.to(memory_format=torch.channels_last) if cl else model
             ceilings[precision] = model_only(m, images, args.batch_size, device, precision, cl)
             rows.append((f"model only (ceiling), {precision}{' channels_last' if cl else ''}", ceilings[precision]))
-        onnx: list[tuple[str, float, str]] = []
-        if device.type == "cpu":
-            onnx = onnx_rows(ckpt, images, args.batch_size, cores, Path(tmp), ceilings["fp32"])
-            rows += [(name, rate) for name, rate, _ in onnx]
-            ceilings.update({name: rate for name, rate, _ in onnx})
-        del model, images
+        del model
         os.environ["CXR_RAY_CACHE"] = tmp  # the onnxruntime backend's export cache (workers inherit it)
         ray.init(num_cpus=args.cpus or None, log_to_driver=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
-        runs = {"score, before this release's defaults (1 CPU actor, fp32)":
-                ScoreConfig(batch_size=args.batch_size, cpus_per_actor=1.0, decode_cpus=1.0, amp="fp32"),
-                "score, defaults with score.amp=fp32": ScoreConfig(batch_size=args.batch_size, amp="fp32"),
+        runs = {"score, before this release's defaults (1 CPU actor, fp32, torch)":
+                ScoreConfig(batch_size=args.batch_size, cpus_per_actor=1.0, decode_cpus=1.0, amp="fp32",
+                            backend="torch"),
+                "score, defaults with score.amp=fp32 score.backend=torch":
+                ScoreConfig(batch_size=args.batch_size, amp="fp32", backend="torch"),
                 f"score, defaults (amp=auto: {fast})": ScoreConfig(batch_size=args.batch_size)}
         if device.type == "cuda":
             gpu = ScoreConfig(batch_size=args.batch_size, gpus_per_actor=1.0)
@@ -154,6 +154,11 @@ def throughput(args: argparse.Namespace) -> None:
             rates[name] = summary.images_per_s
             rows.append((name, summary.images_per_s))
         ray.shutdown()
+        onnx: list[tuple[str, float, str]] = []  # after the jobs: nothing of ONNX Runtime's runs beside them
+        if device.type == "cpu":
+            onnx = onnx_rows(ckpt, images, args.batch_size, cores, Path(tmp), ceilings["fp32"])
+            rows[3:3] = [(name, rate) for name, rate, _ in onnx]
+            ceilings.update({name: rate for name, rate, _ in onnx})
     print(f"\nscoring {len(paths)} real images ({args.model}, {args.size} px, batch {args.batch_size}, "
           f"device {device}, {cores} threads; bf16 fast here: {fast == 'bf16'})")
     print("| path | images/s |\n|---|---|")

@@ -8,7 +8,7 @@ Layout::
                       (threshold_rule, val_precision), the temperature that calibrates the
                       probabilities (absent: 1), class map, the validation metrics at it,
                       epoch, versions of torch/torchvision/ray/cxr_ray, and ``digest``: a
-                      SHA-256 of the weights, the config and the threshold (the model's
+                      SHA-256 of the weights, the config, the threshold and temperature (the model's
                       identity: scoring output's ``model`` column, the URI fetch cache)
     train_state.pt    optimizer, scheduler, early stopping, epoch (resuming training only)
 

@@ -169,7 +169,7 @@ def predict_logits(model: nn.Module, batches: Iterable[Batch], device: torch.dev
 
 def probabilities(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     """float32 ``sigmoid(logits / temperature)`` computed by torch in fp32, as everywhere in cxr_ray."""
-    z = torch.from_numpy(np.ascontiguousarray(logits, np.float32))
+    z = torch.tensor(np.asarray(logits, np.float32))  # a copy: pandas/Ray arrays may be read-only
     if temperature != 1.0:
         z = z / temperature
     return torch.sigmoid(z).numpy()

@@ -58,6 +58,13 @@ def use_storage_from_args(args: argparse.Namespace) -> None:
     io.use_endpoint(load_config(args.config, storage_sets).storage.endpoint_url)
 
 
+def refuse_model_settings(args: argparse.Namespace, command: str) -> None:
+    """Commands that apply a checkpoint take its own config: only ``storage.*`` may be ``--set``."""
+    bad = [o for o in args.set if not o.split("=", 1)[0].strip().startswith("storage.")]
+    if bad:
+        raise ConfigError(f"{command} uses the checkpoint's own config; only storage.* may be set, not {bad}")
+
+
 def check_storage(cfg: ExperimentConfig, *settings: str) -> None:
     """Fail before Ray when a URI setting names a missing or unreachable bucket."""
     from cxr_ray.data import io
@@ -195,9 +202,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from cxr_ray.evaluate import evaluate_checkpoint, format_table
     from cxr_ray.runtime import init_ray
 
-    bad = [o for o in args.set if not o.split("=", 1)[0].strip().startswith("storage.")]
-    if bad:
-        raise ConfigError(f"evaluate uses the checkpoint's own config; only storage.* may be set, not {bad}")
+    refuse_model_settings(args, "evaluate")
     prevalences = parse_prevalences(args.prevalence)
     ckpt = load_checkpoint(args.checkpoint)
     root = args.data or ckpt.cfg.data.root
@@ -293,9 +298,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from cxr_ray.data import io
     from cxr_ray.export import FORMATS, SIDECAR, export_checkpoint
 
-    bad = [o for o in args.set if not o.split("=", 1)[0].strip().startswith("storage.")]
-    if bad:
-        raise ConfigError(f"export uses the checkpoint's own config; only storage.* may be set, not {bad}")
+    refuse_model_settings(args, "export")
     ckpt = load_checkpoint(args.checkpoint)
     io.check_location(args.out, "--out")
     meta = export_checkpoint(ckpt, args.format, args.out)

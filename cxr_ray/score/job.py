@@ -119,12 +119,9 @@ def onnxruntime_installed() -> bool:
 
 def check_onnxruntime() -> None:
     """``score.backend=onnxruntime`` without the packages it needs fails before any work."""
-    try:
-        import onnx  # noqa: F401
-        import onnxruntime  # noqa: F401
-        import onnxscript  # noqa: F401
-    except ImportError as e:
-        raise ScoreError(f"score.backend=onnxruntime needs the onnx extra: pip install 'cxr_ray[onnx]' ({e})") from e
+    if not onnxruntime_installed():
+        raise ScoreError("score.backend=onnxruntime needs the onnx extra (onnx, onnxscript, onnxruntime): "
+                         "pip install 'cxr_ray[onnx]'")
 
 
 def check_resources(score: ScoreConfig) -> None:

@@ -115,6 +115,7 @@ def _prepare(args: argparse.Namespace, cfg: ExperimentConfig | None = None, chec
 def cmd_prepare(args: argparse.Namespace) -> int:
     """Decode every image once into the Parquet cache (reused when unchanged)."""
     _, cache = _prepare(args)
+    shutdown_ray()  # no worker log lines may arrive after the cache URI below
     print(format_report(cache.meta))
     print(cache.uri)
     return 0
@@ -123,6 +124,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     """Print counts, patients, sizes and problems (builds or reuses the cache)."""
     _, cache = _prepare(args)
+    shutdown_ray()
     print(format_report(cache.meta))
     return 0
 
@@ -212,6 +214,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise ConfigError(f"--explain: expected a count >= 0, got {args.explain}")
     metrics = evaluate_checkpoint(ckpt, root, args.split, args.out, cache_dir=args.cache or "", amp=args.amp,
                                   prevalences=prevalences, explain=args.explain)
+    shutdown_ray()  # no worker log lines may arrive after the report folder below
     print(format_table(metrics, f"[evaluate] {args.split} split of {root}"))
     if args.explain:
         print(f"[evaluate] Grad-CAM gallery: {io.join(args.out, 'explain', 'index.html')}")

@@ -99,3 +99,21 @@ def calibration_report(labels: np.ndarray, logits: np.ndarray, temperature: floa
             "ece_before": ece(labels, before), "ece_after": ece(labels, after),
             "brier_before": brier(labels, before), "brier_after": brier(labels, after),
             "reliability_before": reliability(labels, before), "reliability_after": reliability(labels, after)}
+
+
+def fit_decision(logits: np.ndarray, labels: np.ndarray, groups: np.ndarray | None, metric: Any,
+                 val_loss: float = float("nan")) -> dict[str, Any]:
+    """What a validation pass decides for one way of computing logits (a model, a TTA mode, an
+    ensemble): the temperature (``metric.calibrate``), then the threshold by
+    ``metric.threshold_rule`` on the calibrated probabilities over patients ``groups``, with the
+    validation metrics at it (``metrics.validation_metrics``) and ECE raw -> calibrated."""
+    from cxr_ray.engine import probabilities
+    from cxr_ray.metrics import validation_metrics
+
+    temperature = fit_temperature(logits, labels) if metric.calibrate else 1.0
+    probs = probabilities(logits, temperature)  # the threshold is chosen on the calibrated scale
+    out = validation_metrics(labels, probs, metric.min_specificity, groups=groups, rule=metric.threshold_rule,
+                             val_loss=val_loss)
+    out.update(val_loss=val_loss, temperature=temperature,
+               val_ece_before=ece(labels, probabilities(logits)), val_ece=ece(labels, probs))
+    return out

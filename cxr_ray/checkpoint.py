@@ -12,6 +12,15 @@ Layout::
                       identity: scoring output's ``model`` column, the URI fetch cache)
     train_state.pt    optimizer, scheduler, early stopping, epoch (resuming training only)
 
+``checkpoint.json`` may also hold ``tta``: per test-time augmentation mode (``cxr_ray/tta.py``)
+the temperature and threshold chosen on validation with that mode's views, written after
+training by :func:`write_tta_decisions`; they enter the digest.
+
+An *ensemble* checkpoint (``"kind": "ensemble"``, written by ``cxr_ray/ensemble.py``) has no
+``model.pt``: ``members/<i>/model.pt`` and ``members/<i>/config.yaml`` hold each member, and its
+``config.yaml`` is the members' shared preprocessing (the first member's config). It loads,
+evaluates and scores exactly like one checkpoint: the model is the mean of the members' logits.
+
 Inference rebuilds the model *and the preprocessing* from ``config.yaml``, never from flags.
 """
 
@@ -26,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 import yaml
@@ -37,6 +47,7 @@ from cxr_ray.data.catalog import CLASSES
 log = logging.getLogger(__name__)
 
 MODEL_FILE, CONFIG_FILE, META_FILE, STATE_FILE = "model.pt", "config.yaml", "checkpoint.json", "train_state.pt"
+MEMBERS_DIR = "members"  # an ensemble's members
 
 
 class CheckpointError(RuntimeError):
@@ -91,13 +102,23 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, cfg: ExperimentCo
     return out
 
 
-def content_digest(folder: Path, threshold: float, temperature: float | None = None) -> str:
-    """``sha256:<hex>`` of model.pt, config.yaml, the threshold and the temperature (when the
-    checkpoint has one): what decides every score."""
+def checkpoint_files(meta: dict[str, Any]) -> list[str]:
+    """The files (relative paths) that hold a checkpoint's weights and configs: model.pt and
+    config.yaml, or for an ensemble its config.yaml and every member's model.pt and config.yaml."""
+    if meta.get("kind") == "ensemble":
+        return [CONFIG_FILE] + [f"{MEMBERS_DIR}/{i}/{name}" for i in range(len(meta["members"]))
+                                for name in (MODEL_FILE, CONFIG_FILE)]
+    return [MODEL_FILE, CONFIG_FILE]
+
+
+def content_digest(folder: Path, threshold: float, temperature: float | None = None,
+                   files: list[str] | None = None) -> str:
+    """``sha256:<hex>`` of the weight and config ``files`` (default model.pt, config.yaml), the
+    threshold and the temperature (when the checkpoint has one): what decides every score."""
     import hashlib
 
     h = hashlib.sha256()
-    for name in (MODEL_FILE, CONFIG_FILE):
+    for name in files or (MODEL_FILE, CONFIG_FILE):
         with open(folder / name, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
@@ -107,8 +128,36 @@ def content_digest(folder: Path, threshold: float, temperature: float | None = N
     return f"sha256:{h.hexdigest()}"
 
 
+def tta_digest(base: str, tta: dict[str, Any]) -> str:
+    """The digest of a checkpoint with TTA decisions: ``base`` (:func:`content_digest`) and
+    every mode's temperature and threshold."""
+    import hashlib
+
+    decisions = {m: [float(d["threshold"]), float(d["temperature"])] for m, d in sorted(tta.items())}
+    return "sha256:" + hashlib.sha256(f"{base}|tta={json.dumps(decisions)}".encode()).hexdigest()
+
+
+def expected_digest(folder: Path, meta: dict[str, Any]) -> str:
+    """What ``meta["digest"]`` must be for the files in ``folder``."""
+    base = content_digest(folder, float(meta["threshold"]), meta.get("temperature"), checkpoint_files(meta))
+    return tta_digest(base, meta["tta"]) if meta.get("tta") else base
+
+
+def write_tta_decisions(path: str, decisions: dict[str, dict[str, Any]]) -> str:
+    """Add (or replace) TTA modes' decisions in the ``checkpoint.json`` of the checkpoint at
+    ``path`` (a folder or URI) and update its digest; returns the new digest."""
+    from cxr_ray.data import io
+
+    meta = json.loads(io.read_bytes(io.join(path, META_FILE)))
+    base = meta.get("base_digest") or meta["digest"]
+    meta["tta"] = {**(meta.get("tta") or {}), **{m: _jsonable(d) for m, d in decisions.items()}}
+    meta.update(base_digest=base, digest=tta_digest(base, meta["tta"]))
+    io.write_bytes(io.join(path, META_FILE), json.dumps(meta, indent=1).encode())
+    return meta["digest"]
+
+
 def _jsonable(metrics: dict[str, Any]) -> dict[str, Any]:
-    return {k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v)
+    return {k: (float(v) if isinstance(v, (int, float, np.floating)) and not isinstance(v, bool) else v)
             for k, v in metrics.items()}
 
 
@@ -130,6 +179,37 @@ class LoadedCheckpoint:
     cfg: ExperimentConfig
     threshold: float
     meta: dict[str, Any]
+    tta: str = "none"  # the test-time augmentation the model applies (see with_tta)
+
+    @property
+    def tta_modes(self) -> list[str]:
+        """The TTA modes this checkpoint has a validation-chosen temperature and threshold for."""
+        return sorted(self.meta.get("tta") or {})
+
+    def with_tta(self, mode: str) -> "LoadedCheckpoint":
+        """This checkpoint applying test-time augmentation ``mode``: the model averages the
+        views' logits, and the temperature, threshold and their precision are the ones chosen on
+        validation with the same views. ``none`` returns it unchanged; a mode it has no
+        decision for is a :class:`CheckpointError`."""
+        from cxr_ray.tta import TTAModel
+
+        if mode == "none":
+            return self
+        decision = (self.meta.get("tta") or {}).get(mode)
+        if decision is None:
+            raise CheckpointError(
+                f"{self.path} has no threshold chosen with TTA {mode!r} (it has: {self.tta_modes or 'none'}); "
+                f"a plain threshold does not fit averaged logits. Fit one on its validation split: "
+                f"cxr-ray fit-tta --checkpoint {self.path} --tta {mode}")
+        meta = {**self.meta, "threshold": decision["threshold"], "temperature": decision["temperature"],
+                "threshold_rule": decision.get("threshold_rule", self.meta.get("threshold_rule")),
+                "val_precision": decision.get("val_precision", self.val_precision)}
+        return dataclasses.replace(self, model=TTAModel(self.model, mode), threshold=float(decision["threshold"]),
+                                   meta=meta, tta=mode)
+
+    @property
+    def is_ensemble(self) -> bool:
+        return self.meta.get("kind") == "ensemble"
 
     @property
     def digest(self) -> str:
@@ -169,7 +249,9 @@ class LoadedCheckpoint:
         path = str(self.path).rstrip("/")
         path = path if io.is_uri(path) else str(Path(path).resolve())
         run, name = path.rsplit("/", 2)[-2:]
-        return f"{run}/{name}@epoch{self.meta.get('epoch')}#{self.digest.split(':', 1)[1][:12]}"
+        what = f"ensemble of {len(self.meta['members'])}" if self.is_ensemble else f"epoch{self.meta.get('epoch')}"
+        tta = f"+tta={self.tta}" if self.tta != "none" else ""
+        return f"{run}/{name}@{what}#{self.digest.split(':', 1)[1][:12]}{tta}"
 
 
 def fetch_checkpoint(uri: str) -> Path:
@@ -198,13 +280,13 @@ def fetch_checkpoint(uri: str) -> Path:
     tmp = cache / f"fetch.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for name in (MODEL_FILE, CONFIG_FILE):
+    for name in checkpoint_files(meta):
         if fs.get_file_info(f"{src}/{name}").type != pafs.FileType.File:
             raise CheckpointError(f"{uri} is not a cxr_ray checkpoint: {name} is missing")
+        (tmp / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp / name).write_bytes(io.read_bytes(io.join(uri, name)))
     (tmp / META_FILE).write_text(json.dumps(meta))  # the same meta whose digest keys the copy
-    local = cache / _digest_key(meta.get("digest") or content_digest(tmp, float(meta["threshold"]),
-                                                                     meta.get("temperature")))
+    local = cache / _digest_key(meta.get("digest") or expected_digest(tmp, meta))
     if local.exists():
         shutil.rmtree(tmp)
     else:
@@ -222,31 +304,47 @@ def load_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
     ``path`` may be a local folder or a URI (``s3://``, ``gs://``; fetched once into the cache).
     """
     from cxr_ray.data import io
-    from cxr_ray.models import build_model
 
     folder = fetch_checkpoint(str(path)) if io.is_uri(str(path)) else Path(path)
     if (folder / "model.json").is_file() and not (folder / CONFIG_FILE).is_file():
         source = json.loads((folder / "model.json").read_text()).get("source", {}).get("checkpoint")
         raise CheckpointError(f"{folder} is a model exported by cxr-ray export, not a checkpoint; pass the "
                               f"checkpoint it came from ({source}); score.backend=onnxruntime runs its ONNX export")
-    for name in (MODEL_FILE, CONFIG_FILE, META_FILE):
+    if not (folder / META_FILE).is_file():
+        raise CheckpointError(f"{folder} is not a cxr_ray checkpoint: {META_FILE} is missing")
+    meta = json.loads((folder / META_FILE).read_text())
+    for name in checkpoint_files(meta):
         if not (folder / name).is_file():
             raise CheckpointError(f"{folder} is not a cxr_ray checkpoint: {name} is missing")
     cfg = ExperimentConfig.from_saved(yaml.safe_load((folder / CONFIG_FILE).read_text()))
-    meta = json.loads((folder / META_FILE).read_text())
-    model = build_model(dataclasses.replace(cfg.model, weights="none"))
-    state = safe_load(folder / MODEL_FILE)  # first: a file that would run code is refused as such
-    actual = content_digest(folder, float(meta["threshold"]), meta.get("temperature"))
+    if meta.get("kind") == "ensemble":
+        from cxr_ray.ensemble import EnsembleModel
+
+        members = [_load_model(folder / MEMBERS_DIR / str(i)) for i in range(len(meta["members"]))]
+        model: nn.Module = EnsembleModel([m for m, _ in members], [c.model.name for _, c in members])
+    else:
+        model, cfg = _load_model(folder)
+    actual = expected_digest(folder, meta)
     if meta.setdefault("digest", actual) != actual:  # checkpoints saved before digests: computed
-        raise CheckpointError(f"{folder}: model.pt, config.yaml or the threshold changed after the checkpoint "
+        raise CheckpointError(f"{folder}: the weights, config.yaml or the threshold changed after the checkpoint "
                               f"was saved (digest {actual[:19]}..., checkpoint.json says {meta['digest'][:19]}...); "
                               f"re-export it instead of editing it in place")
+    model.eval()
+    return LoadedCheckpoint(str(path), model, cfg, float(meta["threshold"]), meta)
+
+
+def _load_model(folder: Path) -> tuple[nn.Module, ExperimentConfig]:
+    """The model in ``folder``'s model.pt, built from its config.yaml (no pretrained download)."""
+    from cxr_ray.models import build_model
+
+    cfg = ExperimentConfig.from_saved(yaml.safe_load((folder / CONFIG_FILE).read_text()))
+    model = build_model(dataclasses.replace(cfg.model, weights="none"))
+    state = safe_load(folder / MODEL_FILE)  # first: a file that would run code is refused as such
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
         raise CheckpointError(f"{folder / MODEL_FILE} does not match model {cfg.model.name!r}: {e}") from e
-    model.eval()
-    return LoadedCheckpoint(str(path), model, cfg, float(meta["threshold"]), meta)
+    return model, cfg
 
 
 def load_train_state(path: str | os.PathLike) -> dict[str, Any] | None:

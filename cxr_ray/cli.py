@@ -7,11 +7,12 @@ config is loaded and validated before Ray starts. ``experiments/*.py`` are thin 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from cxr_ray.config import ConfigError, ExperimentConfig, load_config, parse_override
 
@@ -169,6 +170,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Train on Ray Train; prints a summary and, last, the best checkpoint's path."""
     from cxr_ray.data import io
     from cxr_ray.train import check_run_dir, run_training
+    from cxr_ray.tta import format_decisions
 
     cfg = train_config_from_args(args)
     check_storage(cfg, "train.storage_path")
@@ -179,6 +181,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     selection = cfg.metric.selection
     best = result.get_best_checkpoint(selection, "max")
     m = result.metrics or {}
+    tta = fit_tta(io.checkpoint_uri(best), cache, cfg) if best is not None else {}
     shutdown_ray()  # no worker log lines may arrive after the checkpoint path below
     if best is None:
         print("cxr-ray train: the run produced no checkpoint", file=sys.stderr)
@@ -192,8 +195,72 @@ def cmd_train(args: argparse.Namespace) -> int:
     if cfg.metric.calibrate and "temperature" in b:  # (checkpoints of runs started before it: absent)
         print(f"[train] probabilities calibrated on validation: temperature {b['temperature']:.3f}, "
               f"ECE {b['val_ece_before']:.4f} -> {b['val_ece']:.4f}")
+    for line in format_decisions(tta, prefix="[train] TTA"):
+        print(line)
     print(f"[train] run folder: {io.checkpoint_uri(result)}")
     print(io.checkpoint_uri(best))  # s3://... stays s3://: Ray's own .path is the key in the bucket
+    return 0
+
+
+def fit_tta(checkpoint: str, cache: Any, cfg: ExperimentConfig) -> dict[str, dict]:
+    """The ``metric.tta`` modes' temperatures and thresholds, chosen on the validation split
+    and written into ``checkpoint`` (the best one of a run, before its path is printed)."""
+    from cxr_ray.tta import fit_tta_decisions, parse_modes
+
+    modes = parse_modes(cfg.metric.tta)
+    if modes:
+        print(f"[tta] choosing the temperature and threshold of TTA {', '.join(modes)} on the validation split",
+              flush=True)
+    return fit_tta_decisions(checkpoint, cache, modes)
+
+
+def cmd_fit_tta(args: argparse.Namespace) -> int:
+    """Choose TTA modes' temperatures and thresholds on a checkpoint's validation split and store
+    them in it; last line: the checkpoint."""
+    from cxr_ray.checkpoint import load_checkpoint
+    from cxr_ray.data.cache import prepare_cache
+    from cxr_ray.runtime import init_ray
+    from cxr_ray.tta import fit_tta_decisions, format_decisions, parse_modes
+
+    refuse_model_settings(args, "fit-tta")
+    modes = parse_modes(args.tta, "--tta")
+    if not modes:
+        raise ConfigError("--tta: name at least one mode (hflip, crop5)")
+    ckpt = load_checkpoint(args.checkpoint)
+    data = dataclasses.replace(ckpt.cfg.data, root=args.data or ckpt.cfg.data.root,
+                               cache_dir=args.cache or ckpt.cfg.data.cache_dir)
+    init_ray(args.address)
+    cache = prepare_cache(ckpt.cfg.replace(**{"data.root": data.root, "data.cache_dir": data.cache_dir}))
+    decisions = fit_tta_decisions(args.checkpoint, cache, modes, amp=args.amp)
+    shutdown_ray()
+    for line in format_decisions(decisions, ckpt.meta.get("metrics"), prefix="[fit-tta]"):
+        print(line)
+    print(args.checkpoint)
+    return 0
+
+
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    """Build an ensemble checkpoint from a tune experiment's top trials or named checkpoints;
+    last line: the ensemble checkpoint."""
+    from cxr_ray.ensemble import EnsembleError, build_ensemble, format_ensemble, top_k_checkpoints
+    from cxr_ray.data import io
+    from cxr_ray.runtime import init_ray
+
+    refuse_model_settings(args, "ensemble")
+    if bool(args.from_experiment) == bool(args.checkpoints):
+        raise ConfigError("give --from EXPERIMENT (with --top-k) or --checkpoints CKPT CKPT ..., not both")
+    if args.from_experiment and args.top_k < 2:
+        raise ConfigError(f"--top-k: expected an int >= 2, got {args.top_k}")
+    io.check_location(args.out, "--out")
+    if io.exists(args.out):
+        raise EnsembleError(f"--out {args.out} exists; choose a new folder (an ensemble is never written over another)")
+    sources = top_k_checkpoints(args.from_experiment, args.top_k) if args.from_experiment else args.checkpoints
+    init_ray(args.address)
+    ckpt = build_ensemble(sources, args.out, amp=args.amp)
+    shutdown_ray()
+    for line in format_ensemble(ckpt):
+        print(line)
+    print(args.out)
     return 0
 
 
@@ -206,7 +273,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     refuse_model_settings(args, "evaluate")
     prevalences = parse_prevalences(args.prevalence)
-    ckpt = load_checkpoint(args.checkpoint)
+    ckpt = load_checkpoint(args.checkpoint).with_tta(args.tta)  # a mode without a decision fails here
     root = args.data or ckpt.cfg.data.root
     io.check_location(args.out, "--out")
     init_ray(args.address)
@@ -245,8 +312,9 @@ def cmd_score(args: argparse.Namespace) -> int:
     from cxr_ray.runtime import init_ray
     from cxr_ray.score import OutputFolder, check_output, run_score
 
-    cfg = load_config(args.config, args.set)
-    ckpt = load_checkpoint(args.checkpoint)  # a bad checkpoint fails here, before listing and Ray
+    cfg = load_config(args.config, args.set + ([f"score.tta={args.tta}"] if args.tta else []))
+    # a bad checkpoint, or a TTA mode it has no threshold for, fails here, before listing and Ray
+    ckpt = load_checkpoint(args.checkpoint).with_tta(cfg.score.tta)
     io.check_location(args.output, "--output")
     check_inputs(args.input)  # fails fast on a missing input, before Ray (listed later, in a stream)
     check_output(OutputFolder(args.output), ckpt.model_id, args.with_labels, args.resume)  # before Ray
@@ -387,10 +455,14 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from cxr_ray.evaluate import evaluate_checkpoint, format_table
     from cxr_ray.runtime import init_ray
     from cxr_ray.train import run_name
+    from cxr_ray.tta import format_decisions
     from cxr_ray.tune import format_trials, run_tune, validate_search_space
 
     cfg, cache_uri = tune_config_from_args(args)
     validate_search_space(cfg)
+    if args.ensemble_top_k and not 2 <= args.ensemble_top_k <= cfg.tune.num_samples:
+        raise ConfigError(f"--ensemble-top-k: expected 0 or an int in [2, tune.num_samples = "
+                          f"{cfg.tune.num_samples}], got {args.ensemble_top_k}")
     check_storage(cfg, "data.root", "data.cache_dir", "train.storage_path")
     if cache_uri:  # --resume: the experiment's own cache
         init_ray(args.address)
@@ -410,6 +482,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if outcome.best_checkpoint is None:
         print("[tune] no trial produced a checkpoint", file=sys.stderr)
         return 1
+    for line in format_decisions(fit_tta(outcome.best_checkpoint, cache, cfg), prefix="[tune] best trial, TTA"):
+        print(line)
+    if args.ensemble_top_k:
+        tune_ensemble(outcome.experiment_uri, args.ensemble_top_k, cache)
     if sum(cache.split_counts("test")):
         report = io.join(outcome.experiment_uri, "best_test_report")
         metrics = evaluate_checkpoint(load_checkpoint(outcome.best_checkpoint), cfg.data.root, "test", report,
@@ -419,6 +495,34 @@ def cmd_tune(args: argparse.Namespace) -> int:
     print(f"[tune] experiment folder: {outcome.experiment_uri}")
     print(outcome.best_checkpoint)
     return 0
+
+
+def tune_ensemble(experiment: str, k: int, cache: Any) -> str | None:
+    """``<experiment>/ensemble-top<k>``: the ensemble of the experiment's ``k`` best trials
+    (replaced on --resume); a search that cannot give one (too few checkpoints, members that
+    differ in preprocessing) says why on stderr and keeps its best checkpoint."""
+    from cxr_ray.data import io
+    from cxr_ray.ensemble import EnsembleError, build_ensemble, format_ensemble, top_k_checkpoints
+
+    out = io.join(experiment, f"ensemble-top{k}")
+    try:
+        ckpt = build_ensemble(top_k_checkpoints(experiment, k), out, cache=cache, replace=True)
+    except EnsembleError as e:
+        print(f"[tune] no ensemble: {e}", file=sys.stderr)
+        return None
+    for line in format_ensemble(ckpt):
+        print(line.replace("[ensemble]", "[tune] ensemble"))
+    print(f"[tune] ensemble of the top {k} trials: {out}")
+    return out
+
+
+def _tta_flag(p: argparse.ArgumentParser, default: str | None = "none") -> None:
+    from cxr_ray.config import TTA_MODES
+
+    p.add_argument("--tta", default=default, choices=TTA_MODES,
+                   help="test-time augmentation: mean logit over the image and its mirror (hflip) or five "
+                        "crops (crop5), with the temperature and threshold the checkpoint chose on validation "
+                        "for that mode" + (" (default: score.tta, none)" if default is None else " (default none)"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -449,6 +553,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="small real search on generated synthetic data: local Ray, no downloads")
     p.add_argument("--resume", metavar="EXPERIMENT_DIR", help="continue an interrupted experiment")
     p.add_argument("--mlflow", metavar="URI", help="also log trials to MLflow (needs the mlflow extra)")
+    p.add_argument("--ensemble-top-k", type=int, default=0, metavar="K",
+                   help="also write ensemble-topK/: one checkpoint averaging the K best trials' logits, "
+                        "its threshold chosen on validation (K >= 2)")
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("evaluate", help="metrics, predictions and plots of a checkpoint on a split")
@@ -465,6 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "positives, false positives and false negatives (needs the explain extra)")
     p.add_argument("--prevalence", default="", metavar="P[,P...]",
                    help="also give PPV/NPV of each operating point at these shares of PNEUMONIA, e.g. 0.05,0.2")
+    _tta_flag(p)
     _config_and_address(p)  # only the config's storage: section applies (the model brings its own)
     p.set_defaults(func=cmd_evaluate)
 
@@ -478,6 +586,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue an interrupted job: score only files not yet in --output")
     p.add_argument("--with-labels", action="store_true",
                    help="add the true label from NORMAL/PNEUMONIA folders and print metrics")
+    _tta_flag(p, default=None)
     _config_and_address(p)  # the config's score: section sets the scale
     p.set_defaults(func=cmd_score)
 
@@ -496,6 +605,27 @@ def build_parser() -> argparse.ArgumentParser:
     _config_and_address(p)  # only the config's storage: section applies
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser("fit-tta", help="choose TTA modes' temperature and threshold on a checkpoint's validation split")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder or URI (it is updated in place)")
+    p.add_argument("--tta", required=True, metavar="MODE[,MODE]", help="hflip, crop5 or hflip,crop5")
+    p.add_argument("--data", help="dataset root (default: the one the checkpoint was trained on)")
+    p.add_argument("--cache", help="cache folder (default: the checkpoint config's)")
+    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="model precision (default auto: the checkpoint threshold's own, where fast)")
+    _config_and_address(p)
+    p.set_defaults(func=cmd_fit_tta)
+
+    p = sub.add_parser("ensemble", help="one checkpoint averaging the logits of a tune run's top trials")
+    p.add_argument("--from", dest="from_experiment", metavar="EXPERIMENT",
+                   help="tune experiment folder (runs/<tune name>): its best trials by the tune metric")
+    p.add_argument("--top-k", type=int, default=3, help="how many of its trials (default 3)")
+    p.add_argument("--checkpoints", nargs="+", metavar="CKPT", help="or: these checkpoints")
+    p.add_argument("--out", required=True, help="new folder or URI for the ensemble checkpoint")
+    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="precision of the validation pass (default auto: the first member's, where fast)")
+    _config_and_address(p)
+    p.set_defaults(func=cmd_ensemble)
+
     p = sub.add_parser("inspect", help="counts per split/class, patients, sizes, problems")
     _common(p)
     p.set_defaults(func=cmd_inspect)
@@ -511,6 +641,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from cxr_ray.data.catalog import DataError
     from cxr_ray.models import WeightsError
     from cxr_ray.data.io import StorageError
+    from cxr_ray.ensemble import EnsembleError
     from cxr_ray.explain import ExplainError
     from cxr_ray.export import ExportError
     from cxr_ray.runtime import ClusterError
@@ -519,7 +650,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         use_storage_from_args(args)
         return func(args)
     except (ConfigError, DataError, CheckpointError, WeightsError, ClusterError, StorageError,
-            ExportError, ExplainError) as e:
+            ExportError, ExplainError, EnsembleError) as e:
         print(f"cxr-ray {args.command}: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001 - a Ray worker's failure, or a bug: one line + the log

@@ -44,6 +44,7 @@ def _check_location(value: str, key: str) -> None:
 NORMALIZATIONS = ("fixed", "per_image")
 PRECISIONS = ("auto", "bf16", "fp32")  # train.amp, score.amp (engine.resolve_precision)
 SCORE_BACKENDS = ("auto", "torch", "onnxruntime")  # score.backend
+TTA_MODES = ("none", "hflip", "crop5")  # test-time augmentation (cxr_ray/tta.py): metric.tta, score.tta
 LEGACY_BOOLS = {"score.amp": {True: "bf16", False: "fp32"}}  # keys that were true/false before
 
 
@@ -227,8 +228,14 @@ class MetricConfig:
     # temperature scaling: fit T on each validation pass's logits (stored in the checkpoint,
     # applied by evaluate and score), so probabilities are calibrated; false keeps T = 1
     calibrate: bool = True
+    # test-time augmentation modes whose own temperature and threshold are chosen on the
+    # validation split after training (and for tune's best trial and ensembles), comma-separated
+    # from hflip, crop5; evaluate/score --tta MODE need the mode here. "" fits none.
+    tta: str = "hflip"
 
     def __post_init__(self) -> None:
+        bad = [m for m in self.tta.split(",") if m.strip() and m.strip() not in TTA_MODES]
+        _check(not bad, "metric.tta", f"a comma-separated subset of {list(TTA_MODES[1:])}", self.tta)
         _check(0.0 < self.min_specificity < 1.0, "metric.min_specificity", "a float in (0, 1)",
                self.min_specificity)
         _check(self.selection in SELECTIONS, "metric.selection", f"one of {list(SELECTIONS)}", self.selection)
@@ -300,8 +307,14 @@ class ScoreConfig:
     # (1.7x torch fp32 on the development CPU), torch otherwise (bf16, GPUs, score.compile)
     backend: str = "auto"
     rows_per_file: int = 10_000  # rows per output Parquet file (a committed unit for --resume)
+    # test-time augmentation (cxr_ray/tta.py): "none", "hflip" or "crop5"; the mean logit of the
+    # views, with the temperature and threshold the checkpoint chose on validation for that mode
+    tta: str = "none"
 
     def __post_init__(self) -> None:
+        _check(self.tta in TTA_MODES, "score.tta", f"one of {list(TTA_MODES)}", self.tta)
+        _check(self.tta == "none" or self.backend != "onnxruntime", "score.backend",
+               "auto or torch with score.tta (test-time augmentation runs in torch)", self.backend)
         _check(self.batch_size >= 1, "score.batch_size", "an int >= 1", self.batch_size)
         _check(self.num_actors >= 1, "score.num_actors", "an int >= 1", self.num_actors)
         _check(self.max_actors == 0 or self.max_actors >= self.num_actors, "score.max_actors",

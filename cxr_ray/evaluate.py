@@ -188,6 +188,7 @@ def format_table(metrics: dict[str, Any], title: str) -> str:
         lo, hi = metrics["ci"].get(k, (float("nan"), float("nan")))
         lines.append(f"{k:<12}{metrics[k]:>8.4f}   [{lo:.4f}, {hi:.4f}]")
     how = f", applied in {metrics['amp']}" if "amp" in metrics else ""
+    how += f", TTA {metrics['tta']}" if metrics.get("tta", "none") != "none" else ""
     lines.append(f"threshold {metrics['threshold']:.4f} (from validation{how}); n = {metrics['n']}; "
                  f"confusion [[TN, FP], [FN, TP]] = {metrics['confusion_matrix']}")
     if "ci_method" in metrics:
@@ -239,7 +240,7 @@ def evaluate_checkpoint(ckpt: LoadedCheckpoint, data_root: str, split: str, out_
     preds = predict_split(ckpt, cache, split, precision=precision)
     preds["prediction"] = np.where(preds["probability"] >= ckpt.threshold, CLASSES[1], CLASSES[0])
     metrics = metrics_report(preds, ckpt.threshold)
-    metrics.update(split=split, checkpoint=ckpt.path, data=data_root, amp=precision,
+    metrics.update(split=split, checkpoint=ckpt.path, data=data_root, amp=precision, tta=ckpt.tta,
                    val_precision=ckpt.val_precision,
                    calibration=calibration_report(preds["label"].to_numpy(), preds["logit"].to_numpy(),
                                                   ckpt.temperature))

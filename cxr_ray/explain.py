@@ -78,13 +78,25 @@ def explain_images(ckpt: LoadedCheckpoint, images: np.ndarray) -> tuple[np.ndarr
     images ``(B, 1, N, N)`` (fp32, CPU), each map for the class the model predicts."""
     from cxr_ray.data.transforms import Collate
     from cxr_ray.engine import probabilities
+    from cxr_ray.tta import base_model
 
     x, _ = Collate("cpu", normalize=ckpt.cfg.data.normalize)({"image": images, "label": np.zeros(len(images))})
     model = ckpt.model.float().eval()
     with torch.no_grad():
         probs = probabilities(model(x).squeeze(1).numpy(), ckpt.temperature)
-    maps = gradcam(model, target_layer(model, ckpt.cfg.model.name), x, probs >= ckpt.threshold)
-    return probs, maps
+    return probs, member_maps(base_model(model), ckpt.cfg.model.name, x, probs >= ckpt.threshold)
+
+
+def member_maps(model: nn.Module, name: str, x: torch.Tensor, positive: np.ndarray) -> np.ndarray:
+    """Grad-CAM maps of ``model``; for an ensemble, the mean of its members' maps (each at its
+    own layer) rescaled to [0, 1] per image. TTA is not explained: the maps are of the image as is."""
+    from cxr_ray.ensemble import EnsembleModel
+
+    if not isinstance(model, EnsembleModel):
+        return gradcam(model, target_layer(model, name), x, positive)
+    cam = np.mean([gradcam(m, target_layer(m, n), x, positive) for m, n in zip(model.members, model.names)], axis=0)
+    top = cam.reshape(len(cam), -1).max(axis=1).reshape(-1, 1, 1)
+    return np.divide(cam, top, out=np.zeros_like(cam), where=top > 0)
 
 
 def explain_files(ckpt: LoadedCheckpoint, paths: list[str], errors: list[str] | None = None,

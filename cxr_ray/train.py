@@ -27,16 +27,16 @@ import yaml
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from cxr_ray.calibration import ece, fit_temperature
+from cxr_ray.calibration import fit_decision
 from cxr_ray.checkpoint import MODEL_FILE, load_train_state, safe_load, save_checkpoint, unwrap
 from cxr_ray.config import ConfigError, ExperimentConfig, config_diff
 from cxr_ray.data import io
 from cxr_ray.data.catalog import DataError
 from cxr_ray.data.pipeline import TorchCollate, collated_keeping, epoch_batches, split_datasets
 from cxr_ray.engine import (EarlyStopping, make_optimizer, make_scheduler, pos_weight_from_counts,
-                            predict_logits, prefers_channels_last, probabilities, resolve_precision,
+                            predict_logits, prefers_channels_last, resolve_precision,
                             train_one_epoch)
-from cxr_ray.metrics import SELECTION_METRICS, validation_metrics
+from cxr_ray.metrics import SELECTION_METRICS
 from cxr_ray.models import build_model
 from cxr_ray.progress import ProgressPrinter, ProgressReporter
 from cxr_ray.runtime import check_shared_paths, cpu_share
@@ -150,14 +150,7 @@ class TrainLoopRunner:
                                                               batch_format="numpy"), collate, ("patient",), kept)
         logits, labels, val_loss = predict_logits(unwrap(self.model), batches, self.device, self.precision,
                                                   loss_fn=self.loss_fn)
-        m = self.cfg.metric
-        temperature = fit_temperature(logits, labels) if m.calibrate else 1.0
-        probs = probabilities(logits, temperature)  # the threshold is chosen on the calibrated scale
-        metrics = validation_metrics(labels, probs, m.min_specificity, groups=np.asarray(kept.get("patient", [])),
-                                     rule=m.threshold_rule, val_loss=val_loss)
-        metrics.update(val_loss=val_loss, temperature=temperature,
-                       val_ece_before=ece(labels, probabilities(logits)), val_ece=ece(labels, probs))
-        return metrics
+        return fit_decision(logits, labels, np.asarray(kept.get("patient", [])), self.cfg.metric, val_loss)
 
     def run_epoch(self, epoch: int) -> dict[str, Any]:
         """Train one epoch, validate on the whole validation split, return the metrics."""

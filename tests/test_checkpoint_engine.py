@@ -111,6 +111,11 @@ def test_code_running_weights_are_refused(tmp_path):
 
 def test_missing_files_named(tmp_path):
     (tmp_path / "ck").mkdir()
+    with pytest.raises(CheckpointError, match="checkpoint.json is missing"):
+        load_checkpoint(tmp_path / "ck")
+    cfg = ExperimentConfig().replace(**{"model.name": "simple_cnn", "model.width": 4, "data.image_size": 32})
+    save_checkpoint(tmp_path / "ck", build_model(cfg.model), cfg, 0.5, {}, epoch=0)
+    (tmp_path / "ck" / "model.pt").unlink()
     with pytest.raises(CheckpointError, match="model.pt is missing"):
         load_checkpoint(tmp_path / "ck")
 

@@ -99,8 +99,8 @@ def resolve_score(score: ScoreConfig, ckpt: LoadedCheckpoint) -> ScoreConfig:
         amp = ckpt.val_precision  # a driver without a GPU cannot probe the actors' one
     else:
         amp = ckpt.precision(score.amp, device)
-    if backend == "auto":
-        fp32_cpu = not gpu and amp == "fp32" and not score.compile
+    if backend == "auto":  # TTA runs its views in torch
+        fp32_cpu = not gpu and amp == "fp32" and not score.compile and score.tta == "none"
         backend = "onnxruntime" if fp32_cpu and onnxruntime_installed() else "torch"
     if backend == "onnxruntime":
         check_onnxruntime()
@@ -228,11 +228,16 @@ def run_score(checkpoint: str | LoadedCheckpoint, inputs: list[str], output: str
 
     ``checkpoint``: a folder/URI, or one the caller already loaded (actors load it from its
     path); ``inputs``: folders, globs, manifests (checked by
-    :func:`cxr_ray.data.listing.check_inputs`, listed in a stream); ``limits``: the user's
+    :func:`cxr_ray.data.listing.check_inputs`, listed in a stream); ``score.tta``: the test-time
+    augmentation, with the checkpoint's threshold for it (``LoadedCheckpoint.with_tta``); ``limits``: the user's
     ``data`` config (max pixels, read timeout; defaults when None). On Ctrl-C the rows already
     scored are committed before the interrupt propagates.
     """
     ckpt = checkpoint if isinstance(checkpoint, LoadedCheckpoint) else load_checkpoint(checkpoint)
+    if ckpt.tta != score.tta:  # the job's TTA mode, with the threshold chosen for it
+        if ckpt.tta != "none":
+            raise ScoreError(f"the checkpoint given applies TTA {ckpt.tta!r}, score.tta is {score.tta!r}")
+        ckpt = ckpt.with_tta(score.tta)
     out = OutputFolder(output)
     check_output(out, ckpt.model_id, with_labels, resume)
     check_inputs(inputs)
@@ -295,6 +300,7 @@ def _run_leased(ckpt: LoadedCheckpoint, out: OutputFolder, inputs: list[str], sc
     if with_labels:
         summary.metrics = labelled_metrics(out, ckpt.threshold)
         if summary.metrics is not None:
+            summary.metrics["tta"] = ckpt.tta
             out.write_json(METRICS_FILE, summary.metrics)
     return summary
 

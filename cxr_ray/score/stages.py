@@ -69,7 +69,7 @@ class Predictor:
         threads = self.score.torch_threads or math.ceil(self.score.cpus_per_actor)
         if self.device.type == "cpu":
             torch.set_num_threads(threads)
-        ckpt = load_checkpoint(checkpoint)
+        ckpt = load_checkpoint(checkpoint).with_tta(self.score.tta)
         self.threshold, self.model_id = np.float32(ckpt.threshold), ckpt.model_id
         self.temperature = ckpt.temperature
         self.onnx = None

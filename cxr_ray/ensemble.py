@@ -1,0 +1,156 @@
+"""Ensembles of checkpoints: the mean of the members' logits, as one checkpoint.
+
+``cxr-ray ensemble --from runs/<tune experiment> --top-k 3 --out DIR`` (or ``--checkpoints A B
+C``) writes an ensemble checkpoint (layout: ``cxr_ray/checkpoint.py``): every member's weights
+and config, their shared preprocessing, and a temperature and threshold fitted on the members'
+shared validation split with the ensemble's own logits (and one per TTA mode of
+``metric.tta``). ``load_checkpoint`` returns it like any checkpoint, so ``evaluate``, ``score``
+(each scoring actor loads every member once), ``explain`` and ``export`` accept it.
+
+Members may differ in anything the search tunes (``unfreeze_depth``, dropout, learning rate,
+even the architecture) but not in what the image becomes before the model (:data:`PREPROCESSING`)
+nor in the data and split they were validated on (:data:`VALIDATION`): a member trained on
+another split could have trained on the images the ensemble's threshold is chosen on.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+import torch.nn as nn
+
+from cxr_ray.checkpoint import (CONFIG_FILE, MEMBERS_DIR, META_FILE, MODEL_FILE, LoadedCheckpoint,
+                                checkpoint_files, content_digest, load_checkpoint, versions)
+from cxr_ray.data import io
+from cxr_ray.data.catalog import CLASSES
+
+PREPROCESSING = ("data.image_size", "data.resolved_cache_size", "data.normalize")
+VALIDATION = ("data.root", "data.val_split", "data.val_fraction", "data.seed")
+MEMBER_SETTINGS = ("model.name", "model.unfreeze_depth", "model.width", "model.dropout", "train.lr")  # per member
+IRRELEVANT = {"resnet50": ("model.width",), "simple_cnn": ("model.unfreeze_depth",)}  # settings a model ignores
+
+
+class EnsembleError(ValueError):
+    """Checkpoints cannot form an ensemble (mismatched preprocessing or split, too few)."""
+
+
+class EnsembleModel(nn.Module):
+    """The mean of ``members``' PNEUMONIA logits ``(B, 1)``; ``names`` are their model names
+    (Grad-CAM finds each member's layer by it)."""
+
+    def __init__(self, members: list[nn.Module], names: list[str]):
+        super().__init__()
+        self.members, self.names = nn.ModuleList(members), list(names)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(x) for m in self.members], 0).mean(0)
+
+
+def setting(cfg: Any, key: str) -> Any:
+    """A dotted config attribute, e.g. ``setting(cfg, "data.image_size")``."""
+    value = cfg
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def check_members(ckpts: list[LoadedCheckpoint]) -> None:
+    """Refuse members that differ in :data:`PREPROCESSING` or :data:`VALIDATION`, or that are
+    ensembles themselves; the error names the setting and each member's value."""
+    if len(ckpts) < 2:
+        raise EnsembleError(f"an ensemble needs at least 2 checkpoints, got {len(ckpts)}")
+    for c in ckpts:
+        if c.is_ensemble:
+            raise EnsembleError(f"{c.path} is an ensemble already; pass its members instead")
+    for key in PREPROCESSING + VALIDATION:
+        values = [setting(c.cfg, key) for c in ckpts]
+        if len(set(map(repr, values))) > 1:
+            why = ("the image each member sees would differ" if key in PREPROCESSING else
+                   "the threshold would be chosen on images some member may have trained on")
+            listed = "; ".join(f"{c.path}: {v!r}" for c, v in zip(ckpts, values))
+            raise EnsembleError(f"members differ in {key} ({why}): {listed}")
+
+
+def top_k_checkpoints(experiment: str, k: int) -> list[str]:
+    """The best-epoch checkpoints of the ``k`` best trials of a tune experiment (its
+    ``trials.csv``, ranked by the experiment's metric; failed trials and trials without a
+    checkpoint are skipped)."""
+    path = io.join(experiment.rstrip("/"), "trials.csv")
+    if not io.exists(path):
+        raise EnsembleError(f"--from {experiment}: not a cxr_ray tune experiment (trials.csv missing)")
+    import io as std_io
+
+    table = pd.read_csv(std_io.BytesIO(io.read_bytes(path)))
+    ok = table[table["checkpoint_path"].notna() & (table["stop_reason"] != "failed")]
+    paths = [p for p in ok["checkpoint_path"] if io.exists(io.join(p, META_FILE))][:k]
+    if len(paths) < k:
+        raise EnsembleError(f"--from {experiment}: asked for the top {k} trials, only {len(paths)} have a checkpoint")
+    return paths
+
+
+def build_ensemble(sources: list[str], out: str, cache: Any = None, amp: str = "auto",
+                   replace: bool = False) -> LoadedCheckpoint:
+    """Write the ensemble checkpoint of ``sources`` (checkpoint folders or URIs) to ``out`` and
+    return it loaded. ``cache``: the prepared cache of the members' data (else prepared from
+    the first member's config; needs Ray). The temperature and threshold (and each TTA mode's
+    of the first member's ``metric.tta``) are fitted on its validation split. An existing
+    ``out`` is refused unless ``replace``."""
+    import dataclasses
+
+    from cxr_ray.data.cache import prepare_cache
+    from cxr_ray.tta import fit_tta_decisions, parse_modes, validation_decision
+
+    if io.exists(out) and not replace:
+        raise EnsembleError(f"--out {out} exists; choose a new folder (an ensemble is never written over another)")
+    ckpts = [load_checkpoint(s) for s in sources]
+    check_members(ckpts)
+    first = ckpts[0]
+    cache = cache or prepare_cache(first.cfg)
+    precision = first.precision(amp, torch.device("cpu"))
+    model = EnsembleModel([c.model for c in ckpts], [c.cfg.model.name for c in ckpts])
+    draft = dataclasses.replace(first, model=model, meta={**first.meta, "temperature": 1.0})
+    decision = validation_decision(draft, cache, precision)
+    members = [{"source": c.path, "model_id": c.model_id, "digest": c.digest,
+                "settings": {k: setting(c.cfg, k) for k in MEMBER_SETTINGS},
+                "val": {k: c.meta.get("metrics", {}).get(k) for k in ("roc_auc", "pauc", "recall", "specificity")}}
+               for c in ckpts]
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "ensemble"
+        for i, c in enumerate(ckpts):
+            d = folder / MEMBERS_DIR / str(i)
+            d.mkdir(parents=True)
+            torch.save({k: v.detach().cpu() for k, v in c.model.state_dict().items()}, d / MODEL_FILE)
+            c.cfg.to_yaml(d / CONFIG_FILE)
+        first.cfg.to_yaml(folder / CONFIG_FILE)
+        meta = {"kind": "ensemble", "members": members, "combine": "mean of logits",
+                "threshold": decision["threshold"], "threshold_rule": decision["threshold_rule"],
+                "val_precision": precision, "temperature": decision["temperature"],
+                "class_map": {str(i): c for i, c in enumerate(CLASSES)}, "positive_class": CLASSES[1],
+                "epoch": -1, "metrics": decision, "versions": versions()}
+        meta["digest"] = content_digest(folder, meta["threshold"], meta["temperature"], checkpoint_files(meta))
+        (folder / META_FILE).write_text(json.dumps(meta, indent=1))
+        fit_tta_decisions(str(folder), cache, parse_modes(first.cfg.metric.tta), amp=precision)
+        io.copy_tree(str(folder), out)
+    return load_checkpoint(out)
+
+
+def format_ensemble(ckpt: LoadedCheckpoint) -> list[str]:
+    """Lines for the terminal: each member's settings and validation metrics, then the
+    ensemble's validation metrics at its own threshold, temperature and TTA modes."""
+    from cxr_ray.tta import format_decisions
+
+    lines = []
+    for i, m in enumerate(ckpt.meta["members"]):
+        s, v = m["settings"], m["val"]
+        shown = [k for k in s if k not in IRRELEVANT.get(s.get("model.name"), ())]
+        knobs = ", ".join(f"{k.split('.')[-1]}={s[k]:.3g}" if isinstance(s[k], float) else f"{k.split('.')[-1]}={s[k]}"
+                          for k in shown)
+        val = ", ".join(f"{k} {v[k]:.4f}" for k in ("roc_auc", "pauc") if v.get(k) is not None)
+        lines.append(f"[ensemble] member {i}: {m['model_id']} ({knobs}); val {val or 'metrics not recorded'}")
+    lines += format_decisions(ckpt.meta.get("tta") or {}, ckpt.meta["metrics"], prefix="[ensemble]")
+    return lines

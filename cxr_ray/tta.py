@@ -1,0 +1,116 @@
+"""Test-time augmentation: the mean logit over a few fixed views of each image.
+
+Modes (``TTA_MODES``):
+
+- ``none``: the image as is;
+- ``hflip``: the image and its left-right mirror (2 forwards);
+- ``crop5``: the centre and the four corners of a ``CROP_SCALE`` crop, each resized back to
+  the model's input size (5 forwards), the fixed counterpart of training's random zoom-in crop.
+
+Averaging views changes the logits' scale and spread, so a mode gets its own temperature and
+threshold, chosen on the validation split with the same views (``fit_tta_decisions``) and stored
+in ``checkpoint.json`` under ``tta``; ``LoadedCheckpoint.with_tta`` applies them. A mode a
+checkpoint has no decision for is refused, never run with the plain model's threshold.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from cxr_ray.config import TTA_MODES
+
+CROP_SCALE = 0.875  # side of each crop5 view as a share of the image side (196 of 224 px)
+
+
+def views(x: torch.Tensor, mode: str) -> list[torch.Tensor]:
+    """The views of a batch ``(B, C, H, W)`` for ``mode`` (see the module doc)."""
+    if mode == "none":
+        return [x]
+    if mode == "hflip":
+        return [x, torch.flip(x, dims=(-1,))]
+    if mode == "crop5":
+        h, w = x.shape[-2:]
+        ch, cw = max(1, round(h * CROP_SCALE)), max(1, round(w * CROP_SCALE))
+        tops = {"centre": ((h - ch) // 2, (w - cw) // 2), "top-left": (0, 0), "top-right": (0, w - cw),
+                "bottom-left": (h - ch, 0), "bottom-right": (h - ch, w - cw)}
+        return [F.interpolate(x[..., t:t + ch, s:s + cw], size=(h, w), mode="bilinear", align_corners=False)
+                for t, s in tops.values()]
+    raise ValueError(f"TTA mode {mode!r}: expected one of {list(TTA_MODES)}")
+
+
+class TTAModel(nn.Module):
+    """``model`` applied to every view of ``mode``; returns the mean logit ``(B, 1)``."""
+
+    def __init__(self, model: nn.Module, mode: str):
+        super().__init__()
+        if mode not in TTA_MODES or mode == "none":
+            raise ValueError(f"TTA mode {mode!r}: expected one of {[m for m in TTA_MODES if m != 'none']}")
+        self.model, self.mode = model, mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = [self.model(v) for v in views(x, self.mode)]
+        return torch.stack(out, 0).mean(0)
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The network inside a :class:`TTAModel` (Grad-CAM explains the image as it is)."""
+    return model.model if isinstance(model, TTAModel) else model
+
+
+def parse_modes(text: str, key: str = "metric.tta") -> tuple[str, ...]:
+    """``"hflip,crop5"`` -> ``("hflip", "crop5")``; ``""`` / ``"none"`` -> ``()``."""
+    from cxr_ray.config import ConfigError
+
+    modes = tuple(dict.fromkeys(m.strip() for m in text.split(",") if m.strip() and m.strip() != "none"))
+    bad = [m for m in modes if m not in TTA_MODES]
+    if bad:
+        raise ConfigError(f"{key}: unknown TTA mode(s) {bad}; expected a comma-separated subset of "
+                          f"{[m for m in TTA_MODES if m != 'none']}")
+    return modes
+
+
+DECISION_KEYS = ("threshold", "temperature", "threshold_rule", "roc_auc", "pauc", "recall", "specificity",
+                 "specificity_lower_bound", "val_ece_before", "val_ece", "n")
+
+
+def validation_decision(ckpt, cache, precision: str) -> dict:
+    """Fit ``ckpt``'s temperature and threshold (``calibration.fit_decision`` with its own
+    ``metric`` config) on the validation split of ``cache``, running ``ckpt.model`` as it is
+    (plain, TTA-wrapped or an ensemble) in ``precision``, in this process."""
+    from cxr_ray.calibration import fit_decision
+    from cxr_ray.evaluate import predict_split
+
+    preds = predict_split(ckpt, cache, "val", precision=precision)
+    d = fit_decision(preds["logit"].to_numpy(), preds["label"].to_numpy(), preds["patient"].to_numpy(),
+                     ckpt.cfg.metric)
+    return {**{k: d[k] for k in DECISION_KEYS}, "val_precision": precision}
+
+
+def fit_tta_decisions(path: str, cache, modes: tuple[str, ...], amp: str = "auto") -> dict[str, dict]:
+    """For each TTA mode, the temperature and threshold chosen on the validation split of
+    ``cache`` with that mode's views, written into the checkpoint at ``path`` (its digest
+    changes: see ``checkpoint.write_tta_decisions``); returns them. ``amp``: as ``evaluate
+    --amp`` (``auto``: the precision the checkpoint's own threshold was chosen in, where fast)."""
+    import dataclasses
+
+    from cxr_ray.checkpoint import load_checkpoint, write_tta_decisions
+
+    if not modes:
+        return {}
+    ckpt = load_checkpoint(path)
+    precision = ckpt.precision(amp, torch.device("cpu"))
+    out = {mode: validation_decision(dataclasses.replace(ckpt, model=TTAModel(ckpt.model, mode)), cache, precision)
+           for mode in modes}
+    write_tta_decisions(path, out)
+    return out
+
+
+def format_decisions(decisions: dict[str, dict], base: dict | None = None, prefix: str = "[tta]") -> list[str]:
+    """One line per mode (and ``base``, the plain model's): validation ROC-AUC, pAUC, recall
+    and specificity at its threshold, temperature and ECE."""
+    rows = ([("none", base)] if base else []) + list(decisions.items())
+    return [f"{prefix} {mode:<6} val roc_auc {d['roc_auc']:.4f}, pAUC {d['pauc']:.4f}; recall {d['recall']:.4f}, "
+            f"specificity {d['specificity']:.4f} at threshold {d['threshold']:.4f}; temperature "
+            f"{d['temperature']:.3f}, ECE {d['val_ece_before']:.4f} -> {d['val_ece']:.4f}" for mode, d in rows]

@@ -242,8 +242,9 @@ def cmd_fit_tta(args: argparse.Namespace) -> int:
 def cmd_ensemble(args: argparse.Namespace) -> int:
     """Build an ensemble checkpoint from a tune experiment's top trials or named checkpoints;
     last line: the ensemble checkpoint."""
-    from cxr_ray.ensemble import EnsembleError, build_ensemble, format_ensemble, top_k_checkpoints
+    from cxr_ray.checkpoint import load_checkpoint
     from cxr_ray.data import io
+    from cxr_ray.ensemble import EnsembleError, build_ensemble, check_members, format_ensemble, top_k_checkpoints
     from cxr_ray.runtime import init_ray
 
     refuse_model_settings(args, "ensemble")
@@ -255,8 +256,10 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
     if io.exists(args.out):
         raise EnsembleError(f"--out {args.out} exists; choose a new folder (an ensemble is never written over another)")
     sources = top_k_checkpoints(args.from_experiment, args.top_k) if args.from_experiment else args.checkpoints
+    members = [load_checkpoint(s) for s in sources]
+    check_members(members)  # before Ray
     init_ray(args.address)
-    ckpt = build_ensemble(sources, args.out, amp=args.amp)
+    ckpt = build_ensemble(members, args.out, amp=args.amp)
     shutdown_ray()
     for line in format_ensemble(ckpt):
         print(line)
@@ -460,6 +463,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     cfg, cache_uri = tune_config_from_args(args)
     validate_search_space(cfg)
+    if args.ensemble_top_k is None:  # the demo shows an ensemble of its best 3 trials
+        k = min(3, cfg.tune.num_samples) if args.demo and not args.resume else 0
+        args.ensemble_top_k = k if k >= 2 else 0
     if args.ensemble_top_k and not 2 <= args.ensemble_top_k <= cfg.tune.num_samples:
         raise ConfigError(f"--ensemble-top-k: expected 0 or an int in [2, tune.num_samples = "
                           f"{cfg.tune.num_samples}], got {args.ensemble_top_k}")
@@ -482,15 +488,22 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if outcome.best_checkpoint is None:
         print("[tune] no trial produced a checkpoint", file=sys.stderr)
         return 1
-    for line in format_decisions(fit_tta(outcome.best_checkpoint, cache, cfg), prefix="[tune] best trial, TTA"):
+    tta = fit_tta(outcome.best_checkpoint, cache, cfg)
+    best = load_checkpoint(outcome.best_checkpoint)
+    for line in format_decisions(tta, best.meta.get("metrics"), prefix="[tune] best trial, TTA"):
         print(line)
-    if args.ensemble_top_k:
-        tune_ensemble(outcome.experiment_uri, args.ensemble_top_k, cache)
+    ensemble = tune_ensemble(outcome.experiment_uri, args.ensemble_top_k, cache) if args.ensemble_top_k else None
     if sum(cache.split_counts("test")):
         report = io.join(outcome.experiment_uri, "best_test_report")
-        metrics = evaluate_checkpoint(load_checkpoint(outcome.best_checkpoint), cfg.data.root, "test", report,
-                                      cache_dir=cfg.data.cache_dir)
+        metrics = evaluate_checkpoint(best, cfg.data.root, "test", report, cache_dir=cfg.data.cache_dir)
         print(format_table(metrics, f"[tune] best model on the test split (report: {report})"))
+        if ensemble:
+            report = io.join(outcome.experiment_uri, "ensemble_test_report")
+            m = evaluate_checkpoint(load_checkpoint(ensemble), cfg.data.root, "test", report,
+                                    cache_dir=cfg.data.cache_dir)
+            print(f"[tune] ensemble on the test split: roc_auc {m['roc_auc']:.4f}, recall {m['recall']:.4f}, "
+                  f"specificity {m['specificity']:.4f}, accuracy {m['accuracy']:.4f} at its threshold "
+                  f"{m['threshold']:.4f} (report: {report})")
     shutdown_ray()
     print(f"[tune] experiment folder: {outcome.experiment_uri}")
     print(outcome.best_checkpoint)
@@ -553,9 +566,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="small real search on generated synthetic data: local Ray, no downloads")
     p.add_argument("--resume", metavar="EXPERIMENT_DIR", help="continue an interrupted experiment")
     p.add_argument("--mlflow", metavar="URI", help="also log trials to MLflow (needs the mlflow extra)")
-    p.add_argument("--ensemble-top-k", type=int, default=0, metavar="K",
+    p.add_argument("--ensemble-top-k", type=int, default=None, metavar="K",
                    help="also write ensemble-topK/: one checkpoint averaging the K best trials' logits, "
-                        "its threshold chosen on validation (K >= 2)")
+                        "its threshold chosen on validation (K >= 2; default 0, 3 with --demo)")
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("evaluate", help="metrics, predictions and plots of a checkpoint on a split")

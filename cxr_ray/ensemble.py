@@ -93,9 +93,9 @@ def top_k_checkpoints(experiment: str, k: int) -> list[str]:
     return paths
 
 
-def build_ensemble(sources: list[str], out: str, cache: Any = None, amp: str = "auto",
+def build_ensemble(sources: list[str | LoadedCheckpoint], out: str, cache: Any = None, amp: str = "auto",
                    replace: bool = False) -> LoadedCheckpoint:
-    """Write the ensemble checkpoint of ``sources`` (checkpoint folders or URIs) to ``out`` and
+    """Write the ensemble checkpoint of ``sources`` (checkpoint folders, URIs or loaded checkpoints) to ``out`` and
     return it loaded. ``cache``: the prepared cache of the members' data (else prepared from
     the first member's config; needs Ray). The temperature and threshold (and each TTA mode's
     of the first member's ``metric.tta``) are fitted on its validation split. An existing
@@ -107,7 +107,7 @@ def build_ensemble(sources: list[str], out: str, cache: Any = None, amp: str = "
 
     if io.exists(out) and not replace:
         raise EnsembleError(f"--out {out} exists; choose a new folder (an ensemble is never written over another)")
-    ckpts = [load_checkpoint(s) for s in sources]
+    ckpts = [s if isinstance(s, LoadedCheckpoint) else load_checkpoint(s) for s in sources]
     check_members(ckpts)
     first = ckpts[0]
     cache = cache or prepare_cache(first.cfg)

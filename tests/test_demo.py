@@ -25,3 +25,9 @@ def test_tune_demo(tmp_path):
     report = json.loads((best.parent / "best_test_report" / "metrics.json").read_text())
     assert report["n"] >= 200 and report["roc_auc"] >= 0.90, report  # the first impression learns
     assert (tmp_path / "cache" / "demo-synthetic-900" / "test").is_dir()
+    # the demo also builds an ensemble of its 3 best trials and reports it on the test split
+    ensemble = json.loads((best.parent / "ensemble-top3" / "checkpoint.json").read_text())
+    assert ensemble["kind"] == "ensemble" and len(ensemble["members"]) == 3 and "hflip" in ensemble["tta"]
+    assert (best.parent / "ensemble_test_report" / "metrics.json").is_file()
+    assert "[tune] ensemble on the test split: roc_auc" in r.stdout
+    assert "hflip" in json.loads((best / "checkpoint.json").read_text())["tta"]

@@ -39,6 +39,12 @@ def test_train_two_workers_then_evaluate(synthetic_root, tmp_path):
     assert meta["val_precision"] == ("bf16" if cpu_runs_bf16_fast() else "fp32")
     assert meta["threshold_rule"] == "spec_lower_bound"
     assert meta["metrics"]["specificity_lower_bound"] <= meta["metrics"]["specificity"]
+    # metric.tta (default hflip): the mirrored views got their own temperature and threshold on
+    # the same validation split, after training, before the checkpoint's path was printed
+    hflip = meta["tta"]["hflip"]
+    assert hflip["n"] == meta["metrics"]["n"] and hflip["temperature"] > 0 and hflip["val_precision"] == meta[
+        "val_precision"]
+    assert re.search(r"\[train\] TTA hflip +val roc_auc [\d.]+, pAUC", run.stdout), run.stdout[-2000:]
 
     # Validation saw the whole val split exactly once on 2 workers, and its figures are evaluate's.
     val = tmp_path / "eval_val"

@@ -321,6 +321,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     io.check_location(args.output, "--output")
     check_inputs(args.input)  # fails fast on a missing input, before Ray (listed later, in a stream)
     check_output(OutputFolder(args.output), ckpt.model_id, args.with_labels, args.resume)  # before Ray
+    explain_dir = check_explain_flags(args)
     init_ray(args.address)
     try:
         summary = run_score(ckpt, args.input, args.output, cfg.score,
@@ -329,6 +330,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         print(f"cxr-ray score: interrupted; finished rows are committed in {args.output}. "
               f"Re-run with --resume to score the rest.", file=sys.stderr)
         return 130
+    explained = explain_job(ckpt, args.output, explain_dir, args.explain_top, cfg.score) if explain_dir else None
     shutdown_ray()
     if summary.failed:
         print(f"[score] {summary.failed} file(s) could not be scored (their rows have the error column set):")
@@ -339,8 +341,44 @@ def cmd_score(args: argparse.Namespace) -> int:
     if summary.metrics is not None:
         print(format_table(summary.metrics, f"[score] metrics over the labelled rows of {args.output}"))
     print(summary.format())
+    if explained is not None:
+        print(f"[score] Grad-CAM of {explained['what']}: {explained['explained']} overlay(s), "
+              f"{len(explained['failed'])} could not be read; gallery: {explained['index']}")
     print(args.output)
     return 0
+
+
+def check_explain_flags(args: argparse.Namespace) -> str:
+    """``score --explain-dir/--explain-top``, checked before Ray: the folder (absolute, so every
+    actor writes to the same place) or ""."""
+    from cxr_ray.data import io
+    from cxr_ray.explain import ExplainError
+
+    if args.explain_top < 0:
+        raise ConfigError(f"--explain-top: expected a count >= 0, got {args.explain_top}")
+    if not args.explain_dir:
+        if args.explain_top:
+            raise ConfigError("--explain-top needs --explain-dir (where the overlays go)")
+        return ""
+    io.check_location(args.explain_dir, "--explain-dir")
+    try:
+        import captum  # noqa: F401
+    except ImportError as e:
+        raise ExplainError(f"--explain-dir: Grad-CAM needs Captum: pip install 'cxr_ray[explain]' ({e})") from e
+    return io.absolute(args.explain_dir)
+
+
+def explain_job(ckpt: Any, output: str, explain_dir: str, top: int, score: Any) -> dict[str, Any]:
+    """Grad-CAM overlays of a finished scoring job's positive predictions (or ``top`` highest),
+    by as many Ray Data actors as the job had, each with the job's CPUs per actor."""
+    from cxr_ray.explain import explain_scored
+    from cxr_ray.runtime import cpu_share
+    from cxr_ray.score import OutputFolder
+
+    scored = OutputFolder(output).read(["path", "prob_pneumonia", "threshold", "error"]).to_pandas()
+    print(f"[score] Grad-CAM overlays -> {explain_dir}", flush=True)
+    cpus = score.cpus_per_actor or cpu_share(0.0, score.num_actors)  # Grad-CAM runs on CPU
+    return explain_scored(ckpt, scored, explain_dir, top, actors=score.num_actors, cpus_per_actor=cpus)
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -599,6 +637,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue an interrupted job: score only files not yet in --output")
     p.add_argument("--with-labels", action="store_true",
                    help="add the true label from NORMAL/PNEUMONIA folders and print metrics")
+    p.add_argument("--explain-dir", metavar="DIR",
+                   help="also write Grad-CAM overlays of the positive predictions and an index.html there "
+                        "(Ray Data actors, after scoring; needs the explain extra)")
+    p.add_argument("--explain-top", type=int, default=0, metavar="K",
+                   help="with --explain-dir: the K highest probabilities instead of every positive")
     _tta_flag(p, default=None)
     _config_and_address(p)  # the config's score: section sets the scale
     p.set_defaults(func=cmd_score)

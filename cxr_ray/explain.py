@@ -146,21 +146,47 @@ def overlay(image: np.ndarray, heatmap: np.ndarray, caption: str, scale: int = 2
     return img
 
 
+def overlay_name(rank: int, path: str) -> str:
+    """The overlay file of the ``rank``-th explained image: ``00012_<safe stem>.png``."""
+    stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(path).stem)[:60]
+    return f"{rank:05d}_{stem}.png"
+
+
+def save_overlay(item: Explained, out: str, name: str, caption: str = "") -> None:
+    """Write ``item``'s overlay PNG as ``out/name`` (a local folder or URI)."""
+    from io import BytesIO
+
+    from cxr_ray.data import io
+
+    buf = BytesIO()
+    overlay(item.image, item.heatmap, caption or f"{item.prediction}  p={item.probability:.3f}").save(buf, "PNG")
+    io.write_bytes(io.join(str(out), name), buf.getvalue())
+
+
 def write_gallery(items: list[Explained], out: str | os.PathLike, title: str,
                   sections: dict[str, list[int]] | None = None) -> Path:
     """One overlay PNG per explained item and ``index.html`` linking them (grouped by
     ``sections``: title -> item indices; default one section); unreadable items are listed."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    names: dict[int, str] = {}
+    records = []
     for i, it in enumerate(items):
-        if it.error:
-            continue
-        stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(it.path).stem)[:60]
-        names[i] = f"{i:05d}_{stem}.png"
-        caption = f"{it.prediction}  p={it.probability:.3f}"
-        overlay(it.image, it.heatmap, caption).save(out / names[i])
-    sections = sections or {"": list(range(len(items)))}
+        name = "" if it.error else overlay_name(i, it.path)
+        if name:
+            save_overlay(it, str(out), name)
+        records.append({"path": it.path, "name": name, "prediction": it.prediction,
+                        "probability": it.probability, "error": it.error})
+    write_index(records, str(out), title, sections)
+    return out / "index.html"
+
+
+def write_index(records: list[dict[str, Any]], out: str, title: str,
+                sections: dict[str, list[int]] | None = None) -> str:
+    """``out/index.html``: a figure per record (``path``, overlay ``name``, ``prediction``,
+    ``probability``, ``error``) grouped by ``sections`` (title -> record indices); returns its path."""
+    from cxr_ray.data import io
+
+    sections = sections or {"": list(range(len(records)))}
     parts = [f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>",
              "<style>body{font-family:sans-serif;background:#111;color:#eee}figure{display:inline-block;"
              "margin:6px;width:300px;vertical-align:top}img{width:300px}figcaption{font-size:12px;"
@@ -171,16 +197,71 @@ def write_gallery(items: list[Explained], out: str | os.PathLike, title: str,
         if heading:
             parts.append(f"<h2>{html.escape(heading)} ({len(idx)})</h2>")
         for i in idx:
-            it = items[i]
-            if it.error:
-                parts.append(f"<figure><figcaption class='err'>{html.escape(it.path)}: could not be read: "
-                             f"{html.escape(it.error)}</figcaption></figure>")
+            r = records[i]
+            if r["error"]:
+                parts.append(f"<figure><figcaption class='err'>{html.escape(r['path'])}: could not be read: "
+                             f"{html.escape(r['error'])}</figcaption></figure>")
             else:
-                parts.append(f"<figure><a href='{names[i]}'><img src='{names[i]}' alt=''></a><figcaption>"
-                             f"{html.escape(it.prediction)} p={it.probability:.3f}<br>{html.escape(it.path)}"
+                name = html.escape(r["name"], quote=True)
+                parts.append(f"<figure><a href='{name}'><img src='{name}' alt='' loading='lazy'></a><figcaption>"
+                             f"{html.escape(r['prediction'])} p={r['probability']:.3f}<br>{html.escape(r['path'])}"
                              "</figcaption></figure>")
-    (out / "index.html").write_text("\n".join(parts))
-    return out / "index.html"
+    index = io.join(str(out), "index.html")
+    io.write_bytes(index, "\n".join(parts).encode())
+    return index
+
+
+class ExplainActor:
+    """Ray Data callable class: loads the checkpoint once (with the job's TTA mode) and writes
+    the overlay of every row (``path``, ``name``, ``probability``, ``prediction``: the scored
+    values, shown in the caption) to ``out``; returns ``path``, ``name`` and ``error``."""
+
+    def __init__(self, checkpoint: str, tta: str, out: str, threads: int):
+        from cxr_ray.checkpoint import load_checkpoint
+
+        torch.set_num_threads(max(1, threads))
+        self.ckpt, self.out = load_checkpoint(checkpoint).with_tta(tta), out
+
+    def __call__(self, rows: Any) -> Any:
+        items = explain_files(self.ckpt, list(rows["path"]))
+        errors = []
+        for it, name, p, pred in zip(items, rows["name"], rows["probability"], rows["prediction"]):
+            if not it.error:
+                save_overlay(it, self.out, name, f"{pred}  p={p:.3f}")
+            errors.append(it.error)
+        return rows.assign(error=errors)
+
+
+def explain_scored(ckpt: LoadedCheckpoint, scored: Any, out: str, top: int = 0, actors: int = 1,
+                   cpus_per_actor: float = 1.0) -> dict[str, Any]:
+    """Grad-CAM overlays of a scoring job's rows by ``actors`` Ray Data actors, and
+    ``out/index.html`` (highest probability first). ``scored``: the job's ``path``,
+    ``prob_pneumonia``, ``threshold`` and ``error`` columns (pandas); explained are its positive
+    predictions or, with ``top`` > 0, its ``top`` highest probabilities. Each image is decoded
+    again (the score pass keeps no pixels); Ray must be initialised."""
+    import math
+
+    import ray
+
+    ok = scored[scored["error"].fillna("") == ""]
+    chosen = ok.nlargest(top, "prob_pneumonia") if top > 0 else ok[ok["prob_pneumonia"] >= ok["threshold"]]
+    chosen = chosen.sort_values("prob_pneumonia", ascending=False, ignore_index=True)
+    rows = chosen.assign(name=[overlay_name(i, p) for i, p in enumerate(chosen["path"])],
+                         probability=chosen["prob_pneumonia"].astype(float),
+                         prediction=np.where(chosen["prob_pneumonia"] >= chosen["threshold"], CLASSES[1], CLASSES[0]))
+    rows = rows[["path", "name", "probability", "prediction"]]
+    done = rows.assign(error="")
+    if len(rows):
+        ds = ray.data.from_pandas(rows).map_batches(
+            ExplainActor, batch_size=8, batch_format="pandas", concurrency=max(1, actors), num_cpus=cpus_per_actor,
+            fn_constructor_kwargs={"checkpoint": ckpt.path, "tta": ckpt.tta, "out": out,
+                                   "threads": math.ceil(cpus_per_actor)})
+        done = ds.to_pandas().sort_values("name", ignore_index=True)
+    what = f"the {top} highest probabilities" if top > 0 else "positive predictions"
+    index = write_index(done.to_dict("records"), out, f"cxr_ray Grad-CAM of {what}: {ckpt.model_id}")
+    failed = done[done["error"] != ""]
+    return {"explained": int(len(done) - len(failed)), "failed": list(zip(failed["path"], failed["error"])),
+            "index": index, "what": what}
 
 
 def summary(items: list[Explained]) -> dict[str, Any]:

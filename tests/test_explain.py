@@ -88,3 +88,40 @@ def test_cli_writes_overlays_and_a_gallery_naming_unreadable_files(trained, tmp_
     assert all(p.name in page for p in pngs) and "broken.jpeg" in page and "could not be read" in page
     assert run_cli("explain", "--checkpoint", trained, "--input", str(tmp_path / "missing"),
                    "--out", str(out)).returncode == 2
+
+
+@pytest.mark.slow
+def test_score_explain_dir_writes_overlays_of_positives_or_the_top_k(trained, tmp_path):
+    """`score --explain-dir`: one overlay per positive prediction (by Ray Data actors after the
+    scoring pass), highest probability first in index.html; --explain-top K: exactly the K highest."""
+    import pandas as pd
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    rng = np.random.default_rng(7)
+    for i in range(8):
+        Image.fromarray(chest_image(90, i % 2 == 1, rng)).save(folder / f"img{i}.png")
+    (folder / "broken.jpeg").write_bytes(b"\xff\xd8 not a jpeg")
+    gallery = tmp_path / "cams"
+    res = run_cli("score", "--checkpoint", trained, "--input", folder, "--output", tmp_path / "scored",
+                  "--explain-dir", gallery)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip().splitlines()[-1] == str(tmp_path / "scored")
+    rows = pd.read_parquet(tmp_path / "scored")
+    positives = rows[rows["error"].isna() & (rows["prob_pneumonia"] >= rows["threshold"])]
+    positives = positives.sort_values("prob_pneumonia", ascending=False)
+    pngs = sorted(p.name for p in gallery.glob("*.png"))
+    assert 0 < len(pngs) == len(positives) < 8, (pngs, rows)
+    assert [n.split("_", 1)[1] for n in pngs] == [f"{p.split('/')[-1][:-4]}.png" for p in positives["path"]]
+    page = (gallery / "index.html").read_text()
+    assert all(n in page for n in pngs) and "broken" not in page
+    assert f"{len(pngs)} overlay(s)" in res.stdout and "gallery: " + str(gallery / "index.html") in res.stdout
+
+    top = tmp_path / "top"
+    res = run_cli("score", "--checkpoint", trained, "--input", folder, "--output", tmp_path / "scored2",
+                  "--explain-dir", top, "--explain-top", "3")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert len(list(top.glob("*.png"))) == 3 and "the 3 highest probabilities" in res.stdout
+    bad = run_cli("score", "--checkpoint", trained, "--input", folder, "--output", tmp_path / "s3",
+                  "--explain-top", "3")
+    assert bad.returncode == 2 and "--explain-top needs --explain-dir" in bad.stderr

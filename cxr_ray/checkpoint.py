@@ -5,15 +5,16 @@ Layout::
     model.pt          state dict of the (unwrapped) model, loaded with weights_only=True
     config.yaml       the full ExperimentConfig the model was trained with
     checkpoint.json   threshold, the rule that chose it and the precision it was chosen in
-                      (threshold_rule, val_precision), the temperature that calibrates the
-                      probabilities (absent: 1), class map, the validation metrics at it,
+                      (threshold_rule, val_precision), the temperature and bias that calibrate
+                      the probabilities, ``sigmoid(logit / temperature + logit_bias)``
+                      (absent: 1 and 0), class map, the validation metrics at it,
                       epoch, versions of torch/torchvision/ray/cxr_ray, and ``digest``: a
-                      SHA-256 of the weights, the config, the threshold and temperature (the model's
+                      SHA-256 of the weights, the config, the threshold, temperature and bias (the model's
                       identity: scoring output's ``model`` column, the URI fetch cache)
     train_state.pt    optimizer, scheduler, early stopping, epoch (resuming training only)
 
 ``checkpoint.json`` may also hold ``tta``: per test-time augmentation mode (``cxr_ray/tta.py``)
-the temperature and threshold chosen on validation with that mode's views, written after
+the temperature, bias and threshold chosen on validation with that mode's views, written after
 training by :func:`write_tta_decisions`; they enter the digest.
 
 An *ensemble* checkpoint (``"kind": "ensemble"``, written by ``cxr_ray/ensemble.py``) has no
@@ -77,25 +78,30 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, cfg: ExperimentConfig, threshold: float,
                     metrics: dict[str, Any], epoch: int, train_state: dict[str, Any] | None = None,
-                    val_precision: str = "fp32", temperature: float | None = None) -> Path:
+                    val_precision: str = "fp32", temperature: float | None = None,
+                    logit_bias: float | None = None) -> Path:
     """Write a checkpoint folder (see module doc) and return its path.
 
     ``val_precision``: the precision of the validation pass that chose ``threshold``; the
-    threshold belongs to it (bf16 and fp32 probabilities differ slightly). ``temperature``:
-    probabilities are ``sigmoid(logit / temperature)`` and ``threshold`` is on that scale.
+    threshold belongs to it (bf16 and fp32 probabilities differ slightly). ``temperature``,
+    ``logit_bias``: probabilities are ``sigmoid(logit / temperature + logit_bias)`` and
+    ``threshold`` is on that scale.
     """
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
     torch.save(state, out / MODEL_FILE)
     cfg.to_yaml(out / CONFIG_FILE)
-    meta = {"digest": content_digest(out, float(threshold), temperature), "threshold": float(threshold),
+    meta = {"digest": content_digest(out, float(threshold), temperature, bias=logit_bias),
+            "threshold": float(threshold),
             "threshold_rule": metrics.get("threshold_rule", "given"),
             "val_precision": val_precision, "class_map": {str(i): c for i, c in enumerate(CLASSES)},
             "positive_class": CLASSES[1], "epoch": int(epoch), "metrics": _jsonable(metrics),
             "versions": versions()}
     if temperature is not None:
         meta["temperature"] = float(temperature)
+    if logit_bias is not None:
+        meta["logit_bias"] = float(logit_bias)
     (out / META_FILE).write_text(json.dumps(meta, indent=1))
     if train_state is not None:
         torch.save(train_state, out / STATE_FILE)
@@ -112,9 +118,9 @@ def checkpoint_files(meta: dict[str, Any]) -> list[str]:
 
 
 def content_digest(folder: Path, threshold: float, temperature: float | None = None,
-                   files: list[str] | None = None) -> str:
+                   files: list[str] | None = None, bias: float | None = None) -> str:
     """``sha256:<hex>`` of the weight and config ``files`` (default model.pt, config.yaml), the
-    threshold and the temperature (when the checkpoint has one): what decides every score."""
+    threshold, and the temperature and bias (when the checkpoint has them): what decides every score."""
     import hashlib
 
     h = hashlib.sha256()
@@ -125,31 +131,36 @@ def content_digest(folder: Path, threshold: float, temperature: float | None = N
     h.update(repr(float(threshold)).encode())
     if temperature is not None:
         h.update(f"T={float(temperature)!r}".encode())
+    if bias is not None:
+        h.update(f"b={float(bias)!r}".encode())
     return f"sha256:{h.hexdigest()}"
 
 
 def tta_digest(base: str, tta: dict[str, Any]) -> str:
     """The digest of a checkpoint with TTA decisions: ``base`` (:func:`content_digest`) and
-    every mode's temperature and threshold."""
+    every mode's threshold, temperature and bias."""
     import hashlib
 
-    decisions = {m: [float(d["threshold"]), float(d["temperature"])] for m, d in sorted(tta.items())}
+    decisions = {m: [float(d["threshold"]), float(d["temperature"]), float(d.get("logit_bias", 0.0))]
+                 for m, d in sorted(tta.items())}
     return "sha256:" + hashlib.sha256(f"{base}|tta={json.dumps(decisions)}".encode()).hexdigest()
 
 
 def expected_digest(folder: Path, meta: dict[str, Any]) -> str:
     """What ``meta["digest"]`` must be for the files in ``folder``."""
-    base = content_digest(folder, float(meta["threshold"]), meta.get("temperature"), checkpoint_files(meta))
+    base = content_digest(folder, float(meta["threshold"]), meta.get("temperature"), checkpoint_files(meta),
+                          meta.get("logit_bias"))
     return tta_digest(base, meta["tta"]) if meta.get("tta") else base
 
 
-def write_tta_decisions(path: str, decisions: dict[str, dict[str, Any]]) -> str:
+def write_tta_decisions(path: str, decisions: dict[str, dict[str, Any]], base: str = "") -> str:
     """Add (or replace) TTA modes' decisions in the ``checkpoint.json`` of the checkpoint at
-    ``path`` (a folder or URI) and update its digest; returns the new digest."""
+    ``path`` (a folder or URI) and update its digest; returns the new digest. ``base``: its
+    digest without TTA (default: recorded in it; give it for checkpoints saved before digests)."""
     from cxr_ray.data import io
 
     meta = json.loads(io.read_bytes(io.join(path, META_FILE)))
-    base = meta.get("base_digest") or meta["digest"]
+    base = base or meta.get("base_digest") or meta["digest"]
     meta["tta"] = {**(meta.get("tta") or {}), **{m: _jsonable(d) for m, d in decisions.items()}}
     meta.update(base_digest=base, digest=tta_digest(base, meta["tta"]))
     io.write_bytes(io.join(path, META_FILE), json.dumps(meta, indent=1).encode())
@@ -202,6 +213,7 @@ class LoadedCheckpoint:
                 f"a plain threshold does not fit averaged logits. Fit one on its validation split: "
                 f"cxr-ray fit-tta --checkpoint {self.path} --tta {mode}")
         meta = {**self.meta, "threshold": decision["threshold"], "temperature": decision["temperature"],
+                "logit_bias": decision.get("logit_bias", 0.0),
                 "threshold_rule": decision.get("threshold_rule", self.meta.get("threshold_rule")),
                 "val_precision": decision.get("val_precision", self.val_precision)}
         return dataclasses.replace(self, model=TTAModel(self.model, mode), threshold=float(decision["threshold"]),
@@ -218,8 +230,13 @@ class LoadedCheckpoint:
 
     @property
     def temperature(self) -> float:
-        """Probabilities are ``sigmoid(logit / temperature)`` (1.0 for checkpoints without one)."""
+        """Probabilities are ``sigmoid(logit / temperature + logit_bias)`` (1.0 for checkpoints without one)."""
         return float(self.meta.get("temperature") or 1.0)
+
+    @property
+    def logit_bias(self) -> float:
+        """The calibration's bias (0.0 for checkpoints without one: temperature scaling only)."""
+        return float(self.meta.get("logit_bias") or 0.0)
 
     @property
     def val_precision(self) -> str:

@@ -7,7 +7,6 @@ config is loaded and validated before Ray starts. ``experiments/*.py`` are thin 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import sys
@@ -193,8 +192,9 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"{b['specificity_lower_bound']:.4f}) at threshold {b['threshold']:.4f}, chosen by "
           f"{cfg.metric.threshold_rule} on {b['n']} validation images")
     if cfg.metric.calibrate and "temperature" in b:  # (checkpoints of runs started before it: absent)
-        print(f"[train] probabilities calibrated on validation: temperature {b['temperature']:.3f}, "
-              f"ECE {b['val_ece_before']:.4f} -> {b['val_ece']:.4f}")
+        print(f"[train] probabilities calibrated on validation ({cfg.metric.calibration}): temperature "
+              f"{b['temperature']:.3f}, bias {b.get('logit_bias', 0.0):+.3f}, ECE {b['val_ece_before']:.4f} -> "
+              f"{b['val_ece']:.4f}")
     for line in format_decisions(tta, prefix="[train] TTA"):
         print(line)
     print(f"[train] run folder: {io.checkpoint_uri(result)}")
@@ -227,10 +227,11 @@ def cmd_fit_tta(args: argparse.Namespace) -> int:
     if not modes:
         raise ConfigError("--tta: name at least one mode (hflip, crop5)")
     ckpt = load_checkpoint(args.checkpoint)
-    data = dataclasses.replace(ckpt.cfg.data, root=args.data or ckpt.cfg.data.root,
-                               cache_dir=args.cache or ckpt.cfg.data.cache_dir)
+    cfg = ckpt.cfg.replace(**{"data.root": args.data or ckpt.cfg.data.root,
+                              "data.cache_dir": args.cache or ckpt.cfg.data.cache_dir})
+    check_storage(cfg, "data.root", "data.cache_dir")
     init_ray(args.address)
-    cache = prepare_cache(ckpt.cfg.replace(**{"data.root": data.root, "data.cache_dir": data.cache_dir}))
+    cache = prepare_cache(cfg)  # the same split the checkpoint was validated on (its own data config)
     decisions = fit_tta_decisions(args.checkpoint, cache, modes, amp=args.amp)
     shutdown_ray()
     for line in format_decisions(decisions, ckpt.meta.get("metrics"), prefix="[fit-tta]"):

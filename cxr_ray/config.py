@@ -45,6 +45,7 @@ NORMALIZATIONS = ("fixed", "per_image")
 PRECISIONS = ("auto", "bf16", "fp32")  # train.amp, score.amp (engine.resolve_precision)
 SCORE_BACKENDS = ("auto", "torch", "onnxruntime")  # score.backend
 TTA_MODES = ("none", "hflip", "crop5")  # test-time augmentation (cxr_ray/tta.py): metric.tta, score.tta
+CALIBRATIONS = ("platt", "temperature")  # metric.calibration (cxr_ray/calibration.py)
 LEGACY_BOOLS = {"score.amp": {True: "bf16", False: "fp32"}}  # keys that were true/false before
 
 
@@ -228,12 +229,17 @@ class MetricConfig:
     # temperature scaling: fit T on each validation pass's logits (stored in the checkpoint,
     # applied by evaluate and score), so probabilities are calibrated; false keeps T = 1
     calibrate: bool = True
+    # the map fitted: "platt" (sigmoid(logit / T + b): also undoes the shift a class-weighted
+    # loss gives every logit) or "temperature" (b = 0: keeps the network's own base rate)
+    calibration: str = "platt"
     # test-time augmentation modes whose own temperature and threshold are chosen on the
     # validation split after training (and for tune's best trial and ensembles), comma-separated
     # from hflip, crop5; evaluate/score --tta MODE need the mode here. "" fits none.
     tta: str = "hflip"
 
     def __post_init__(self) -> None:
+        _check(self.calibration in CALIBRATIONS, "metric.calibration", f"one of {list(CALIBRATIONS)}",
+               self.calibration)
         bad = [m for m in self.tta.split(",") if m.strip() and m.strip() not in TTA_MODES]
         _check(not bad, "metric.tta", f"a comma-separated subset of {list(TTA_MODES[1:])}", self.tta)
         _check(0.0 < self.min_specificity < 1.0, "metric.min_specificity", "a float in (0, 1)",

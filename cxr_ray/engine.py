@@ -167,20 +167,24 @@ def predict_logits(model: nn.Module, batches: Iterable[Batch], device: torch.dev
     return z, t, (total / len(z) if loss_fn is not None and len(z) else float("nan"))
 
 
-def probabilities(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """float32 ``sigmoid(logits / temperature)`` computed by torch in fp32, as everywhere in cxr_ray."""
+def probabilities(logits: np.ndarray, temperature: float = 1.0, bias: float = 0.0) -> np.ndarray:
+    """float32 ``sigmoid(logits / temperature + bias)`` computed by torch in fp32, as everywhere
+    in cxr_ray (``cxr_ray/calibration.py``: the checkpoint's calibration)."""
     z = torch.tensor(np.asarray(logits, np.float32))  # a copy: pandas/Ray arrays may be read-only
     if temperature != 1.0:
         z = z / temperature
+    if bias != 0.0:
+        z = z + bias
     return torch.sigmoid(z).numpy()
 
 
 def predict(model: nn.Module, batches: Iterable[Batch], device: torch.device, precision: str = "fp32",
-            loss_fn: nn.Module | None = None, temperature: float = 1.0) -> tuple[np.ndarray, np.ndarray, float]:
-    """Probabilities of PNEUMONIA (``sigmoid(logit / temperature)``), the labels, and the mean
-    loss (nan without ``loss_fn``; always of the raw logits)."""
+            loss_fn: nn.Module | None = None, temperature: float = 1.0,
+            bias: float = 0.0) -> tuple[np.ndarray, np.ndarray, float]:
+    """Probabilities of PNEUMONIA (``sigmoid(logit / temperature + bias)``), the labels, and the
+    mean loss (nan without ``loss_fn``; always of the raw logits)."""
     z, t, loss = predict_logits(model, batches, device, precision, loss_fn)
-    return probabilities(z, temperature), t, loss
+    return probabilities(z, temperature, bias), t, loss
 
 
 @dataclass

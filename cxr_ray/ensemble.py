@@ -2,8 +2,8 @@
 
 ``cxr-ray ensemble --from runs/<tune experiment> --top-k 3 --out DIR`` (or ``--checkpoints A B
 C``) writes an ensemble checkpoint (layout: ``cxr_ray/checkpoint.py``): every member's weights
-and config, their shared preprocessing, and a temperature and threshold fitted on the members'
-shared validation split with the ensemble's own logits (and one per TTA mode of
+and config, their shared preprocessing, and a calibration (temperature, bias) and threshold
+fitted on the members' shared validation split with the ensemble's own logits (and one per TTA mode of
 ``metric.tta``). ``load_checkpoint`` returns it like any checkpoint, so ``evaluate``, ``score``
 (each scoring actor loads every member once), ``explain`` and ``export`` accept it.
 
@@ -113,7 +113,7 @@ def build_ensemble(sources: list[str | LoadedCheckpoint], out: str, cache: Any =
     cache = cache or prepare_cache(first.cfg)
     precision = first.precision(amp, torch.device("cpu"))
     model = EnsembleModel([c.model for c in ckpts], [c.cfg.model.name for c in ckpts])
-    draft = dataclasses.replace(first, model=model, meta={**first.meta, "temperature": 1.0})
+    draft = dataclasses.replace(first, model=model, meta={**first.meta, "temperature": 1.0, "logit_bias": 0.0})
     decision = validation_decision(draft, cache, precision)
     members = [{"source": c.path, "model_id": c.model_id, "digest": c.digest,
                 "settings": {k: setting(c.cfg, k) for k in MEMBER_SETTINGS},
@@ -130,9 +130,11 @@ def build_ensemble(sources: list[str | LoadedCheckpoint], out: str, cache: Any =
         meta = {"kind": "ensemble", "members": members, "combine": "mean of logits",
                 "threshold": decision["threshold"], "threshold_rule": decision["threshold_rule"],
                 "val_precision": precision, "temperature": decision["temperature"],
+                "logit_bias": decision["logit_bias"],
                 "class_map": {str(i): c for i, c in enumerate(CLASSES)}, "positive_class": CLASSES[1],
                 "epoch": -1, "metrics": decision, "versions": versions()}
-        meta["digest"] = content_digest(folder, meta["threshold"], meta["temperature"], checkpoint_files(meta))
+        meta["digest"] = content_digest(folder, meta["threshold"], meta["temperature"], checkpoint_files(meta),
+                                        meta["logit_bias"])
         (folder / META_FILE).write_text(json.dumps(meta, indent=1))
         fit_tta_decisions(str(folder), cache, parse_modes(first.cfg.metric.tta), amp=precision)
         io.copy_tree(str(folder), out)

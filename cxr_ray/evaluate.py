@@ -34,7 +34,8 @@ def predict_split(ckpt: LoadedCheckpoint, cache: Any, split: str, batch_size: in
                   precision: str = "fp32") -> pd.DataFrame:
     """``path, patient, label, logit, probability`` for every decodable image of ``split``
     (driver process, CPU), in ``precision`` (``"bf16"`` / ``"fp32"``, see
-    ``LoadedCheckpoint.precision``); ``probability`` is ``sigmoid(logit / ckpt.temperature)``."""
+    ``LoadedCheckpoint.precision``); ``probability`` is the calibrated
+    ``sigmoid(logit / ckpt.temperature + ckpt.logit_bias)``."""
     from cxr_ray.data.pipeline import collated_keeping, split_dataset
 
     device = torch.device("cpu")
@@ -48,7 +49,7 @@ def predict_split(ckpt: LoadedCheckpoint, cache: Any, split: str, batch_size: in
     logits, labels, _ = predict_logits(model, batches, device, precision)
     return pd.DataFrame({"path": kept.get("path", []), "patient": kept.get("patient", []),
                          "label": labels.astype(np.int64), "logit": logits.astype(np.float32),
-                         "probability": probabilities(logits, ckpt.temperature)}
+                         "probability": probabilities(logits, ckpt.temperature, ckpt.logit_bias)}
                         ).sort_values("path", ignore_index=True)
 
 
@@ -154,12 +155,13 @@ def explain_gallery(ckpt: LoadedCheckpoint, preds: pd.DataFrame, n: int, out: Pa
 
 def reliability_plot(cal: dict[str, Any], path: Path) -> Path:
     """Reliability diagram: observed share of PNEUMONIA against the mean predicted probability
-    per bin, before (T = 1) and after temperature scaling, with each curve's ECE."""
+    per bin, before (the raw logits) and after calibration, with each curve's ECE."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="perfectly calibrated")
-    for key, style, name in (("before", "o-", "raw"), ("after", "s-", f"T = {cal['temperature']:.2f}")):
+    after = f"T = {cal['temperature']:.2f}, b = {cal.get('logit_bias', 0.0):+.2f}"
+    for key, style, name in (("before", "o-", "raw"), ("after", "s-", after)):
         pts = cal[f"reliability_{key}"]
         ax.plot([b["predicted"] for b in pts], [b["observed"] for b in pts], style, ms=4,
                 label=f"{name}: ECE {cal[f'ece_{key}']:.3f}, Brier {cal[f'brier_{key}']:.3f}")
@@ -208,7 +210,8 @@ def format_table(metrics: dict[str, Any], title: str) -> str:
         lines.append("  (* this split's own prevalence)")
     if "calibration" in metrics:
         c = metrics["calibration"]
-        lines.append(f"calibration: temperature {c['temperature']:.3f} (from validation); ECE "
+        lines.append(f"calibration: temperature {c['temperature']:.3f}, bias {c.get('logit_bias', 0.0):+.3f} "
+                     f"(from validation); ECE "
                      f"{c['ece_before']:.4f} -> {c['ece_after']:.4f}, Brier {c['brier_before']:.4f} -> "
                      f"{c['brier_after']:.4f} (raw -> calibrated)")
     return "\n".join(lines)
@@ -243,7 +246,7 @@ def evaluate_checkpoint(ckpt: LoadedCheckpoint, data_root: str, split: str, out_
     metrics.update(split=split, checkpoint=ckpt.path, data=data_root, amp=precision, tta=ckpt.tta,
                    val_precision=ckpt.val_precision,
                    calibration=calibration_report(preds["label"].to_numpy(), preds["logit"].to_numpy(),
-                                                  ckpt.temperature))
+                                                  ckpt.temperature, ckpt.logit_bias))
     val = preds if split == "val" else predict_split(ckpt, cache, "val", precision=precision)
     metrics["operating_points"] = operating_table(ckpt, val, preds, prevalences)
     with tempfile.TemporaryDirectory() as tmp:

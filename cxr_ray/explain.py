@@ -83,7 +83,7 @@ def explain_images(ckpt: LoadedCheckpoint, images: np.ndarray) -> tuple[np.ndarr
     x, _ = Collate("cpu", normalize=ckpt.cfg.data.normalize)({"image": images, "label": np.zeros(len(images))})
     model = ckpt.model.float().eval()
     with torch.no_grad():
-        probs = probabilities(model(x).squeeze(1).numpy(), ckpt.temperature)
+        probs = probabilities(model(x).squeeze(1).numpy(), ckpt.temperature, ckpt.logit_bias)
     return probs, member_maps(base_model(model), ckpt.cfg.model.name, x, probs >= ckpt.threshold)
 
 

@@ -97,9 +97,10 @@ def input_contract(cfg: ExperimentConfig) -> dict[str, Any]:
 def sidecar(ckpt: LoadedCheckpoint, artifacts: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The ``model.json`` contract of ``ckpt``'s export with ``artifacts`` ({format: details})."""
     meta = ckpt.meta
-    temperature = meta.get("temperature")
+    temperature, bias = meta.get("temperature"), meta.get("logit_bias")
+    formula = "logit" + (" / temperature" if temperature else "") + (" + logit_bias" if bias is not None else "")
     decision = {
-        "probability": "sigmoid(logit / temperature)" if temperature else "sigmoid(logit)",
+        "probability": f"sigmoid({formula})",
         "threshold": ckpt.threshold,
         "rule": f"{meta.get('positive_class', 'PNEUMONIA')} when probability >= threshold",
         "threshold_rule": meta.get("threshold_rule"),
@@ -107,6 +108,8 @@ def sidecar(ckpt: LoadedCheckpoint, artifacts: dict[str, dict[str, Any]]) -> dic
     }
     if temperature:
         decision["temperature"] = float(temperature)
+    if bias is not None:
+        decision["logit_bias"] = float(bias)
     return {
         "cxr_ray_version": cxr_ray.__version__,
         "artifacts": artifacts,

@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 REPORTED = ("epoch", "train_loss", "val_loss", "roc_auc", "pr_auc", "accuracy", "precision", "recall",
             "specificity", "f1", "threshold", "n", *SELECTION_METRICS, "specificity_lower_bound", "best_epoch",
-            "train_images_per_s", "stop", "temperature", "val_ece_before", "val_ece")
+            "train_images_per_s", "stop", "temperature", "logit_bias", "val_ece_before", "val_ece")
 
 
 def _world() -> int:
@@ -180,7 +180,7 @@ class TrainLoopRunner:
             save_checkpoint(d, self.model, self.cfg, metrics["threshold"], metrics, epoch, {
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "early_stopping": self.stopper.state_dict(), "epoch": epoch}, val_precision=self.precision,
-                temperature=metrics["temperature"])
+                temperature=metrics["temperature"], logit_bias=metrics["logit_bias"])
             ray.train.report(scalars, checkpoint=ray.train.Checkpoint.from_directory(d))
         self.progress.emit("epoch", epoch=epoch, metrics=scalars)
 

@@ -71,7 +71,7 @@ def parse_modes(text: str, key: str = "metric.tta") -> tuple[str, ...]:
     return modes
 
 
-DECISION_KEYS = ("threshold", "temperature", "threshold_rule", "roc_auc", "pauc", "recall", "specificity",
+DECISION_KEYS = ("threshold", "temperature", "logit_bias", "threshold_rule", "roc_auc", "pauc", "recall", "specificity",
                  "specificity_lower_bound", "val_ece_before", "val_ece", "n")
 
 
@@ -103,7 +103,7 @@ def fit_tta_decisions(path: str, cache, modes: tuple[str, ...], amp: str = "auto
     precision = ckpt.precision(amp, torch.device("cpu"))
     out = {mode: validation_decision(dataclasses.replace(ckpt, model=TTAModel(ckpt.model, mode)), cache, precision)
            for mode in modes}
-    write_tta_decisions(path, out)
+    write_tta_decisions(path, out, base=ckpt.meta.get("base_digest") or ckpt.digest)
     return out
 
 
@@ -113,4 +113,5 @@ def format_decisions(decisions: dict[str, dict], base: dict | None = None, prefi
     rows = ([("none", base)] if base else []) + list(decisions.items())
     return [f"{prefix} {mode:<6} val roc_auc {d['roc_auc']:.4f}, pAUC {d['pauc']:.4f}; recall {d['recall']:.4f}, "
             f"specificity {d['specificity']:.4f} at threshold {d['threshold']:.4f}; temperature "
-            f"{d['temperature']:.3f}, ECE {d['val_ece_before']:.4f} -> {d['val_ece']:.4f}" for mode, d in rows]
+            f"{d['temperature']:.3f}, bias {d.get('logit_bias', 0.0):+.3f}, ECE {d['val_ece_before']:.4f} -> "
+            f"{d['val_ece']:.4f}" for mode, d in rows]

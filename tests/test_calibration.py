@@ -1,5 +1,5 @@
-"""Temperature scaling: it recovers a known over-confidence, lowers ECE, changes no decision,
-and the temperature is part of a checkpoint's identity."""
+"""Temperature and Platt scaling: they recover a known over-confidence (and a known shift of
+every logit), lower ECE, change no decision, and are part of a checkpoint's identity."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
-from cxr_ray.calibration import brier, calibration_report, ece, fit_temperature, nll, sigmoid
+from cxr_ray.calibration import brier, calibration_report, ece, fit_platt, fit_temperature, nll, sigmoid
 from cxr_ray.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from cxr_ray.engine import probabilities
 
@@ -44,6 +44,23 @@ def test_a_calibrated_model_keeps_temperature_near_one_and_degenerate_sets_get_o
     assert fit_temperature(np.array([1.0]), np.array([1])) == 1.0
 
 
+def test_platt_undoes_a_shift_that_temperature_cannot():
+    """A class-weighted loss shifts every logit (here by -3 on an over-confident model): a
+    temperature alone cannot move the base rate, Platt's bias can; no decision changes."""
+    logits, y = _overconfident(factor=2.0, seed=2)
+    shifted = logits - 3.0
+    t, b = fit_platt(shifted, y)
+    assert t == pytest.approx(2.0, rel=0.15) and b == pytest.approx(1.5, abs=0.3)  # z = (2z' - 3) / 2 + 1.5
+    only_t = calibration_report(y, shifted, fit_temperature(shifted, y))
+    platt = calibration_report(y, shifted, t, b)
+    assert platt["ece_after"] < 0.03 < only_t["ece_after"] and platt["ece_after"] < platt["ece_before"] / 4
+    assert nll(shifted, y, t, b) < nll(shifted, y, only_t["temperature"])
+    raw, cal = probabilities(shifted), probabilities(shifted, t, b)
+    on_cal = float(probabilities(np.array([0.0], np.float32), t, b)[0])  # raw 0.5 on the calibrated scale
+    assert ((raw >= 0.5) == (cal >= on_cal)).all()
+    assert fit_platt(np.array([1.0, 2.0]), np.array([1, 1])) == (1.0, 0.0)  # one class: nothing to fit
+
+
 def test_ece_and_brier_by_hand():
     y = np.array([0, 0, 1, 1])
     p = np.array([0.1, 0.1, 0.9, 0.7])
@@ -55,14 +72,15 @@ def test_ece_and_brier_by_hand():
 def test_temperature_is_stored_applied_and_part_of_the_checkpoint_identity(checkpoint, tmp_path):
     base = load_checkpoint(checkpoint)
     assert base.temperature == 1.0  # checkpoints without one: T = 1
-    path = save_checkpoint(tmp_path / "t", base.model, base.cfg, 0.7, {}, 0, temperature=2.5)
+    assert base.logit_bias == 0.0
+    path = save_checkpoint(tmp_path / "t", base.model, base.cfg, 0.7, {}, 0, temperature=2.5, logit_bias=1.25)
     ckpt = load_checkpoint(path)
-    assert ckpt.temperature == 2.5 and ckpt.digest != load_checkpoint(
-        save_checkpoint(tmp_path / "t1", base.model, base.cfg, 0.7, {}, 0)).digest
+    assert (ckpt.temperature, ckpt.logit_bias) == (2.5, 1.25) and ckpt.digest != load_checkpoint(
+        save_checkpoint(tmp_path / "t1", base.model, base.cfg, 0.7, {}, 0, temperature=2.5)).digest
     edited = tmp_path / "edited"
     shutil.copytree(path, edited)
     meta = json.loads((edited / "checkpoint.json").read_text())
-    meta["temperature"] = 1.0
-    (edited / "checkpoint.json").write_text(json.dumps(meta))
-    with pytest.raises(CheckpointError, match="changed after the checkpoint was saved"):
-        load_checkpoint(edited)
+    for key in ("temperature", "logit_bias"):
+        (edited / "checkpoint.json").write_text(json.dumps({**meta, key: 1.0}))
+        with pytest.raises(CheckpointError, match="changed after the checkpoint was saved"):
+            load_checkpoint(edited)

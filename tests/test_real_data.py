@@ -79,12 +79,13 @@ def test_scratch_cnn_learns_real_pneumonia_and_scoring_matches_evaluate(ray_loca
     cache = prepare_cache(cfg)
     z32, z16 = (np.concatenate([predict_split(ckpt, cache, split, precision=p)["logit"].to_numpy()
                                 for split in ("train", "val")]) for p in ("fp32", "bf16"))
-    # the network's own probabilities (T = 1) agree within 0.02; the calibrated ones within
+    # the network's own probabilities (T = 1, b = 0) agree within 0.02; the calibrated ones within
     # 0.02 / T (dividing by T scales every logit difference), and decisions stay >= 99.5% the same
-    t = ckpt.temperature
-    (p32, p16), (c32, c16) = (probabilities(z32), probabilities(z16)), (probabilities(z32, t), probabilities(z16, t))
+    t, b = ckpt.temperature, ckpt.logit_bias
+    (p32, p16) = (probabilities(z32), probabilities(z16))
+    (c32, c16) = (probabilities(z32, t, b), probabilities(z16, t, b))
     print(f"bf16 vs fp32 on 1317 real images: max |dp| {np.abs(p16 - p32).max():.4f} raw, "
-          f"{np.abs(c16 - c32).max():.4f} calibrated (T = {t:.3f})")
+          f"{np.abs(c16 - c32).max():.4f} calibrated (T = {t:.3f}, b = {b:+.3f})")
     assert len(p32) == 1317 and np.abs(p16 - p32).max() <= 0.02
     assert np.abs(c16 - c32).max() <= 0.02 / min(t, 1.0) + 1e-6
     assert ((c16 >= ckpt.threshold) == (c32 >= ckpt.threshold)).mean() >= 0.995

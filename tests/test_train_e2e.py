@@ -56,15 +56,15 @@ def test_train_two_workers_then_evaluate(synthetic_root, tmp_path):
     for key in ("roc_auc", "pr_auc", "accuracy", "recall", "specificity", "precision", "f1", "threshold"):
         assert meta["metrics"][key] == pytest.approx(val_metrics[key], abs=1e-6), key
     assert meta["metrics"]["confusion_matrix"] == val_metrics["confusion_matrix"]
-    # The temperature was fitted on these validation logits: evaluate applies it, and on the
-    # split it was fitted on it cannot do worse than T = 1 (it minimises the NLL there).
+    # The calibration (Platt: temperature and bias) was fitted on these validation logits: evaluate
+    # applies it, and on the split it was fitted on it cannot do worse than none (it minimises the NLL there).
     from cxr_ray.calibration import nll
 
     cal = val_metrics["calibration"]
-    assert cal["temperature"] == meta["temperature"] > 0
+    assert cal["temperature"] == meta["temperature"] > 0 and cal["logit_bias"] == meta["logit_bias"]
     assert cal["ece_after"] == pytest.approx(meta["metrics"]["val_ece"], abs=1e-6), (cal, meta["metrics"])
     y, z = val_preds["label"].to_numpy(), val_preds["logit"].to_numpy()
-    assert nll(z, y, meta["temperature"]) <= nll(z, y, 1.0) + 1e-9
+    assert nll(z, y, meta["temperature"], meta["logit_bias"]) <= nll(z, y, 1.0) + 1e-9
     out = tmp_path / "eval"
     ev = cxr_ray("evaluate", "--checkpoint", str(ckpt), "--split", "test", "--out", str(out),
                  "--prevalence", "0.05,0.2", "--explain", "2")

@@ -138,6 +138,14 @@ def test_ensemble_cli_evaluate_and_score(synthetic_root, tmp_path):
                   "--tta", "crop5")  # no crop5 decision: refused before any work
     assert bad.returncode == 2 and "no threshold chosen with TTA 'crop5'" in bad.stderr
     assert not (tmp_path / "s2").exists()
+    fit = run_cli("fit-tta", "--checkpoint", out, "--tta", "crop5")  # adds the mode: the digest changes
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    assert fit.stdout.strip().splitlines()[-1] == str(out) and "[fit-tta] crop5" in fit.stdout
+    after = json.loads((out / "checkpoint.json").read_text())
+    assert set(after["tta"]) == {"hflip", "crop5"} and after["tta"]["hflip"] == meta["tta"]["hflip"]
+    assert after["digest"] != meta["digest"] and after["base_digest"] == meta["base_digest"]
+    crop5 = load_checkpoint(out).with_tta("crop5")
+    assert crop5.threshold == after["tta"]["crop5"]["threshold"] and crop5.tta == "crop5"
     cfg = small_cfg(**{"data.root": str(synthetic_root), "data.image_size": 48})
     other = save_checkpoint(tmp_path / "other", build_model(cfg.model), cfg, 0.5, {}, epoch=0)
     r = run_cli("ensemble", "--checkpoints", sources[0], other, "--out", tmp_path / "ens2")

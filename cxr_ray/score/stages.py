@@ -71,7 +71,7 @@ class Predictor:
             torch.set_num_threads(threads)
         ckpt = load_checkpoint(checkpoint).with_tta(self.score.tta)
         self.threshold, self.model_id = np.float32(ckpt.threshold), ckpt.model_id
-        self.temperature = ckpt.temperature
+        self.temperature, self.bias = ckpt.temperature, ckpt.logit_bias
         self.onnx = None
         if self.score.backend == "onnxruntime":
             from cxr_ray.export import OnnxModel, cached_export
@@ -91,15 +91,17 @@ class Predictor:
         self.collate = Collate(self.device, channels_last=channels_last, normalize=ckpt.cfg.data.normalize)
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
-        """Calibrated PNEUMONIA probabilities (``sigmoid(logit / temperature)``) of uint8
+        """Calibrated PNEUMONIA probabilities (``sigmoid(logit / temperature + bias)``) of uint8
         ``(B, 1, N, N)`` images: evaluation's own ``Collate`` (normalise, channels_last) and the
         engine's ``predict``, or the ONNX export (normalisation inside) and the same sigmoid."""
         from cxr_ray.engine import predict, probabilities
 
         if self.onnx is not None:
-            return probabilities(self.onnx.logits(images.astype(np.float32) / np.float32(255.0)), self.temperature)
+            logits = self.onnx.logits(images.astype(np.float32) / np.float32(255.0))
+            return probabilities(logits, self.temperature, self.bias)
         batch = self.collate({"image": images, "label": np.zeros(len(images), np.float32)})
-        probs, _, _ = predict(self.model, [batch], self.device, self.precision, temperature=self.temperature)
+        probs, _, _ = predict(self.model, [batch], self.device, self.precision, temperature=self.temperature,
+                              bias=self.bias)
         return probs.astype(np.float32)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

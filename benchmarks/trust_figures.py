@@ -9,9 +9,10 @@
    each TTA mode gets its own temperature and threshold on the validation split).
 3. ``cxr-ray tune`` of the same config over dropout and learning rate (``--trials`` trials, ASHA),
    ``--ensemble-top-k 3``: the ensemble of the three best trials (by validation pAUC-based
-   selection score), its temperature and threshold fitted on the same validation split.
-4. ``cxr-ray evaluate`` of the model (plain, hflip, crop5) and the ensemble (plain, hflip) on the
-   validation split (where every choice was made: optimistic) and on the held-out test split.
+   selection score), its calibration and threshold fitted on the same validation split.
+4. ``cxr-ray evaluate`` of the model (plain, hflip, crop5), the best trial and the ensemble
+   (plain, hflip) on the validation split (where every choice was made: optimistic) and on the
+   held-out test split. A rerun with the same ``--out`` reuses the models and reports.
 
 Prints a markdown table (ROC-AUC, recall, specificity, accuracy with 95% patient-bootstrap CIs;
 ECE and Brier raw -> calibrated) and writes ``OUT/figures.json``. Run it alone (one Ray job at a
@@ -73,7 +74,7 @@ def held_out_copy(src: Path, dst: Path, share: float = 0.25, seed: int = 0) -> d
 
 
 def evaluate(ckpt: str, split: str, tta: str, out: Path) -> dict:
-    report = out / f"{Path(ckpt).name}-{split}-{tta}"
+    report = out / f"{Path(ckpt).parent.name}-{Path(ckpt).name}-{split}-{tta}"
     if not (report / "metrics.json").is_file():
         cli("evaluate", "--checkpoint", ckpt, "--split", split, "--tta", tta, "--out", str(report))
     return json.loads((report / "metrics.json").read_text())
@@ -98,14 +99,21 @@ def main() -> None:
     common = ["--data", str(data), "--config", str(CONFIG), "--cache", str(out / "cache"),
               "--set", f"train.epochs={args.epochs}", "--set", "metric.tta=hflip,crop5",
               "--set", f"train.storage_path={out / 'runs'}"]
-    single = cli("train", *common)
-    space = json.dumps({"model.dropout": {"type": "uniform", "low": 0.0, "high": 0.5},
-                        "train.lr": {"type": "loguniform", "low": 1e-3, "high": 6e-3}})
-    best = cli("tune", *common, "--set", f"tune.num_samples={args.trials}", "--set", f"tune.search_space={space}",
-               "--set", "train.cpus_per_worker=0.45", "--set", "tune.data_cpus=1.0", "--ensemble-top-k", "3")
+    runs = out / "runs.json"  # a rerun with the same --out reuses the trained models (and reports)
+    if runs.is_file():
+        single, best = json.loads(runs.read_text())
+    else:
+        single = cli("train", *common)
+        space = json.dumps({"model.dropout": {"type": "uniform", "low": 0.0, "high": 0.5},
+                            "train.lr": {"type": "loguniform", "low": 1e-3, "high": 6e-3}})
+        best = cli("tune", *common, "--set", f"tune.num_samples={args.trials}", "--set",
+                   f"tune.search_space={space}", "--set", "train.cpus_per_worker=0.45", "--set", "tune.data_cpus=1.0",
+                   "--ensemble-top-k", "3")
+        runs.write_text(json.dumps([single, best]))
     ensemble = str(Path(best).parent / "ensemble-top3")
     rows = []
     for name, ckpt, modes in (("one model", single, ("none", "hflip", "crop5")),
+                              ("best tune trial", best, ("none", "hflip")),
                               ("top-3 ensemble", ensemble, ("none", "hflip"))):
         for tta in modes:
             for split in ("val", "test"):

@@ -61,6 +61,18 @@ def test_platt_undoes_a_shift_that_temperature_cannot():
     assert fit_platt(np.array([1.0, 2.0]), np.array([1, 1])) == (1.0, 0.0)  # one class: nothing to fit
 
 
+def test_platt_stays_finite_on_a_separable_validation_set():
+    """One threshold separates these 100 images: 0/1 targets would sharpen without limit
+    (probabilities of exactly 0 and 1, tied in float32); Platt's targets keep T moderate."""
+    rng = np.random.default_rng(3)
+    y = np.r_[np.zeros(30, np.int64), np.ones(70, np.int64)]
+    logits = np.where(y == 1, rng.uniform(0.5, 8, 100), rng.uniform(-8, -0.5, 100)).astype(np.float32)
+    t, b = fit_platt(logits, y)
+    assert t > 0.5
+    p = probabilities(logits, t, b)
+    assert 0.0 < p.min() and p.max() < 1.0 and len(np.unique(p)) == len(np.unique(logits))
+
+
 def test_ece_and_brier_by_hand():
     y = np.array([0, 0, 1, 1])
     p = np.array([0.1, 0.1, 0.9, 0.7])

@@ -134,10 +134,8 @@ def test_ensemble_cli_evaluate_and_score(synthetic_root, tmp_path):
     assert len(rows) and np.allclose(rows["threshold"], meta["tta"]["hflip"]["threshold"])
     assert rows["model"].str.endswith("+tta=hflip").all() and "ensemble of 2" in rows["model"].iloc[0]
 
-    bad = run_cli("score", "--checkpoint", out, "--input", synthetic_root / "test", "--output", tmp_path / "s2",
-                  "--tta", "crop5")  # no crop5 decision: refused before any work
-    assert bad.returncode == 2 and "no threshold chosen with TTA 'crop5'" in bad.stderr
-    assert not (tmp_path / "s2").exists()
+    with pytest.raises(CheckpointError, match="no threshold chosen with TTA 'crop5'"):
+        load_checkpoint(out).with_tta("crop5")  # (score/evaluate --tta crop5: refused before Ray, exit 2)
     fit = run_cli("fit-tta", "--checkpoint", out, "--tta", "crop5")  # adds the mode: the digest changes
     assert fit.returncode == 0, fit.stderr[-3000:]
     assert fit.stdout.strip().splitlines()[-1] == str(out) and "[fit-tta] crop5" in fit.stdout

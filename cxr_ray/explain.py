@@ -232,6 +232,19 @@ class ExplainActor:
         return rows.assign(error=errors)
 
 
+def rows_to_explain(scored: Any, top: int = 0) -> Any:
+    """The scored rows to explain, highest probability first, with their overlay ``name``,
+    ``probability`` and ``prediction``: the positive predictions, or the ``top`` highest
+    probabilities when ``top`` > 0; rows with an error never."""
+    ok = scored[scored["error"].fillna("") == ""]
+    chosen = ok.nlargest(top, "prob_pneumonia") if top > 0 else ok[ok["prob_pneumonia"] >= ok["threshold"]]
+    chosen = chosen.sort_values("prob_pneumonia", ascending=False, ignore_index=True)
+    rows = chosen.assign(name=[overlay_name(i, p) for i, p in enumerate(chosen["path"])],
+                         probability=chosen["prob_pneumonia"].astype(float),
+                         prediction=np.where(chosen["prob_pneumonia"] >= chosen["threshold"], CLASSES[1], CLASSES[0]))
+    return rows[["path", "name", "probability", "prediction"]]
+
+
 def explain_scored(ckpt: LoadedCheckpoint, scored: Any, out: str, top: int = 0, actors: int = 1,
                    cpus_per_actor: float = 1.0) -> dict[str, Any]:
     """Grad-CAM overlays of a scoring job's rows by ``actors`` Ray Data actors, and
@@ -243,13 +256,7 @@ def explain_scored(ckpt: LoadedCheckpoint, scored: Any, out: str, top: int = 0, 
 
     import ray
 
-    ok = scored[scored["error"].fillna("") == ""]
-    chosen = ok.nlargest(top, "prob_pneumonia") if top > 0 else ok[ok["prob_pneumonia"] >= ok["threshold"]]
-    chosen = chosen.sort_values("prob_pneumonia", ascending=False, ignore_index=True)
-    rows = chosen.assign(name=[overlay_name(i, p) for i, p in enumerate(chosen["path"])],
-                         probability=chosen["prob_pneumonia"].astype(float),
-                         prediction=np.where(chosen["prob_pneumonia"] >= chosen["threshold"], CLASSES[1], CLASSES[0]))
-    rows = rows[["path", "name", "probability", "prediction"]]
+    rows = rows_to_explain(scored, top)
     done = rows.assign(error="")
     if len(rows):
         ds = ray.data.from_pandas(rows).map_batches(

@@ -76,7 +76,7 @@ DECISION_KEYS = ("threshold", "temperature", "logit_bias", "threshold_rule", "ro
 
 
 def validation_decision(ckpt, cache, precision: str) -> dict:
-    """Fit ``ckpt``'s temperature and threshold (``calibration.fit_decision`` with its own
+    """Fit ``ckpt``'s calibration and threshold (``calibration.fit_decision`` with its own
     ``metric`` config) on the validation split of ``cache``, running ``ckpt.model`` as it is
     (plain, TTA-wrapped or an ensemble) in ``precision``, in this process."""
     from cxr_ray.calibration import fit_decision
@@ -110,8 +110,10 @@ def fit_tta_decisions(path: str, cache, modes: tuple[str, ...], amp: str = "auto
 def format_decisions(decisions: dict[str, dict], base: dict | None = None, prefix: str = "[tta]") -> list[str]:
     """One line per mode (and ``base``, the plain model's): validation ROC-AUC, pAUC, recall
     and specificity at its threshold, temperature and ECE."""
+    nan = float("nan")  # (metrics of checkpoints saved before a key existed)
     rows = ([("none", base)] if base else []) + list(decisions.items())
-    return [f"{prefix} {mode:<6} val roc_auc {d['roc_auc']:.4f}, pAUC {d['pauc']:.4f}; recall {d['recall']:.4f}, "
-            f"specificity {d['specificity']:.4f} at threshold {d['threshold']:.4f}; temperature "
-            f"{d['temperature']:.3f}, bias {d.get('logit_bias', 0.0):+.3f}, ECE {d['val_ece_before']:.4f} -> "
-            f"{d['val_ece']:.4f}" for mode, d in rows]
+    return [f"{prefix} {mode:<6} val roc_auc {d.get('roc_auc', nan):.4f}, pAUC {d.get('pauc', nan):.4f}; recall "
+            f"{d.get('recall', nan):.4f}, specificity {d.get('specificity', nan):.4f} at threshold "
+            f"{d.get('threshold', nan):.4f}; temperature {d.get('temperature', 1.0):.3f}, bias "
+            f"{d.get('logit_bias', 0.0):+.3f}, ECE {d.get('val_ece_before', nan):.4f} -> {d.get('val_ece', nan):.4f}"
+            for mode, d in rows]

@@ -78,7 +78,7 @@ def test_demo_tune_via_ray_jobs_then_scoring_on_two_nodes(cluster, tmp_path):
     runtime_env = {"excludes": [".git", "runs", "*.egg-info", "**/__pycache__"]}
     job = _run([*RAY, "job", "submit", "--address", dashboard, "--working-dir", ".",
                 "--runtime-env-json", json.dumps(runtime_env), "--",
-                sys.executable, "experiments/tune.py", "--demo",
+                sys.executable, "experiments/tune.py", "--demo", "--ensemble-top-k", "0", "--set", "metric.tta=",
                 "--set", "tune.num_samples=4", "--set", "train.epochs=2", "--set", "tune.name=cluster_demo",
                 "--set", f"train.storage_path={shared / 'runs'}", "--set", f"data.cache_dir={shared / 'cache'}"],
                env, timeout=900, cwd=ROOT)

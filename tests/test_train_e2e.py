@@ -100,7 +100,8 @@ def test_killed_worker_resumes_from_checkpoint(synthetic_root, tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "cxr_ray.cli", "train", "--data", str(synthetic_root), "--cache",
          str(tmp_path / "cache"), *TRAIN_ARGS, "--size", "96", "--set", f"train.epochs={epochs}",
-         "--set", "train.max_failures=1", "--set", "train.patience=100", "--set", "train.keep_checkpoints=10",
+         "--set", "metric.tta=", "--set", "train.max_failures=1", "--set", "train.patience=100",
+         "--set", "train.keep_checkpoints=10",
          "--set", f"train.storage_path={runs}", "--set", "train.name=ft"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -135,7 +136,7 @@ def test_killed_worker_resumes_from_checkpoint(synthetic_root, tmp_path):
 def test_run_names_are_not_reused_and_resume_keeps_the_config(synthetic_root, tmp_path):
     args = ["--data", str(synthetic_root), "--cache", str(tmp_path / "cache"), "--size", "32",
             "--set", "model.name=simple_cnn", "--set", "model.width=8", "--set", "train.epochs=2",
-            "--set", f"train.storage_path={tmp_path / 'runs'}", "--set", "train.name=r1"]
+            "--set", "metric.tta=", "--set", f"train.storage_path={tmp_path / 'runs'}", "--set", "train.name=r1"]
     first = cxr_ray("train", *args)
     assert first.returncode == 0, first.stderr[-3000:]
     config_before = (tmp_path / "runs" / "r1" / "config.yaml").read_text()

@@ -116,7 +116,7 @@ def test_ensemble_cli_evaluate_and_score(synthetic_root, tmp_path):
     assert (out / "members" / "1" / "model.pt").is_file()
     assert meta["members"][1]["settings"]["model.width"] == 8
 
-    for tta, decision in (("none", meta["metrics"]), ("hflip", meta["tta"]["hflip"])):
+    for tta, decision in (("hflip", meta["tta"]["hflip"]),):  # (the plain decision: as train's, test_train_e2e)
         rep = tmp_path / f"val-{tta}"
         ev = run_cli("evaluate", "--checkpoint", out, "--split", "val", "--out", rep, "--tta", tta)
         assert ev.returncode == 0, ev.stderr[-3000:]

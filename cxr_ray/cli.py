@@ -353,7 +353,7 @@ def check_explain_flags(args: argparse.Namespace) -> str:
     """``score --explain-dir/--explain-top``, checked before Ray: the folder (absolute, so every
     actor writes to the same place) or ""."""
     from cxr_ray.data import io
-    from cxr_ray.explain import ExplainError
+    from cxr_ray.explain import require_captum
 
     if args.explain_top < 0:
         raise ConfigError(f"--explain-top: expected a count >= 0, got {args.explain_top}")
@@ -362,10 +362,7 @@ def check_explain_flags(args: argparse.Namespace) -> str:
             raise ConfigError("--explain-top needs --explain-dir (where the overlays go)")
         return ""
     io.check_location(args.explain_dir, "--explain-dir")
-    try:
-        import captum  # noqa: F401
-    except ImportError as e:
-        raise ExplainError(f"--explain-dir: Grad-CAM needs Captum: pip install 'cxr_ray[explain]' ({e})") from e
+    require_captum("--explain-dir: Grad-CAM")
     return io.absolute(args.explain_dir)
 
 

@@ -40,13 +40,20 @@ def target_layer(model: nn.Module, name: str) -> nn.Module:
     raise ExplainError(f"no Grad-CAM layer known for model {name!r}")
 
 
+def require_captum(what: str = "Grad-CAM") -> None:
+    """:class:`ExplainError` naming the extra to install when Captum is missing."""
+    try:
+        import captum  # noqa: F401
+    except ImportError as e:
+        raise ExplainError(f"{what} needs Captum: pip install 'cxr_ray[explain]' ({e})") from e
+
+
 def gradcam(model: nn.Module, layer: nn.Module, x: torch.Tensor, positive: np.ndarray) -> np.ndarray:
     """Grad-CAM maps ``(B, H, W)`` in [0, 1] of normalised fp32 input ``x`` ``(B, 1, H, W)``:
     for the PNEUMONIA logit where ``positive``, for its negative elsewhere."""
-    try:
-        from captum.attr import LayerAttribution, LayerGradCam
-    except ImportError as e:
-        raise ExplainError(f"Grad-CAM needs Captum: pip install 'cxr_ray[explain]' ({e})") from e
+    require_captum()
+    from captum.attr import LayerAttribution, LayerGradCam
+
     sign = torch.where(torch.as_tensor(positive, dtype=torch.bool), 1.0, -1.0).to(x.device)
 
     def signed_logit(inp: torch.Tensor) -> torch.Tensor:  # (B, 1): the explained class's logit

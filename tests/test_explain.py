@@ -70,13 +70,18 @@ def test_normal_explanations_use_the_negative_logit_and_maps_are_scaled(trained)
     assert cam.shape == (2, 64, 64)  # a fully frozen backbone still gets its gradients
 
 
-def test_cli_writes_overlays_and_a_gallery_naming_unreadable_files(trained, tmp_path):
-    folder = tmp_path / "in"
+def chest_folder(folder, n: int, seed: int, name: str = "img{}.png"):
+    """``n`` synthetic X-rays (every other one with opacities) and one broken JPEG in ``folder``."""
     folder.mkdir()
-    rng = np.random.default_rng(5)
-    for i in range(3):
-        Image.fromarray(chest_image(90, i % 2 == 1, rng)).save(folder / f"img {i}.png")
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(chest_image(90, i % 2 == 1, rng)).save(folder / name.format(i))
     (folder / "broken.jpeg").write_bytes(b"\xff\xd8 not a jpeg")
+    return folder
+
+
+def test_cli_writes_overlays_and_a_gallery_naming_unreadable_files(trained, tmp_path):
+    folder = chest_folder(tmp_path / "in", 3, seed=5, name="img {}.png")
     out = tmp_path / "gallery"
     res = run_cli("explain", "--checkpoint", trained, "--input", str(folder), "--out", str(out))
     assert res.returncode == 0, res.stderr
@@ -96,12 +101,7 @@ def test_score_explain_dir_writes_overlays_of_positives_or_the_top_k(trained, tm
     scoring pass), highest probability first in index.html; --explain-top K selects the K highest."""
     import pandas as pd
 
-    folder = tmp_path / "in"
-    folder.mkdir()
-    rng = np.random.default_rng(7)
-    for i in range(8):
-        Image.fromarray(chest_image(90, i % 2 == 1, rng)).save(folder / f"img{i}.png")
-    (folder / "broken.jpeg").write_bytes(b"\xff\xd8 not a jpeg")
+    folder = chest_folder(tmp_path / "in", 8, seed=7)
     gallery = tmp_path / "cams"
     res = run_cli("score", "--checkpoint", trained, "--input", folder, "--output", tmp_path / "scored",
                   "--explain-dir", gallery)

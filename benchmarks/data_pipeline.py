@@ -28,7 +28,8 @@ from common import real_root, timed, upscaled_copy  # noqa: E402
 
 from cxr_ray.config import ExperimentConfig  # noqa: E402
 from cxr_ray.data.decode import decode_image  # noqa: E402
-from cxr_ray.data.transforms import GRAY_MEAN, GRAY_STD  # noqa: E402
+from cxr_ray.data.preprocessing import resolve_preprocessing  # noqa: E402
+from cxr_ray.weights import IMAGENET_GRAY_MEAN as GRAY_MEAN, IMAGENET_GRAY_STD as GRAY_STD  # noqa: E402
 
 
 def bench_decode(root: Path, size: int, n: int) -> dict:
@@ -47,7 +48,7 @@ def baseline_loader(root: Path, cfg: ExperimentConfig, batch_size: int):
     """torchvision ImageFolder + DataLoader(num_workers=2) with the same augmentations."""
     from torchvision import datasets, transforms as T
 
-    a, n = cfg.augment, cfg.data.image_size
+    a, n = cfg.augment, resolve_preprocessing(cfg).image_size
     tf = T.Compose([
         T.Grayscale(1),
         T.RandomResizedCrop(n, scale=(a.scale_min ** 2, 1.0), ratio=(1.0, 1.0), antialias=True),
@@ -77,16 +78,17 @@ def run_cxr_ray(root: Path, cfg: ExperimentConfig, epochs: int, batch_size: int)
     """(cache build seconds, images, seconds over the epochs) of the cxr_ray pipeline."""
     from cxr_ray.data.cache import prepare_cache
     from cxr_ray.data.pipeline import TorchCollate, split_datasets
+    from cxr_ray.data.preprocessing import resolve_preprocessing
 
     cfg = cfg.replace(**{"data.root": str(root), "data.val_split": "official"})
     _, build_s = timed(lambda: prepare_cache(cfg).meta["n_images"])
     cache = prepare_cache(cfg)  # reused: the cache was built just above
-    ds = split_datasets(cache, cfg.data.image_size, ("train",), cfg.data.materialize_gb)["train"]
+    ds = split_datasets(cache, resolve_preprocessing(cfg).image_size, ("train",), cfg.data.materialize_gb)["train"]
 
     def go() -> int:
         n = 0
         for epoch in range(epochs):
-            collate = TorchCollate("cpu", cfg.augment, seed=0, epoch=epoch)
+            collate = TorchCollate(resolve_preprocessing(cfg), "cpu", cfg.augment, seed=0, epoch=epoch)
             for x, _ in ds.iter_torch_batches(batch_size=batch_size, collate_fn=collate,
                                               local_shuffle_buffer_size=4 * batch_size, prefetch_batches=2):
                 n += len(x)

@@ -48,6 +48,7 @@ sys.path.insert(0, str(ROOT))  # runs from a plain checkout (the GPU machine has
 from cxr_ray.checkpoint import save_checkpoint  # noqa: E402
 from cxr_ray.config import ExperimentConfig, ScoreConfig, TrainConfig  # noqa: E402
 from cxr_ray.data.catalog import patient_id  # noqa: E402
+from cxr_ray.data.preprocessing import resolve_preprocessing  # noqa: E402
 from cxr_ray.data.transforms import normalize  # noqa: E402
 from cxr_ray.engine import make_optimizer, train_one_epoch  # noqa: E402
 from cxr_ray.models import build_model  # noqa: E402
@@ -75,7 +76,7 @@ def train_rate(depth: int, amp: bool, args: argparse.Namespace, device: torch.de
         model = model.to(memory_format=torch.channels_last)
     bs = args.train_batch
     x = normalize(torch.randint(0, 256, (bs, 1, args.size, args.size), dtype=torch.uint8, device=device),
-                  cfg.data.normalize)
+                  resolve_preprocessing(cfg))
     if amp:
         x = x.contiguous(memory_format=torch.channels_last)
     y = (torch.arange(bs, device=device) % 2).float()
@@ -105,9 +106,9 @@ def calibrated_model(cfg: ExperimentConfig, images: np.ndarray, device: torch.de
     """
     torch.manual_seed(0)
     model = build_model(cfg.model).to(device).eval()
-    # the normalisation the Predictor applies (cfg.data.normalize), or the logits seen here are
+    # the normalisation the Predictor applies (resolve_preprocessing(cfg)), or the logits seen here are
     # not the ones it produces and the rescaling misses
-    z = model(normalize(torch.from_numpy(images).to(device), cfg.data.normalize)).squeeze(1)
+    z = model(normalize(torch.from_numpy(images).to(device), resolve_preprocessing(cfg))).squeeze(1)
     scale = 2.0 / z.std().clamp_min(1e-6)
     head = model.fc[-1]
     head.weight.mul_(scale)
@@ -159,7 +160,7 @@ def trained_agreement(args: argparse.Namespace, device: torch.device, tmp: Path)
         order = torch.randperm(len(x_all), generator=gen).to(device)
         batches = []
         for i in range(0, len(order) - bs + 1, bs):
-            x = normalize(x_all[order[i:i + bs]], cfg.data.normalize)
+            x = normalize(x_all[order[i:i + bs]], resolve_preprocessing(cfg))
             if amp:
                 x = x.contiguous(memory_format=torch.channels_last)
             batches.append((x, y_all[order[i:i + bs]]))

@@ -74,12 +74,12 @@ def model_input(gray_224: np.ndarray, cache_size: int, image_size: int) -> np.nd
 
 
 @torch.no_grad()
-def probabilities(model: torch.nn.Module, images: np.ndarray, normalize: str, batch: int = 64) -> np.ndarray:
-    """PNEUMONIA probabilities of uint8 ``(B, 1, N, N)`` model-size images (evaluation's path)."""
-    collate = Collate("cpu", normalize=normalize)
+def probabilities(ckpt, images: np.ndarray, batch: int = 64) -> np.ndarray:
+    """Calibrated PNEUMONIA probabilities of uint8 ``(B, 1, N, N)`` model-size images (evaluation's path)."""
+    collate = Collate(ckpt.preprocessing, "cpu")
     batches = (collate({"image": images[i:i + batch], "label": np.zeros(len(images[i:i + batch]), np.float32)})
                for i in range(0, len(images), batch))
-    return predict(model, batches, torch.device("cpu"))[0]
+    return predict(ckpt.model, batches, torch.device("cpu"), temperature=ckpt.temperature, bias=ckpt.logit_bias)[0]
 
 
 def report(preds: pd.DataFrame, threshold: float) -> dict:
@@ -120,10 +120,9 @@ def main(argv=None) -> int:
 
     gray = np.stack([np.asarray(Image.open(f).convert("L").resize((224, 224))) for f in clean["path"]])
     moved, scanners = shifted_copy(gray, seed=0)
-    size, n = cfg.data.resolved_cache_size, cfg.data.image_size
+    size, n = ckpt.preprocessing.cache_size, ckpt.preprocessing.image_size
     shifted = clean.copy()
-    shifted["probability"] = probabilities(ckpt.model, np.stack([model_input(g, size, n) for g in moved]),
-                                           ckpt.cfg.data.normalize)
+    shifted["probability"] = probabilities(ckpt, np.stack([model_input(g, size, n) for g in moved]))
     shifted["scanner"] = scanners
 
     rules = {"stored": ckpt.threshold}

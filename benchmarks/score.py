@@ -49,6 +49,7 @@ from common import real_root  # noqa: E402
 from cxr_ray.checkpoint import save_checkpoint  # noqa: E402
 from cxr_ray.config import ExperimentConfig, ScoreConfig  # noqa: E402
 from cxr_ray.data.listing import list_inputs  # noqa: E402
+from cxr_ray.data.preprocessing import resolve_preprocessing  # noqa: E402
 from cxr_ray.data.transforms import normalize  # noqa: E402
 from cxr_ray.engine import autocast, prefers_channels_last, resolve_precision  # noqa: E402
 from cxr_ray.models import build_model  # noqa: E402
@@ -74,7 +75,7 @@ def plain_decode(path: str, size: int) -> np.ndarray:
 def forward(model: torch.nn.Module, batch: np.ndarray, device: torch.device, precision: str,
             channels_last: bool) -> np.ndarray:
     """One batch as the Predictor computes it: normalise, optional channels_last, autocast."""
-    x = normalize(torch.from_numpy(batch[:, None]).to(device), ExperimentConfig().data.normalize)  # as scored
+    x = normalize(torch.from_numpy(batch[:, None]).to(device), resolve_preprocessing(ExperimentConfig()))  # as scored
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     with autocast(device, precision):
@@ -208,7 +209,7 @@ def onnx_rows(ckpt: str, images: np.ndarray, bs: int, threads: int, tmp: Path, t
                     quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
                     weight_type=QuantType.QInt8, op_types_to_quantize=["Conv", "Gemm", "MatMul"])
     with torch.no_grad():
-        ref = loaded.model(normalize(torch.from_numpy(images[:, None]), loaded.cfg.data.normalize)).squeeze(1).numpy()
+        ref = loaded.model(normalize(torch.from_numpy(images[:, None]), loaded.preprocessing)).squeeze(1).numpy()
     rows = []
     for name, path in ((ONNX_FP32, tmp / "onnx" / "model.onnx"),
                        ("model only, onnxruntime int8 (static QDQ)", tmp / "int8.onnx")):

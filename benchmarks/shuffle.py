@@ -30,6 +30,7 @@ from common import real_root  # noqa: E402
 from cxr_ray.config import ExperimentConfig  # noqa: E402
 from cxr_ray.data import pipeline  # noqa: E402
 from cxr_ray.data.pipeline import TorchCollate, epoch_batches, split_dataset  # noqa: E402
+from cxr_ray.data.preprocessing import resolve_preprocessing  # noqa: E402
 
 
 def measure(ds, batch_size: int, epochs: int, cfg: ExperimentConfig, buffer: int | None) -> dict:
@@ -39,7 +40,7 @@ def measure(ds, batch_size: int, epochs: int, cfg: ExperimentConfig, buffer: int
         old = pipeline.SHUFFLE_BUFFER
         if buffer is not None:
             pipeline.SHUFFLE_BUFFER = buffer
-        collate = TorchCollate("cpu", cfg.augment, seed=0, epoch=epoch)
+        collate = TorchCollate(resolve_preprocessing(cfg), "cpu", cfg.augment, seed=0, epoch=epoch)
         start = time.perf_counter()
         labels = [y.numpy() for _, y in epoch_batches(ds, batch_size, collate,
                                                      shuffle_seed=0 if buffer != 0 else None, epoch=epoch)]

@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import real_root  # noqa: E402
 
 from cxr_ray.config import ExperimentConfig  # noqa: E402
+from cxr_ray.data.preprocessing import resolve_preprocessing  # noqa: E402
 from cxr_ray.data.transforms import Collate, pixels_to_array, to_model_size  # noqa: E402
 from cxr_ray.engine import (make_optimizer, make_scheduler, predict, prefers_channels_last,  # noqa: E402
                             resolve_precision, train_one_epoch)
@@ -67,8 +68,8 @@ def plain_epochs(cfg: ExperimentConfig, arrays, epochs: int, device: torch.devic
     rates = []
     for epoch in range(epochs):
         order = np.random.default_rng((cfg.train.seed, epoch)).permutation(len(labels))  # reshuffled per epoch
-        collate = Collate(device, cfg.augment, seed=0, epoch=epoch, channels_last=channels_last,
-                          normalize=cfg.data.normalize)
+        collate = Collate(resolve_preprocessing(cfg), device, cfg.augment, seed=0, epoch=epoch,
+                          channels_last=channels_last)
         batches = (collate({"image": images[order[i:i + bs]], "label": labels[order[i:i + bs]],
                             "key": keys[order[i:i + bs]]}) for i in range(0, len(order), bs))
         rates.append(train_one_epoch(model, batches, opt, sched, loss_fn, device, precision).images_per_s)
@@ -77,7 +78,7 @@ def plain_epochs(cfg: ExperimentConfig, arrays, epochs: int, device: torch.devic
         return rate
     from sklearn.metrics import roc_auc_score
 
-    collate = Collate(device, channels_last=channels_last, normalize=cfg.data.normalize)
+    collate = Collate(resolve_preprocessing(cfg), device, channels_last=channels_last)
     images, labels, _ = val
     probs, y, _ = predict(model, (collate({"image": images[i:i + bs], "label": labels[i:i + bs]})
                                   for i in range(0, len(labels), bs)), device, precision)
@@ -192,7 +193,7 @@ def _arrays_without_ray(cfg: ExperimentConfig):
 
     df = assign_splits(load_catalog(cfg.data.root), cfg.data)
     df = df[df["split"] == "train"]
-    images = np.stack([decode_file(p, cfg.data.image_size)[0] for p in df["path"]])[:, None]
+    images = np.stack([decode_file(p, resolve_preprocessing(cfg).image_size)[0] for p in df["path"]])[:, None]
     return images, df["label"].to_numpy(np.float32), np.arange(len(df), dtype=np.int64)
 
 

@@ -4,13 +4,16 @@ Layout::
 
     model.pt          state dict of the (unwrapped) model, loaded with weights_only=True
     config.yaml       the full ExperimentConfig the model was trained with
-    checkpoint.json   threshold, the rule that chose it and the precision it was chosen in
+    checkpoint.json   preprocessing: the contract from file to model input (data/preprocessing.py;
+                      absent in checkpoints written before it was stored: their config's, with
+                      that time's constants), threshold, the rule that chose it and the precision it was chosen in
                       (threshold_rule, val_precision), the temperature and bias that calibrate
                       the probabilities, ``sigmoid(logit / temperature + logit_bias)``
                       (absent: 1 and 0), class map, the validation metrics at it,
                       epoch, versions of torch/torchvision/ray/cxr_ray, and ``digest``: a
-                      SHA-256 of the weights, the config, the threshold, temperature and bias (the model's
-                      identity: scoring output's ``model`` column, the URI fetch cache)
+                      SHA-256 of the weights, the config, the preprocessing, the
+                      threshold, temperature and bias (the model's identity: scoring
+                      output's ``model`` column, the URI fetch cache)
     train_state.pt    optimizer, scheduler, early stopping, epoch (resuming training only)
 
 ``checkpoint.json`` may also hold ``tta``: per test-time augmentation mode (``cxr_ray/tta.py``)
@@ -22,7 +25,8 @@ An *ensemble* checkpoint (``"kind": "ensemble"``, written by ``cxr_ray/ensemble.
 ``config.yaml`` is the members' shared preprocessing (the first member's config). It loads,
 evaluates and scores exactly like one checkpoint: the model is the mean of the members' logits.
 
-Inference rebuilds the model *and the preprocessing* from ``config.yaml``, never from flags.
+Inference rebuilds the model from ``config.yaml`` and the preprocessing from the stored
+contract (:attr:`LoadedCheckpoint.preprocessing`), never from flags or today's defaults.
 """
 
 from __future__ import annotations
@@ -44,6 +48,12 @@ import yaml
 import cxr_ray
 from cxr_ray.config import ExperimentConfig
 from cxr_ray.data.catalog import CLASSES
+from cxr_ray.data.preprocessing import (
+    Preprocessing,
+    PreprocessingError,
+    resolve_preprocessing,
+    stored_preprocessing,
+)
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +89,10 @@ def unwrap(model: nn.Module) -> nn.Module:
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, cfg: ExperimentConfig, threshold: float,
                     metrics: dict[str, Any], epoch: int, train_state: dict[str, Any] | None = None,
                     val_precision: str = "fp32", temperature: float | None = None,
-                    logit_bias: float | None = None) -> Path:
+                    logit_bias: float | None = None, preprocessing: Preprocessing | None = None) -> Path:
     """Write a checkpoint folder (see module doc) and return its path.
 
+    ``preprocessing``: the contract the model was trained with (default: resolved from ``cfg``).
     ``val_precision``: the precision of the validation pass that chose ``threshold``; the
     threshold belongs to it (bf16 and fp32 probabilities differ slightly). ``temperature``,
     ``logit_bias``: probabilities are ``sigmoid(logit / temperature + logit_bias)`` and
@@ -92,8 +103,9 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, cfg: ExperimentCo
     state = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
     torch.save(state, out / MODEL_FILE)
     cfg.to_yaml(out / CONFIG_FILE)
-    meta = {"digest": content_digest(out, float(threshold), temperature, bias=logit_bias),
-            "threshold": float(threshold),
+    contract = (preprocessing or resolve_preprocessing(cfg)).to_dict()
+    meta = {"digest": content_digest(out, float(threshold), temperature, bias=logit_bias, preprocessing=contract),
+            "preprocessing": contract, "threshold": float(threshold),
             "threshold_rule": metrics.get("threshold_rule", "given"),
             "val_precision": val_precision, "class_map": {str(i): c for i, c in enumerate(CLASSES)},
             "positive_class": CLASSES[1], "epoch": int(epoch), "metrics": _jsonable(metrics),
@@ -118,9 +130,11 @@ def checkpoint_files(meta: dict[str, Any]) -> list[str]:
 
 
 def content_digest(folder: Path, threshold: float, temperature: float | None = None,
-                   files: list[str] | None = None, bias: float | None = None) -> str:
+                   files: list[str] | None = None, bias: float | None = None,
+                   preprocessing: dict[str, Any] | None = None) -> str:
     """``sha256:<hex>`` of the weight and config ``files`` (default model.pt, config.yaml), the
-    threshold, and the temperature and bias (when the checkpoint has them): what decides every score."""
+    threshold, and the temperature, bias and preprocessing contract (when the checkpoint has
+    them): what decides every score."""
     import hashlib
 
     h = hashlib.sha256()
@@ -133,6 +147,8 @@ def content_digest(folder: Path, threshold: float, temperature: float | None = N
         h.update(f"T={float(temperature)!r}".encode())
     if bias is not None:
         h.update(f"b={float(bias)!r}".encode())
+    if preprocessing is not None:
+        h.update(f"pre={json.dumps(preprocessing, sort_keys=True)}".encode())
     return f"sha256:{h.hexdigest()}"
 
 
@@ -149,7 +165,7 @@ def tta_digest(base: str, tta: dict[str, Any]) -> str:
 def expected_digest(folder: Path, meta: dict[str, Any]) -> str:
     """What ``meta["digest"]`` must be for the files in ``folder``."""
     base = content_digest(folder, float(meta["threshold"]), meta.get("temperature"), checkpoint_files(meta),
-                          meta.get("logit_bias"))
+                          meta.get("logit_bias"), meta.get("preprocessing"))
     return tta_digest(base, meta["tta"]) if meta.get("tta") else base
 
 
@@ -218,6 +234,11 @@ class LoadedCheckpoint:
                 "val_precision": decision.get("val_precision", self.val_precision)}
         return dataclasses.replace(self, model=TTAModel(self.model, mode), threshold=float(decision["threshold"]),
                                    meta=meta, tta=mode)
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """The contract from file to model input it was trained with (see ``data/preprocessing.py``)."""
+        return stored_preprocessing(self.meta, self.cfg)
 
     @property
     def is_ensemble(self) -> bool:
@@ -346,6 +367,10 @@ def load_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
         raise CheckpointError(f"{folder}: the weights, config.yaml or the threshold changed after the checkpoint "
                               f"was saved (digest {actual[:19]}..., checkpoint.json says {meta['digest'][:19]}...); "
                               f"re-export it instead of editing it in place")
+    try:
+        stored_preprocessing(meta, cfg)
+    except PreprocessingError as e:
+        raise CheckpointError(f"{folder}: {e}") from e
     model.eval()
     return LoadedCheckpoint(str(path), model, cfg, float(meta["threshold"]), meta)
 

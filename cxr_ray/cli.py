@@ -231,7 +231,8 @@ def cmd_fit_tta(args: argparse.Namespace) -> int:
                               "data.cache_dir": args.cache or ckpt.cfg.data.cache_dir})
     check_storage(cfg, "data.root", "data.cache_dir")
     init_ray(args.address)
-    cache = prepare_cache(cfg)  # the same split the checkpoint was validated on (its own data config)
+    # the same split the checkpoint was validated on (its own data config), at its own cache size
+    cache = prepare_cache(cfg, preprocessing=ckpt.preprocessing)
     decisions = fit_tta_decisions(args.checkpoint, cache, modes, amp=args.amp)
     shutdown_ray()
     for line in format_decisions(decisions, ckpt.meta.get("metrics"), prefix="[fit-tta]"):
@@ -388,7 +389,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     ckpt = load_checkpoint(args.checkpoint)
     listing = list_inputs(args.input)  # a missing input fails here, naming it
     paths, errors = listing["path"].tolist(), listing["error"].fillna("").tolist()
-    print(f"[explain] {len(paths)} file(s), {ckpt.cfg.model.name} at {ckpt.cfg.data.image_size} px", flush=True)
+    print(f"[explain] {len(paths)} file(s), {ckpt.cfg.model.name}, {ckpt.preprocessing.describe()}", flush=True)
     items = explain_files(ckpt, paths, errors, on_batch=lambda n: print(f"[explain] {n}/{len(paths)}", flush=True)
                           if len(paths) > 64 else None)
     index = write_gallery(items, args.out, f"cxr_ray Grad-CAM: {ckpt.model_id}")

@@ -21,6 +21,8 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
+from cxr_ray.weights import check_spec, pretrained_info
+
 
 class ConfigError(ValueError):
     """A configuration key or value is invalid; the message names the key."""
@@ -41,7 +43,7 @@ def _check_location(value: str, key: str) -> None:
                           f"checkpoints and results; set storage.endpoint_url (or AWS_ENDPOINT_URL) instead")
 
 
-NORMALIZATIONS = ("fixed", "per_image")
+NORMALIZATIONS = ("auto", "fixed", "per_image")
 PRECISIONS = ("auto", "bf16", "fp32")  # train.amp, score.amp (engine.resolve_precision)
 SCORE_BACKENDS = ("auto", "torch", "onnxruntime")  # score.backend
 TTA_MODES = ("none", "hflip", "crop5")  # test-time augmentation (cxr_ray/tta.py): metric.tta, score.tta
@@ -55,17 +57,18 @@ class DataConfig:
 
     root: str = ""  # dataset root (ROOT/{train,val,test}/{NORMAL,PNEUMONIA}) or a CSV/Parquet manifest
     cache_dir: str = ""  # prepared Parquet caches; "" -> $CXR_RAY_CACHE or ~/.cache/cxr_ray
-    image_size: int = 224  # side of the square image the model sees
-    cache_size: int = 0  # side stored in the decode-once cache; 0 -> image_size
+    image_size: int = 0  # side of the square image the model sees; 0 -> the weights' own (224; txrv resnet50: 512)
+    cache_size: int = 0  # side stored in the decode-once cache; 0 -> the image size
     val_split: str = "grouped"  # "grouped": carve val from train+val by patient; "official": keep val/
     val_fraction: float = 0.1  # share of patients in the carved validation split
     seed: int = 0  # seeds the patient split
     max_bad_fraction: float = 0.01  # fail when more than this share of images cannot be decoded
     materialize_gb: float = 2.0  # keep a split's decoded pixels in Ray's object store up to this size
-    # intensity normalisation the model sees: "per_image" (each image to zero mean, unit std:
-    # a scanner's exposure and contrast cancel) or "fixed" (one gray mean/std, ImageNet's averaged;
-    # what configs saved before this key existed used, see SAVED_DEFAULTS)
-    normalize: str = "per_image"
+    # intensity normalisation the model sees: "per_image" (each image to zero mean, unit std, on
+    # the weights' scale: a scanner's exposure and contrast cancel), "fixed" (the weights' own
+    # constants: ImageNet's gray mean/std, TorchXRayVision's [-1024, 1024]) or "auto" (per_image,
+    # or fixed for TorchXRayVision weights); see cxr_ray/data/preprocessing.py
+    normalize: str = "auto"
     # input safety, for prepare and score alike: an image whose header claims more pixels is an
     # error row, refused before decoding (a 4000x4000 X-ray is 16 MP); a read that has not
     # finished after read_timeout_s seconds (network/FUSE mounts and object stores; local disks
@@ -79,7 +82,8 @@ class DataConfig:
         _check(self.max_pixels >= 64, "data.max_pixels", "an int >= 64", self.max_pixels)
         _check(self.read_timeout_s >= 0, "data.read_timeout_s", "a float >= 0 (0 = no limit)",
                self.read_timeout_s)
-        _check(16 <= self.image_size <= 4096, "data.image_size", "an int in [16, 4096]", self.image_size)
+        _check(self.image_size == 0 or 16 <= self.image_size <= 4096, "data.image_size",
+               "0 (the weights' own size) or an int in [16, 4096]", self.image_size)
         _check(self.cache_size == 0 or 16 <= self.cache_size <= 4096, "data.cache_size",
                "0 or an int in [16, 4096]", self.cache_size)
         _check(self.cache_size == 0 or self.cache_size >= self.image_size, "data.cache_size",
@@ -91,11 +95,6 @@ class DataConfig:
         _check(self.normalize in NORMALIZATIONS, "data.normalize", f"one of {list(NORMALIZATIONS)}", self.normalize)
         _check(0.0 <= self.max_bad_fraction <= 1.0, "data.max_bad_fraction", "a float in [0, 1]",
                self.max_bad_fraction)
-
-    @property
-    def resolved_cache_size(self) -> int:
-        """Side of the cached images: ``cache_size`` or, when 0, ``image_size``."""
-        return self.cache_size or self.image_size
 
     @property
     def resolved_cache_dir(self) -> str:
@@ -134,7 +133,7 @@ class AugmentConfig:
         _check(0.0 <= self.noise <= 0.2, "augment.noise", "a float in [0, 0.2]", self.noise)
 
 
-MODEL_NAMES = ("resnet50", "simple_cnn")
+MODEL_NAMES = ("resnet50", "densenet121", "simple_cnn")
 
 
 @dataclass(frozen=True)
@@ -142,14 +141,23 @@ class ModelConfig:
     """Which network, its weights, how much of it trains, and the head."""
 
     name: str = "resnet50"  # one of MODEL_NAMES
-    weights: str = "imagenet"  # "imagenet", "none", or a path to a local state-dict file
-    unfreeze_depth: int = 1  # resnet50: how many last stages train (0 = head only, 4 = all + stem)
+    # "imagenet", "none", "txrv:NAME" (TorchXRayVision's chest X-ray weights, cxr_ray/weights.py)
+    # or a local state-dict file
+    weights: str = "imagenet"
+    # a local weights file's provenance, which decides its preprocessing: "" or "imagenet" (ImageNet's),
+    # "txrv:NAME" (a copy of those TorchXRayVision weights)
+    weights_format: str = ""
+    # resnet50: how many last stages train, densenet121: how many last dense blocks (0 = head only, 4 = all + stem)
+    unfreeze_depth: int = 1
     dropout: float = 0.3  # dropout before the one-logit head
     width: int = 32  # simple_cnn: channels of the first block (doubles per block)
 
     def __post_init__(self) -> None:
         _check(self.name in MODEL_NAMES, "model.name", f"one of {list(MODEL_NAMES)}", self.name)
-        _check(bool(self.weights), "model.weights", "'imagenet', 'none' or a file path", self.weights)
+        _check(bool(self.weights), "model.weights", "'imagenet', 'none', 'txrv:NAME' or a file path", self.weights)
+        problem = check_spec(self.name, self.weights, self.weights_format)
+        if problem:
+            raise ConfigError(f"model.weights: {problem}")
         _check(0 <= self.unfreeze_depth <= 4, "model.unfreeze_depth", "an int in [0, 4]",
                self.unfreeze_depth)
         _check(0.0 <= self.dropout < 1.0, "model.dropout", "a float in [0, 1)", self.dropout)
@@ -369,6 +377,13 @@ class ExperimentConfig:
     tune: TuneConfig = field(default_factory=TuneConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+
+    def __post_init__(self) -> None:
+        size = self.data.image_size or pretrained_info(self.model.name, self.model.weights,
+                                                       self.model.weights_format).image_size
+        _check(self.data.cache_size == 0 or self.data.cache_size >= size, "data.cache_size",
+               f">= the image size ({size}{'' if self.data.image_size else ', the weights own'}) so the cache "
+               f"is never upscaled", self.data.cache_size)
 
     @property
     def tune_metric(self) -> str:

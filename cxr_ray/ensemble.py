@@ -8,9 +8,10 @@ fitted on the members' shared validation split with the ensemble's own logits (a
 (each scoring actor loads every member once), ``explain`` and ``export`` accept it.
 
 Members may differ in anything the search tunes (``unfreeze_depth``, dropout, learning rate,
-even the architecture) but not in what the image becomes before the model (:data:`PREPROCESSING`)
-nor in the data and split they were validated on (:data:`VALIDATION`): a member trained on
-another split could have trained on the images the ensemble's threshold is chosen on.
+even the architecture and weights) but not in what the image becomes before the model (their
+preprocessing contracts, ``data/preprocessing.py``) nor in the data and split they were
+validated on (:data:`VALIDATION`): a member trained on another split could have trained on the
+images the ensemble's threshold is chosen on.
 """
 
 from __future__ import annotations
@@ -29,10 +30,11 @@ from cxr_ray.checkpoint import (CONFIG_FILE, MEMBERS_DIR, META_FILE, MODEL_FILE,
 from cxr_ray.data import io
 from cxr_ray.data.catalog import CLASSES
 
-PREPROCESSING = ("data.image_size", "data.resolved_cache_size", "data.normalize")
 VALIDATION = ("data.root", "data.val_split", "data.val_fraction", "data.seed")
-MEMBER_SETTINGS = ("model.name", "model.unfreeze_depth", "model.width", "model.dropout", "train.lr")  # per member
-IRRELEVANT = {"resnet50": ("model.width",), "simple_cnn": ("model.unfreeze_depth",)}  # settings a model ignores
+# shown per member
+MEMBER_SETTINGS = ("model.name", "model.weights", "model.unfreeze_depth", "model.width", "model.dropout", "train.lr")
+IRRELEVANT = {"resnet50": ("model.width",), "densenet121": ("model.width",),  # settings a model ignores
+              "simple_cnn": ("model.unfreeze_depth", "model.weights")}
 
 
 class EnsembleError(ValueError):
@@ -60,26 +62,37 @@ def setting(cfg: Any, key: str) -> Any:
 
 
 def check_members(ckpts: list[LoadedCheckpoint]) -> None:
-    """Refuse members that differ in :data:`PREPROCESSING` or :data:`VALIDATION`, or that are
-    ensembles themselves; the error names the setting and each member's value."""
+    """Refuse members whose preprocessing contracts or :data:`VALIDATION` settings differ, or
+    that are ensembles themselves; the error names the setting and each member's value."""
     if len(ckpts) < 2:
         raise EnsembleError(f"an ensemble needs at least 2 checkpoints, got {len(ckpts)}")
     for c in ckpts:
         if c.is_ensemble:
             raise EnsembleError(f"{c.path} is an ensemble already; pass its members instead")
-    for key in PREPROCESSING + VALIDATION:
+    for c in ckpts[1:]:
+        diff = ckpts[0].preprocessing.differences(c.preprocessing)
+        if diff:
+            raise EnsembleError(f"members differ in preprocessing (the image each member sees would differ): "
+                                f"{ckpts[0].path} vs {c.path}: {'; '.join(diff)}")
+    for key in VALIDATION:
         values = [setting(c.cfg, key) for c in ckpts]
         if len(set(map(repr, values))) > 1:
-            why = ("the image each member sees would differ" if key in PREPROCESSING else
-                   "the threshold would be chosen on images some member may have trained on")
+            why = "the threshold would be chosen on images some member may have trained on"
             listed = "; ".join(f"{c.path}: {v!r}" for c, v in zip(ckpts, values))
             raise EnsembleError(f"members differ in {key} ({why}): {listed}")
 
 
+def _stored_contract(path: str) -> dict[str, Any] | None:
+    """A checkpoint's stored preprocessing contract without loading its weights (None: not stored)."""
+    pre = json.loads(io.read_bytes(io.join(path, META_FILE))).get("preprocessing")
+    return {k: v for k, v in pre.items() if k != "source"} if pre else None
+
+
 def top_k_checkpoints(experiment: str, k: int) -> list[str]:
     """The best-epoch checkpoints of the ``k`` best trials of a tune experiment (its
-    ``trials.csv``, ranked by the experiment's metric; failed trials and trials without a
-    checkpoint are skipped)."""
+    ``trials.csv``, ranked by the experiment's metric; failed trials, trials without a
+    checkpoint and, in a search over backbones, trials whose preprocessing differs from the
+    best trial's are skipped)."""
     path = io.join(experiment.rstrip("/"), "trials.csv")
     if not io.exists(path):
         raise EnsembleError(f"--from {experiment}: not a cxr_ray tune experiment (trials.csv missing)")
@@ -87,10 +100,14 @@ def top_k_checkpoints(experiment: str, k: int) -> list[str]:
 
     table = pd.read_csv(std_io.BytesIO(io.read_bytes(path)))
     ok = table[table["checkpoint_path"].notna() & (table["stop_reason"] != "failed")]
-    paths = [p for p in ok["checkpoint_path"] if io.exists(io.join(p, META_FILE))][:k]
+    paths = [p for p in ok["checkpoint_path"] if io.exists(io.join(p, META_FILE))]
+    if paths:
+        best = _stored_contract(paths[0])
+        paths = [p for p in paths if _stored_contract(p) == best]
     if len(paths) < k:
-        raise EnsembleError(f"--from {experiment}: asked for the top {k} trials, only {len(paths)} have a checkpoint")
-    return paths
+        raise EnsembleError(f"--from {experiment}: asked for the top {k} trials, only {len(paths)} have a "
+                            f"checkpoint with the best trial's preprocessing")
+    return paths[:k]
 
 
 def build_ensemble(sources: list[str | LoadedCheckpoint], out: str, cache: Any = None, amp: str = "auto",
@@ -110,7 +127,7 @@ def build_ensemble(sources: list[str | LoadedCheckpoint], out: str, cache: Any =
     ckpts = [s if isinstance(s, LoadedCheckpoint) else load_checkpoint(s) for s in sources]
     check_members(ckpts)
     first = ckpts[0]
-    cache = cache or prepare_cache(first.cfg)
+    cache = cache or prepare_cache(first.cfg, preprocessing=first.preprocessing)
     precision = first.precision(amp, torch.device("cpu"))
     model = EnsembleModel([c.model for c in ckpts], [c.cfg.model.name for c in ckpts])
     draft = dataclasses.replace(first, model=model, meta={**first.meta, "temperature": 1.0, "logit_bias": 0.0})
@@ -128,13 +145,14 @@ def build_ensemble(sources: list[str | LoadedCheckpoint], out: str, cache: Any =
             c.cfg.to_yaml(d / CONFIG_FILE)
         first.cfg.to_yaml(folder / CONFIG_FILE)
         meta = {"kind": "ensemble", "members": members, "combine": "mean of logits",
+                "preprocessing": first.preprocessing.to_dict(),
                 "threshold": decision["threshold"], "threshold_rule": decision["threshold_rule"],
                 "val_precision": precision, "temperature": decision["temperature"],
                 "logit_bias": decision["logit_bias"],
                 "class_map": {str(i): c for i, c in enumerate(CLASSES)}, "positive_class": CLASSES[1],
                 "epoch": -1, "metrics": decision, "versions": versions()}
         meta["digest"] = content_digest(folder, meta["threshold"], meta["temperature"], checkpoint_files(meta),
-                                        meta["logit_bias"])
+                                        meta["logit_bias"], meta["preprocessing"])
         (folder / META_FILE).write_text(json.dumps(meta, indent=1))
         fit_tta_decisions(str(folder), cache, parse_modes(first.cfg.metric.tta), amp=precision)
         io.copy_tree(str(folder), out)

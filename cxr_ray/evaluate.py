@@ -21,6 +21,7 @@ from cxr_ray.calibration import calibration_report
 from cxr_ray.checkpoint import LoadedCheckpoint
 from cxr_ray.data import io
 from cxr_ray.data.catalog import CLASSES
+from cxr_ray.data.catalog import DataError
 from cxr_ray.data.transforms import Collate
 from cxr_ray.engine import predict_logits, prefers_channels_last, probabilities
 from cxr_ray.metrics import binary_metrics, bootstrap_ci, operating_points
@@ -41,9 +42,13 @@ def predict_split(ckpt: LoadedCheckpoint, cache: Any, split: str, batch_size: in
     device = torch.device("cpu")
     channels_last = prefers_channels_last(ckpt.cfg.model.name, device)
     model = ckpt.model.to(memory_format=torch.channels_last) if channels_last else ckpt.model
-    ds = split_dataset(cache, split, ckpt.cfg.data.image_size, with_paths=True)
+    contract = ckpt.preprocessing
+    if cache.size != contract.cache_size:
+        raise DataError(f"cache {cache.uri} holds {cache.size} px images; {ckpt.path} decodes at "
+                        f"{contract.cache_size} px ({contract.describe()})")
+    ds = split_dataset(cache, split, contract.image_size, with_paths=True)
     kept: dict[str, list] = {}
-    collate = Collate(device, channels_last=channels_last, normalize=ckpt.cfg.data.normalize)
+    collate = Collate(contract, device, channels_last=channels_last)
     batches = collated_keeping(ds.iter_batches(batch_size=batch_size, batch_format="numpy"),
                                collate, ("path", "patient"), kept)
     logits, labels, _ = predict_logits(model, batches, device, precision)
@@ -238,7 +243,7 @@ def evaluate_checkpoint(ckpt: LoadedCheckpoint, data_root: str, split: str, out_
     data_cfg = dataclasses.replace(ckpt.cfg.data, root=data_root,
                                    cache_dir=cache_dir or ckpt.cfg.data.cache_dir)
     cfg = dataclasses.replace(ckpt.cfg, data=data_cfg)
-    cache = prepare_cache(cfg)
+    cache = prepare_cache(cfg, preprocessing=ckpt.preprocessing)
     precision = ckpt.precision(amp, torch.device("cpu"))
     preds = predict_split(ckpt, cache, split, precision=precision)
     preds["prediction"] = np.where(preds["probability"] >= ckpt.threshold, CLASSES[1], CLASSES[0])

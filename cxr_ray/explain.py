@@ -32,9 +32,12 @@ class ExplainError(RuntimeError):
 
 
 def target_layer(model: nn.Module, name: str) -> nn.Module:
-    """The layer Grad-CAM reads: ResNet-50's last stage, simple_cnn's last convolution."""
+    """The layer Grad-CAM reads: ResNet-50's last stage, DenseNet-121's features (after its last
+    dense block and norm), simple_cnn's last convolution."""
     if name == "resnet50":
         return model.layer4
+    if name == "densenet121":
+        return model.features
     if name == "simple_cnn":
         return [m for m in model.features.modules() if isinstance(m, nn.Conv2d)][-1]
     raise ExplainError(f"no Grad-CAM layer known for model {name!r}")
@@ -87,7 +90,7 @@ def explain_images(ckpt: LoadedCheckpoint, images: np.ndarray) -> tuple[np.ndarr
     from cxr_ray.engine import probabilities
     from cxr_ray.tta import base_model
 
-    x, _ = Collate("cpu", normalize=ckpt.cfg.data.normalize)({"image": images, "label": np.zeros(len(images))})
+    x, _ = Collate(ckpt.preprocessing, "cpu")({"image": images, "label": np.zeros(len(images))})
     model = ckpt.model.float().eval()
     with torch.no_grad():
         probs = probabilities(model(x).squeeze(1).numpy(), ckpt.temperature, ckpt.logit_bias)
@@ -113,7 +116,7 @@ def explain_files(ckpt: LoadedCheckpoint, paths: list[str], errors: list[str] | 
     from cxr_ray.data.decode import decode_path
     from cxr_ray.data.transforms import to_model_size
 
-    cache_size, size = ckpt.cfg.data.resolved_cache_size, ckpt.cfg.data.image_size
+    cache_size, size = ckpt.preprocessing.cache_size, ckpt.preprocessing.image_size
     errors = errors or [""] * len(paths)
     out: list[Explained] = []
     for start in range(0, len(paths), batch_size):

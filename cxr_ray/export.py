@@ -34,9 +34,9 @@ import torch.nn as nn
 
 import cxr_ray
 from cxr_ray.checkpoint import LoadedCheckpoint
-from cxr_ray.config import ExperimentConfig
 from cxr_ray.data import io
-from cxr_ray.data.transforms import GRAY_MEAN, GRAY_STD, normalize
+from cxr_ray.data.preprocessing import Preprocessing
+from cxr_ray.data.transforms import normalize
 
 log = logging.getLogger(__name__)
 
@@ -53,26 +53,26 @@ class ExportError(RuntimeError):
 
 class ServingModel(nn.Module):
     """What is exported: float32 ``(B, 1, N, N)`` in [0, 1] (8-bit gray / 255) -> ``(B, 1)``
-    PNEUMONIA logits, through the checkpoint's normalisation (``data.normalize``) and model."""
+    PNEUMONIA logits, through the normalisation of the checkpoint's preprocessing contract and its model."""
 
-    def __init__(self, model: nn.Module, normalize_mode: str):
+    def __init__(self, model: nn.Module, contract: Preprocessing):
         super().__init__()
         self.model = model
-        self.normalize_mode = normalize_mode
+        self.contract = contract  # traced / exported as constants
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.model(normalize(image, self.normalize_mode))
+        return self.model(normalize(image, self.contract))
 
 
 def serving_model(ckpt: LoadedCheckpoint) -> ServingModel:
     """The checkpoint's model with its normalisation in front, fp32, CPU, eval mode."""
-    return ServingModel(ckpt.model.float().cpu().eval(), ckpt.cfg.data.normalize).eval()
+    return ServingModel(ckpt.model.float().cpu().eval(), ckpt.preprocessing).eval()
 
 
-def input_contract(cfg: ExperimentConfig) -> dict[str, Any]:
-    """How a file becomes the exported model's input, from the checkpoint's config (the steps
-    of ``data.decode`` and ``data.transforms``, which training, evaluation and scoring use)."""
-    n, s = cfg.data.image_size, cfg.data.resolved_cache_size
+def input_contract(contract: Preprocessing) -> dict[str, Any]:
+    """How a file becomes the exported model's input: the checkpoint's preprocessing contract
+    (``data/preprocessing.py``) spelled out, the steps training, evaluation and scoring run."""
+    n, s = contract.image_size, contract.cache_size
     steps = [
         "decode to one 8-bit gray channel: RGB/CMYK/palette to luminance (PIL 'L'), transparency "
         "on black, 16-bit min-max stretched; DICOM: modality LUT, VOI LUT or first window, "
@@ -84,14 +84,16 @@ def input_contract(cfg: ExperimentConfig) -> dict[str, Any]:
         steps.append(f"resize {s}x{s} -> {n}x{n}: bilinear, antialias, align_corners=False "
                      f"(torch.nn.functional.interpolate), rounded back to uint8")
     steps.append("float32 = uint8 / 255, shape (batch, 1, H, W)")
-    norm: dict[str, Any] = {"mode": cfg.data.normalize, "in_model": True}
-    if cfg.data.normalize == "fixed":
-        norm.update(mean=GRAY_MEAN, std=GRAY_STD, formula="(x - mean) / std")
+    norm: dict[str, Any] = {"mode": contract.normalize, "in_model": True, "source": contract.source}
+    if contract.normalize == "fixed":
+        norm.update(mean=contract.mean, std=contract.std, formula="(x - mean) / std",
+                    model_value_range=list(contract.value_range))
     else:
-        norm.update(formula="(x - mean(x)) / max(std(x, unbiased), 1e-3) per image")
-    return {"name": INPUT_NAME, "dtype": "float32", "shape": ["batch", 1, n, n], "layout": "NCHW",
-            "channels": 1, "color": "grayscale, bone bright", "value_range": [0.0, 1.0],
-            "image_size": n, "decode_size": s, "preprocessing": steps, "normalization": norm}
+        norm.update(scale=contract.scale, formula="(x - mean(x)) / max(std(x, unbiased), 1e-3) * scale per image")
+    return {"name": INPUT_NAME, "dtype": "float32", "shape": ["batch", contract.channels, n, n], "layout": "NCHW",
+            "channels": contract.channels, "color": "grayscale, bone bright", "value_range": [0.0, 1.0],
+            "image_size": n, "decode_size": s, "preprocessing": steps, "normalization": norm,
+            "contract": contract.to_dict()}
 
 
 def sidecar(ckpt: LoadedCheckpoint, artifacts: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -113,7 +115,7 @@ def sidecar(ckpt: LoadedCheckpoint, artifacts: dict[str, dict[str, Any]]) -> dic
     return {
         "cxr_ray_version": cxr_ray.__version__,
         "artifacts": artifacts,
-        "input": input_contract(ckpt.cfg),
+        "input": input_contract(ckpt.preprocessing),
         "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": ["batch", 1],
                    "meaning": "logit of PNEUMONIA (class 1) vs NORMAL (class 0)"},
         "decision": decision,
@@ -126,7 +128,7 @@ def sidecar(ckpt: LoadedCheckpoint, artifacts: dict[str, dict[str, Any]]) -> dic
 
 def example_input(ckpt: LoadedCheckpoint, batch: int = 2, seed: int = 0) -> torch.Tensor:
     """A random input batch of the model's size (values in [0, 1])."""
-    n = ckpt.cfg.data.image_size
+    n = ckpt.preprocessing.image_size
     return torch.rand(batch, 1, n, n, generator=torch.Generator().manual_seed(seed))
 
 

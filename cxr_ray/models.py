@@ -1,59 +1,38 @@
-"""``build_model(cfg)``: ResNet-50 transfer learning and the from-scratch CNN baseline.
+"""``build_model(cfg)``: ResNet-50 and DenseNet-121 transfer learning, the from-scratch CNN.
 
-Both models take one-channel images normalised by ``data.transforms.normalize`` and return
-one logit per image (PNEUMONIA vs NORMAL).
+Every model takes one-channel images prepared by the checkpoint's preprocessing contract
+(``data.preprocessing``) and returns one logit per image (PNEUMONIA vs NORMAL). Pretrained
+weights (ImageNet, TorchXRayVision's chest X-ray models, a local file) come from
+``cxr_ray.weights``; their classifier is replaced by the project's dropout + one-logit head.
 
-ResNet-50 gray input: ImageNet weights expect RGB. Feeding a gray image ``g`` replicated to
-three channels computes ``sum_c W_c * g = (sum_c W_c) * g``, so conv1's weights are summed
-over RGB once at build time. Because the gray image is normalised with one mean/std
-(zero padding is zero in every channel), this is exactly equivalent to the replicated
-3-channel input, including at the borders, with a third of the first layer's input work.
+Gray input to RGB weights: feeding a gray image ``g`` replicated to three channels computes
+``sum_c W_c * g = (sum_c W_c) * g``, so the first convolution's ImageNet weights are summed
+over RGB once at build time. Because the gray image is normalised with one mean/std (zero
+padding is zero in every channel), this is exactly equivalent to the replicated 3-channel
+input, including at the borders, with a third of the first layer's input work.
+TorchXRayVision's models are one-channel already (the sum over one channel is the identity).
 """
 
 from __future__ import annotations
 
 import logging
-import os
+import re
 
 import torch
 import torch.nn as nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from cxr_ray.config import MODEL_NAMES, ModelConfig
+from cxr_ray.weights import WeightsError, pretrained_state
 
 log = logging.getLogger(__name__)
 
-# unfreeze_depth -> trainable ResNet parts (besides the head). 4 includes the stem.
+# unfreeze_depth -> trainable parts (besides the head), last first; 4 also trains the stem
 RESNET_STAGES = ("layer4", "layer3", "layer2", "layer1")
 STEM = ("conv1", "bn1")
-
-
-class WeightsError(RuntimeError):
-    """Pretrained weights could not be loaded; says how to pass a local file."""
-
-
-def _load_resnet50_state(weights: str) -> dict[str, torch.Tensor] | None:
-    """ImageNet state dict (torchvision download/cache), a local file's, or None."""
-    from torchvision.models import ResNet50_Weights
-
-    if weights == "none":
-        return None
-    if weights == "imagenet":
-        w = ResNet50_Weights.IMAGENET1K_V2
-        try:
-            return w.get_state_dict(progress=False)
-        except Exception as e:  # URLError, HTTPError, SSL errors...: all mean "no download"
-            raise WeightsError(
-                f"could not load torchvision's ImageNet ResNet-50 weights ({w.url}): {e}. Put the "
-                f"file in torch's cache ({torch.hub.get_dir()}/checkpoints/) or pass a local file "
-                f"with --set model.weights=/path/to/resnet50.pth, or use model.weights=none."
-            ) from e
-    if not os.path.isfile(weights):
-        raise WeightsError(f"model.weights: {weights!r} is neither 'imagenet', 'none' nor an existing file")
-    state = torch.load(weights, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    return state
+DENSENET_STAGES = (("denseblock4", "norm5"), ("denseblock3", "transition3"), ("denseblock2", "transition2"),
+                   ("denseblock1", "transition1"))
+DENSENET_STEM = ("conv0", "norm0")
 
 
 class LogitLinear(nn.Linear):
@@ -96,28 +75,81 @@ def _freeze(parent: nn.Module, name: str) -> None:
         _freeze(part, child)
 
 
+# torchvision's ImageNet DenseNet files predate its module names: "norm.1" is now "norm1"
+_OLD_DENSENET_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+
+
+def _load_pretrained(model: nn.Module, cfg: ModelConfig, stem: str, head: str) -> None:
+    """Load ``model.weights`` into ``model`` (whose ``stem`` convolution is one-channel), all
+    but the ``head`` classifier; RGB stems are summed over RGB (see module doc). A file for
+    another architecture is a :class:`WeightsError`."""
+    state = pretrained_state(cfg.name, cfg.weights)
+    if state is None:
+        return
+    state = {_OLD_DENSENET_KEY.sub(r"\1\2", k): v for k, v in state.items() if not k.startswith(f"{head}.")}
+    conv = f"{stem}.weight"
+    if conv in state and state[conv].ndim == 4 and state[conv].shape[1] == 3:
+        state[conv] = state[conv].sum(dim=1, keepdim=True)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise WeightsError(f"model.weights {cfg.weights!r} does not fit {cfg.name}: {e}") from e
+    # files older than BatchNorm's num_batches_tracked (torchvision's ImageNet DenseNet) lack it
+    if unexpected or [k for k in missing if not k.startswith(f"{head}.") and not k.endswith(".num_batches_tracked")]:
+        raise WeightsError(f"model.weights {cfg.weights!r} is not a {cfg.name} state dict "
+                           f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+
+
+def _gray_stem(conv: nn.Conv2d) -> nn.Conv2d:
+    """A one-channel convolution shaped like ``conv`` (pretrained weights are loaded into it)."""
+    return nn.Conv2d(1, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=False)
+
+
+def _freeze_all_but(parent: nn.Module, trainable: set[str]) -> None:
+    """Freeze every child of ``parent`` not named in ``trainable`` (see :func:`_freeze`)."""
+    for name in [n for n, _ in parent.named_children()]:
+        if name not in trainable:
+            _freeze(parent, name)
+
+
 def build_resnet50(cfg: ModelConfig) -> nn.Module:
     """ResNet-50 with a 1-channel stem, the last ``unfreeze_depth`` stages trainable, and a
     dropout + linear head to one logit. Frozen stages keep their BatchNorm statistics."""
     from torchvision.models import resnet50
 
     model = resnet50(weights=None)
-    state = _load_resnet50_state(cfg.weights)
-    if state is not None:
-        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if unexpected or set(missing) - {"fc.weight", "fc.bias"}:
-            raise WeightsError(f"model.weights {cfg.weights!r} is not a ResNet-50 state dict "
-                               f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
-    rgb = model.conv1.weight.data
-    model.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
-    model.conv1.weight.data.copy_(rgb.sum(dim=1, keepdim=True))
+    model.conv1 = _gray_stem(model.conv1)
+    _load_pretrained(model, cfg, stem="conv1", head="fc")
     trainable = set(RESNET_STAGES[: cfg.unfreeze_depth]) | (set(STEM) if cfg.unfreeze_depth >= 4 else set())
     for name in (*STEM, *RESNET_STAGES):
         if name not in trainable:
             _freeze(model, name)
     model.fc = nn.Sequential(nn.Dropout(cfg.dropout), LogitLinear(model.fc.in_features, 1))
     return model
+
+
+class DenseNet121(nn.Module):
+    """torchvision's DenseNet-121 with a 1-channel stem, the last ``unfreeze_depth`` dense
+    blocks trainable (with their transitions; 1 adds the final norm, 4 the stem) and a
+    dropout + linear head to one logit. TorchXRayVision's DenseNet-121 files load into it
+    (same module names); so do torchvision's ImageNet weights."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        from torchvision.models import densenet121
+
+        net = densenet121(weights=None)
+        self.features = net.features
+        self.features.conv0 = _gray_stem(self.features.conv0)
+        _load_pretrained(self, cfg, stem="features.conv0", head="classifier")
+        trainable = {n for stage in DENSENET_STAGES[: cfg.unfreeze_depth] for n in stage}
+        _freeze_all_but(self.features, trainable | (set(DENSENET_STEM) if cfg.unfreeze_depth >= 4 else set()))
+        self.classifier = nn.Sequential(nn.Dropout(cfg.dropout), LogitLinear(net.classifier.in_features, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.features(x))
+        return self.classifier(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
 
 def _conv_block(cin: int, cout: int) -> nn.Sequential:
@@ -147,6 +179,8 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     """The model named by ``cfg.name`` (see ``MODEL_NAMES``); outputs ``(B, 1)`` logits."""
     if cfg.name == "resnet50":
         return build_resnet50(cfg)
+    if cfg.name == "densenet121":
+        return DenseNet121(cfg)
     if cfg.name == "simple_cnn":
         return SimpleCNN(cfg.width, cfg.dropout)
     raise ValueError(f"model.name: unknown model {cfg.name!r}; choices: {list(MODEL_NAMES)}")

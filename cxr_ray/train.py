@@ -32,6 +32,7 @@ from cxr_ray.checkpoint import MODEL_FILE, load_train_state, safe_load, save_che
 from cxr_ray.config import ConfigError, ExperimentConfig, config_diff
 from cxr_ray.data import io
 from cxr_ray.data.catalog import DataError
+from cxr_ray.data.preprocessing import Preprocessing, resolve_preprocessing
 from cxr_ray.data.pipeline import TorchCollate, collated_keeping, epoch_batches, split_datasets
 from cxr_ray.engine import (EarlyStopping, make_optimizer, make_scheduler, pos_weight_from_counts,
                             predict_logits, prefers_channels_last, resolve_precision,
@@ -80,6 +81,7 @@ class TrainLoopRunner:
 
     def __init__(self, config: dict[str, Any]):
         self.cfg = ExperimentConfig.from_dict(config["cfg"])
+        self.preprocessing = Preprocessing.from_dict(config["preprocessing"])  # resolved once, by the driver
         t = self.cfg.train
         self.ctx = ray.train.get_context()
         self.rank = self.ctx.get_world_rank()
@@ -132,8 +134,8 @@ class TrainLoopRunner:
         compete with the model's threads for the same cores. On GPU it prefetches.
         """
         t = self.cfg.train
-        collate = TorchCollate(self.device, self.cfg.augment, seed=t.seed + 1000 * self.rank, epoch=epoch,
-                               channels_last=self.channels_last, normalize=self.cfg.data.normalize)
+        collate = TorchCollate(self.preprocessing, self.device, self.cfg.augment, seed=t.seed + 1000 * self.rank,
+                               epoch=epoch, channels_last=self.channels_last)
         return epoch_batches(self.train_data, t.batch_size, collate, shuffle_seed=t.seed * 1000 + self.rank,
                              epoch=epoch, prefetch_batches=2 if self.gpu else 0)
 
@@ -145,7 +147,7 @@ class TrainLoopRunner:
         The unwrapped model runs outside DDP, so no collective waits on the other workers.
         """
         kept: dict[str, list] = {}
-        collate = TorchCollate(self.device, channels_last=self.channels_last, normalize=self.cfg.data.normalize)
+        collate = TorchCollate(self.preprocessing, self.device, channels_last=self.channels_last)
         batches = collated_keeping(self.val_data.iter_batches(batch_size=self.cfg.train.batch_size,
                                                               batch_format="numpy"), collate, ("patient",), kept)
         logits, labels, val_loss = predict_logits(unwrap(self.model), batches, self.device, self.precision,
@@ -180,7 +182,8 @@ class TrainLoopRunner:
             save_checkpoint(d, self.model, self.cfg, metrics["threshold"], metrics, epoch, {
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "early_stopping": self.stopper.state_dict(), "epoch": epoch}, val_precision=self.precision,
-                temperature=metrics["temperature"], logit_bias=metrics["logit_bias"])
+                temperature=metrics["temperature"], logit_bias=metrics["logit_bias"],
+                preprocessing=self.preprocessing)
             ray.train.report(scalars, checkpoint=ray.train.Checkpoint.from_directory(d))
         self.progress.emit("epoch", epoch=epoch, metrics=scalars)
 
@@ -277,10 +280,15 @@ def training_inputs(cfg: ExperimentConfig, cache: Any, selection_metric: str = "
     ctx.execution_options.preserve_order = True  # reproducible row order under train.seed
     n_normal, n_pneu = cache.split_counts("train")
     pos_weight = cfg.train.pos_weight or pos_weight_from_counts(n_normal, n_pneu)
+    contract = resolve_preprocessing(cfg)
+    if contract.cache_size != cache.size:
+        raise DataError(f"cache {cache.uri} holds {cache.size} px images; this model's preprocessing decodes at "
+                        f"{contract.cache_size} px ({contract.describe()}); prepare it with the same config")
     return TrainingInputs(
-        datasets=split_datasets(cache, cfg.data.image_size, materialize_gb=cfg.data.materialize_gb,
+        datasets=split_datasets(cache, contract.image_size, materialize_gb=cfg.data.materialize_gb,
                                 shuffle_seed=cfg.train.seed),
-        loop_config={"cfg": cfg.to_dict(), "pos_weight": float(pos_weight), "n_train": n_normal + n_pneu,
+        loop_config={"cfg": cfg.to_dict(), "preprocessing": contract.to_dict(), "pos_weight": float(pos_weight),
+                     "n_train": n_normal + n_pneu,
                      "selection_metric": selection_metric or cfg.metric.selection})
 
 

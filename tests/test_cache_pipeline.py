@@ -10,6 +10,7 @@ import torch
 from cxr_ray.config import ExperimentConfig
 from cxr_ray.data.cache import prepare_cache
 from cxr_ray.data.catalog import DataError
+from cxr_ray.data.preprocessing import Preprocessing
 from cxr_ray.data.pipeline import TorchCollate, epoch_batches, split_dataset
 
 from conftest import write_image
@@ -79,7 +80,8 @@ def test_pipeline_yields_labelled_model_batches(ray_local, dataset, cache_dir):
         assert row["image"].shape == (1, 32, 32) and row["image"].dtype == np.uint8
         assert row["label"] == (1.0 if "/PNEUMONIA/" in row["path"] else 0.0)
     xs, ys = [], []
-    for x, y in ds.iter_torch_batches(batch_size=16, collate_fn=TorchCollate("cpu")):
+    collate = TorchCollate(Preprocessing(32, 32, "per_image"), "cpu")
+    for x, y in ds.iter_torch_batches(batch_size=16, collate_fn=collate):
         xs.append(x)
         ys.append(y)
     x = torch.cat(xs)

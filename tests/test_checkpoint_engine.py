@@ -11,6 +11,7 @@ from cxr_ray.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from cxr_ray.config import ExperimentConfig, TrainConfig
 from cxr_ray.engine import (EarlyStopping, make_optimizer, make_scheduler, pos_weight_from_counts, predict,
                             train_one_epoch)
+from cxr_ray.data.preprocessing import resolve_preprocessing
 from cxr_ray.models import build_model
 
 
@@ -36,16 +37,17 @@ def test_checkpoint_saved_before_data_normalize_existed_keeps_fixed_normalisatio
     import yaml
 
     cfg = _cfg()
-    assert cfg.data.normalize == "per_image"  # today's default for new runs
+    assert resolve_preprocessing(cfg).normalize == "per_image"  # today's default for new runs
     model = build_model(cfg.model).eval()
     save_checkpoint(tmp_path / "old", model, cfg.replace(**{"data.normalize": "fixed"}), 0.5, {}, epoch=0)
     saved = yaml.safe_load((tmp_path / "old" / "config.yaml").read_text())
     del saved["data"]["normalize"]  # as written by cxr_ray before the key existed
     (tmp_path / "old" / "config.yaml").write_text(yaml.safe_dump(saved))
     meta = json.loads((tmp_path / "old" / "checkpoint.json").read_text())
-    del meta["digest"]  # nor did digests exist then
+    del meta["digest"], meta["preprocessing"]  # nor did digests and contracts exist then
     (tmp_path / "old" / "checkpoint.json").write_text(json.dumps(meta))
-    assert load_checkpoint(tmp_path / "old").cfg.data.normalize == "fixed"
+    old = load_checkpoint(tmp_path / "old")
+    assert old.cfg.data.normalize == old.preprocessing.normalize == "fixed"
 
 
 def test_checkpoint_loads_from_a_uri(tmp_path, monkeypatch):

@@ -13,6 +13,7 @@ from PIL import Image
 from cxr_ray.checkpoint import load_checkpoint, save_checkpoint
 from cxr_ray.config import ExperimentConfig
 from cxr_ray.data.synthetic import chest_image
+from cxr_ray.data.preprocessing import resolve_preprocessing
 from cxr_ray.data.transforms import normalize
 from cxr_ray.explain import explain_images, gradcam, rows_to_explain, target_layer
 from cxr_ray.models import build_model
@@ -29,7 +30,7 @@ def trained(tmp_path_factory) -> str:
     rng = np.random.default_rng(0)
     labels = np.arange(384) % 2
     x = normalize(torch.from_numpy(np.stack([chest_image(SIZE, bool(y), rng) for y in labels])[:, None]),
-                  cfg.data.normalize)
+                  resolve_preprocessing(cfg))
     y = torch.tensor(labels, dtype=torch.float32)
     torch.manual_seed(0)
     model = build_model(cfg.model)
@@ -60,7 +61,7 @@ def test_gradcam_of_a_trained_model_lies_on_the_opacities(trained):
 def test_normal_explanations_use_the_negative_logit_and_maps_are_scaled(trained):
     ckpt = load_checkpoint(trained)
     images = np.stack([chest_image(SIZE, False, np.random.default_rng(s)) for s in range(4)])[:, None]
-    x = normalize(torch.from_numpy(images), ckpt.cfg.data.normalize)
+    x = normalize(torch.from_numpy(images), ckpt.preprocessing)
     layer = target_layer(ckpt.model, "simple_cnn")
     pos, neg = gradcam(ckpt.model, layer, x, np.ones(4, bool)), gradcam(ckpt.model, layer, x, np.zeros(4, bool))
     assert pos.shape == neg.shape == (4, SIZE, SIZE) and 0 <= neg.min() and neg.max() <= 1

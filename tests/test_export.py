@@ -16,21 +16,22 @@ from PIL import Image
 from cxr_ray.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from cxr_ray.config import ExperimentConfig
 from cxr_ray.data.decode import decode_path
+from cxr_ray.data.preprocessing import Preprocessing
 from cxr_ray.data.synthetic import chest_image
 from cxr_ray.data.transforms import Collate, to_model_size
 from cxr_ray.export import FORMATS, SIDECAR, OnnxModel, export_checkpoint, run_export
 from cxr_ray.models import build_model
 
 
-def model_input(paths: list[str], cfg: ExperimentConfig) -> np.ndarray:
+def model_input(paths: list[str], contract: Preprocessing) -> np.ndarray:
     """uint8 ``(B, 1, N, N)``: files through the checkpoint's own preprocessing (decode, resize)."""
-    pixels = np.stack([decode_path(p, cfg.data.resolved_cache_size).pixels for p in paths])
-    return to_model_size(pixels, cfg.data.image_size)
+    pixels = np.stack([decode_path(p, contract.cache_size).pixels for p in paths])
+    return to_model_size(pixels, contract.image_size)
 
 
 def checkpoint_logits(ckpt, images: np.ndarray) -> np.ndarray:
     """fp32 logits the way evaluate and score compute them (Collate normalises, then the model)."""
-    x, _ = Collate("cpu", normalize=ckpt.cfg.data.normalize)({"image": images, "label": np.zeros(len(images))})
+    x, _ = Collate(ckpt.preprocessing, "cpu")({"image": images, "label": np.zeros(len(images))})
     with torch.no_grad():
         return ckpt.model(x).squeeze(1).numpy()
 
@@ -56,7 +57,8 @@ def test_cli_exports_both_formats_with_the_input_contract(checkpoint, tmp_path):
     assert all(a["parity_max_abs_logit_diff"] <= 1e-4 for a in meta["artifacts"].values())
     inp = meta["input"]
     assert (inp["shape"], inp["decode_size"], inp["channels"], inp["dtype"]) == (["batch", 1, 48, 48], 80, 1, "float32")
-    assert inp["normalization"]["mode"] == ckpt.cfg.data.normalize == "per_image"
+    assert inp["normalization"]["mode"] == ckpt.preprocessing.normalize == "per_image"
+    assert inp["contract"] == ckpt.preprocessing.to_dict() == ckpt.meta["preprocessing"]
     assert any("80x80 -> 48x48" in step for step in inp["preprocessing"])  # both resize steps named
     assert meta["decision"]["threshold"] == ckpt.threshold and meta["decision"]["threshold_precision"] == "fp32"
     assert meta["class_map"] == {"0": "NORMAL", "1": "PNEUMONIA"}
@@ -70,7 +72,7 @@ def test_cli_exports_both_formats_with_the_input_contract(checkpoint, tmp_path):
         p.parent.mkdir(exist_ok=True)
         Image.fromarray(chest_image(130 + 7 * i, i % 2 == 1, np.random.default_rng(i))).save(p)
         paths.append(str(p))
-    images = model_input(paths, ckpt.cfg)
+    images = model_input(paths, ckpt.preprocessing)
     ref = checkpoint_logits(ckpt, images)
     assert np.ptp(ref) > 1e-2  # image-dependent logits, not a constant
     for fmt in ("onnx", "torchscript"):
@@ -107,7 +109,7 @@ def test_exported_resnet50_matches_the_checkpoint_on_real_images(real_root, tmp_
     torch.manual_seed(0)
     ckpt = load_checkpoint(save_checkpoint(tmp_path / "ckpt", build_model(cfg.model), cfg, 0.5, {}, 0))
     paths = sorted(str(p) for p in real_root.glob("*/*/*.jpeg"))[::41][:32]
-    images = model_input(paths, cfg)
+    images = model_input(paths, ckpt.preprocessing)
     ref = checkpoint_logits(ckpt, images)
     for fmt in ("onnx", "torchscript"):
         export_checkpoint(ckpt, fmt, str(tmp_path / "out"))

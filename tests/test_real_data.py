@@ -7,6 +7,7 @@ import pytest
 from cxr_ray.config import ExperimentConfig
 from cxr_ray.data.cache import prepare_cache
 from cxr_ray.data.catalog import load_catalog
+from cxr_ray.data.preprocessing import Preprocessing
 from cxr_ray.data.pipeline import TorchCollate, split_dataset
 
 pytestmark = pytest.mark.real_data
@@ -30,7 +31,7 @@ def test_pipeline_yields_correctly_labelled_tensors(ray_local, real_root, tmp_pa
     ds = split_dataset(cache, "val", 128, with_paths=True)
     n = 0
     for batch in ds.iter_batches(batch_size=64, batch_format="numpy"):
-        x, y = TorchCollate("cpu")(batch)
+        x, y = TorchCollate(Preprocessing(64, 64, "per_image"), "cpu")(batch)
         assert x.shape[1:] == (1, 128, 128)
         expected = [1.0 if "/PNEUMONIA/" in p else 0.0 for p in batch["path"]]
         assert y.tolist() == expected

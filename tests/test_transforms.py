@@ -3,7 +3,12 @@ import pytest
 import torch
 
 from cxr_ray.config import AugmentConfig
-from cxr_ray.data.transforms import GRAY_MEAN, GRAY_STD, Collate, augment, normalize, to_model_size
+from cxr_ray.data.preprocessing import Preprocessing
+from cxr_ray.data.transforms import Collate, augment, normalize, to_model_size
+from cxr_ray.weights import IMAGENET_GRAY_MEAN, IMAGENET_GRAY_STD
+
+FIXED = Preprocessing(32, 32, "fixed", IMAGENET_GRAY_MEAN, IMAGENET_GRAY_STD)
+PER_IMAGE = Preprocessing(32, 32, "per_image")
 
 
 def _batch(b=4, n=32, seed=0):
@@ -14,22 +19,22 @@ def _batch(b=4, n=32, seed=0):
 
 def test_normalize_uses_one_mean_and_std():
     x = torch.full((1, 1, 2, 2), 255, dtype=torch.uint8)
-    assert torch.allclose(normalize(x), torch.full((1, 1, 2, 2), (1 - GRAY_MEAN) / GRAY_STD))
+    assert torch.allclose(normalize(x, FIXED), torch.full((1, 1, 2, 2), (1 - IMAGENET_GRAY_MEAN) / IMAGENET_GRAY_STD))
 
 
 def test_eval_collate_applies_no_augmentation():
     batch = _batch()
-    x, y = Collate("cpu")(batch)
-    assert torch.allclose(x, normalize(torch.from_numpy(batch["image"])))
+    x, y = Collate(FIXED, "cpu")(batch)
+    assert torch.allclose(x, normalize(torch.from_numpy(batch["image"]), FIXED))
     assert y.tolist() == [0.0, 1.0, 0.0, 1.0]
 
 
 def test_augmentation_is_reproducible_under_a_seed_and_varies_by_epoch():
     batch, cfg = _batch(), AugmentConfig()
-    a, _ = Collate("cpu", cfg, seed=3, epoch=1)(batch)
-    b, _ = Collate("cpu", cfg, seed=3, epoch=1)(batch)
-    c, _ = Collate("cpu", cfg, seed=3, epoch=2)(batch)
-    d, _ = Collate("cpu", cfg, seed=4, epoch=1)(batch)
+    a, _ = Collate(FIXED, "cpu", cfg, seed=3, epoch=1)(batch)
+    b, _ = Collate(FIXED, "cpu", cfg, seed=3, epoch=1)(batch)
+    c, _ = Collate(FIXED, "cpu", cfg, seed=3, epoch=2)(batch)
+    d, _ = Collate(FIXED, "cpu", cfg, seed=4, epoch=1)(batch)
     assert torch.equal(a, b)
     assert not torch.equal(a, c) and not torch.equal(a, d)
 
@@ -97,10 +102,11 @@ def test_blur_lowers_and_sharpen_raises_image_detail():
 def test_per_image_normalisation_cancels_exposure_and_contrast():
     x = torch.from_numpy(_batch(4, 32)["image"]).float() / 255
     flatter_brighter = (x - 0.5) * 0.6 + 0.7  # another scanner's exposure and contrast
-    a, b = normalize(x, "per_image"), normalize(flatter_brighter, "per_image")
+    a, b = normalize(x, PER_IMAGE), normalize(flatter_brighter, PER_IMAGE)
     assert torch.allclose(a, b, atol=1e-4)
     assert torch.allclose(a.mean(dim=(1, 2, 3)), torch.zeros(4), atol=1e-5)
-    assert not torch.allclose(normalize(x), normalize(flatter_brighter), atol=1e-2)  # fixed keeps them apart
+    # fixed keeps them apart
+    assert not torch.allclose(normalize(x, FIXED), normalize(flatter_brighter, FIXED), atol=1e-2)
     batch = _batch(4, 32)
-    out, _ = Collate("cpu", normalize="per_image")(batch)
-    assert torch.allclose(out, normalize(torch.from_numpy(batch["image"]), "per_image"))
+    out, _ = Collate(PER_IMAGE, "cpu")(batch)
+    assert torch.allclose(out, normalize(torch.from_numpy(batch["image"]), PER_IMAGE))

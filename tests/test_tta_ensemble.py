@@ -79,11 +79,11 @@ def test_ensemble_members_must_share_preprocessing_and_split(tmp_path):
     a = ckpt("a", **{"model.dropout": 0.1, "train.lr": 1e-3})
     b = ckpt("b", **{"model.dropout": 0.5, "train.lr": 1e-4, "model.width": 8})  # what a search tunes: fine
     check_members([a, b])
-    with pytest.raises(EnsembleError, match=r"data.image_size .*image each member sees.*b2: 48"):
+    with pytest.raises(EnsembleError, match=r"preprocessing .*image each member sees.*b2: .*image_size: 32 vs 48"):
         check_members([a, ckpt("b2", **{"data.image_size": 48})])
     with pytest.raises(EnsembleError, match=r"data.seed .*may have trained on"):
         check_members([a, ckpt("c", **{"data.seed": 1})])
-    with pytest.raises(EnsembleError, match="data.normalize"):
+    with pytest.raises(EnsembleError, match="normalize: 'per_image' vs 'fixed'"):
         check_members([a, ckpt("d", **{"data.normalize": "fixed"})])
     with pytest.raises(EnsembleError, match="at least 2"):
         check_members([a])
@@ -147,6 +147,6 @@ def test_ensemble_cli_evaluate_and_score(synthetic_root, tmp_path):
     cfg = small_cfg(**{"data.root": str(synthetic_root), "data.image_size": 48})
     other = save_checkpoint(tmp_path / "other", build_model(cfg.model), cfg, 0.5, {}, epoch=0)
     r = run_cli("ensemble", "--checkpoints", sources[0], other, "--out", tmp_path / "ens2")
-    assert r.returncode == 2 and "members differ in data.image_size" in r.stderr
+    assert r.returncode == 2 and "members differ in preprocessing" in r.stderr and "image_size: 32 vs 48" in r.stderr
     assert "Started a local Ray instance" not in r.stderr  # refused before Ray started
     assert not Path(tmp_path / "ens2").exists()

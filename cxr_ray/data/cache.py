@@ -40,6 +40,7 @@ from cxr_ray.data.catalog import (CLASSES, SPLIT_ALGORITHM, DataError, assign_sp
                                   split_leaks)
 from cxr_ray.data.decode import decode_path
 from cxr_ray.data.lease import Lease, LeaseHeld, acquire
+from cxr_ray.data.preprocessing import Preprocessing, resolve_preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +82,10 @@ class PreparedCache:
         return int(c.get(CLASSES[0], 0)), int(c.get(CLASSES[1], 0))
 
 
-def fingerprint(catalog: pd.DataFrame, cfg: ExperimentConfig) -> str:
-    """Hash of the inputs and settings that determine the cache's content."""
+def fingerprint(catalog: pd.DataFrame, cfg: ExperimentConfig, size: int) -> str:
+    """Hash of the inputs and settings that determine the content of the cache at side ``size``."""
     h = hashlib.sha256()
-    settings = {"format": CACHE_FORMAT, "size": cfg.data.resolved_cache_size,
+    settings = {"format": CACHE_FORMAT, "size": size,
                 "val_split": cfg.data.val_split, "val_fraction": cfg.data.val_fraction,
                 "seed": cfg.data.seed, "split_algorithm": SPLIT_ALGORITHM}
     h.update(json.dumps(settings, sort_keys=True).encode())
@@ -93,10 +94,10 @@ def fingerprint(catalog: pd.DataFrame, cfg: ExperimentConfig) -> str:
     return h.hexdigest()[:16]
 
 
-def cache_uri(catalog_root: str, cfg: ExperimentConfig, fp: str) -> str:
+def cache_uri(catalog_root: str, cfg: ExperimentConfig, fp: str, size: int) -> str:
     """Cache folder for a dataset root, size and fingerprint."""
     name = (catalog_root.rstrip("/").rsplit("/", 1)[-1] or "dataset").replace(".", "_")
-    return io.join(cfg.data.resolved_cache_dir, f"{name}-{cfg.data.resolved_cache_size}px-{fp}")
+    return io.join(cfg.data.resolved_cache_dir, f"{name}-{size}px-{fp}")
 
 
 def decode_batch(batch: pd.DataFrame, size: int, max_pixels: int, timeout_s: float) -> pa.Table:
@@ -154,8 +155,11 @@ def summarize_cache(uri: str, size: int, fp: str, root: str) -> dict[str, Any]:
     }
 
 
-def prepare_cache(cfg: ExperimentConfig, catalog: pd.DataFrame | None = None) -> PreparedCache:
-    """Build (or reuse) the decode-once cache for ``cfg.data.root``; starts Ray if needed.
+def prepare_cache(cfg: ExperimentConfig, catalog: pd.DataFrame | None = None,
+                  preprocessing: Preprocessing | None = None) -> PreparedCache:
+    """Build (or reuse) the decode-once cache for ``cfg.data.root`` at the cache size of the
+    ``preprocessing`` contract (default: resolved from ``cfg``; a checkpoint passes its own);
+    starts Ray if needed.
 
     Raises :class:`DataError` before any decoding for a malformed dataset, and after it
     when more than ``data.max_bad_fraction`` of the images cannot be decoded (the bad files
@@ -165,14 +169,15 @@ def prepare_cache(cfg: ExperimentConfig, catalog: pd.DataFrame | None = None) ->
     root = cfg.data.root
     if catalog is None:
         catalog = assign_splits(load_catalog(root), cfg.data)
-    fp = fingerprint(catalog, cfg)
-    uri = cache_uri(root, cfg, fp)
+    size = (preprocessing or resolve_preprocessing(cfg)).cache_size
+    fp = fingerprint(catalog, cfg, size)
+    uri = cache_uri(root, cfg, fp, size)
     meta = _read_meta(uri)
     if meta is None:
         with _build_lease(uri) as lease:
             meta = _read_meta(uri)  # built by the job we waited for
             if meta is None:
-                meta = _build(cfg, catalog, uri, fp, lease.run_id)
+                meta = _build(cfg, catalog, uri, fp, lease.run_id, size)
                 return PreparedCache(uri, meta)
     log.info("[prepare] reusing cache %s (%d images)", uri, meta["n_images"])
     return PreparedCache(uri, meta)
@@ -192,8 +197,9 @@ def _build_lease(uri: str, poll_s: float = 2.0) -> Lease:
             time.sleep(poll_s)
 
 
-def _build(cfg: ExperimentConfig, catalog: pd.DataFrame, uri: str, fp: str, run_id: str) -> dict[str, Any]:
-    """Decode every image into the cache at ``uri`` (the caller holds its lease); its meta.
+def _build(cfg: ExperimentConfig, catalog: pd.DataFrame, uri: str, fp: str, run_id: str, size: int
+           ) -> dict[str, Any]:
+    """Decode every image at side ``size`` into the cache at ``uri`` (the caller holds its lease); its meta.
 
     Local caches are built in ``<uri>.tmp-<run>`` and renamed into place once meta.json is
     written, so no reader ever sees a half-built folder; on object stores (no folder rename)
@@ -212,7 +218,6 @@ def _build(cfg: ExperimentConfig, catalog: pd.DataFrame, uri: str, fp: str, run_
             shutil.rmtree(old, ignore_errors=True)
     build = f"{uri}.tmp-{run_id}" if local else uri
     _delete(uri)  # an interrupted build leaves data without meta.json
-    size = cfg.data.resolved_cache_size
     log.info("[prepare] decoding %d images at %dpx into %s", len(catalog), size, uri)
     # Rows are written in a seeded random order, so every block (and so every training batch
     # read from it) mixes the classes; a path-sorted cache would hold one class per block.

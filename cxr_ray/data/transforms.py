@@ -1,17 +1,16 @@
-"""Preprocessing, defined once: training, evaluation and scoring all go through here.
+"""The transforms of the preprocessing contract (``data/preprocessing.py``): training,
+evaluation, scoring, explanations and export all go through here.
 
 The chain for every image is::
 
-    file --decode.decode_image--> uint8 (S, S)      # S = data.cache_size, done once and cached
-         --to_model_size-------> uint8 (1, N, N)    # N = data.image_size
+    file --decode.decode_image--> uint8 (S, S)      # S = contract.cache_size, done once and cached
+         --to_model_size-------> uint8 (1, N, N)    # N = contract.image_size
          --augment (train only)-> float [0, 1]
-         --normalize-----------> float, (x - GRAY_MEAN) / GRAY_STD   (data.normalize=fixed)
-                                        or (x - mean(x)) / std(x) per image  (per_image)
+         --normalize-----------> float: fixed (x - mean) / std, or per_image standardised x scale
 
-One channel is normalised with a single mean/std (the averages of ImageNet's RGB
-statistics). Feeding that gray image to a network whose first convolution has its RGB
-weights summed is *exactly* equivalent to feeding the gray image replicated to 3 channels
-(see ``models.py``), at a third of the first layer's input work.
+One channel is normalised with a single mean/std. Feeding that gray image to a network whose
+first convolution has its RGB weights summed is *exactly* equivalent to feeding the gray image
+replicated to 3 channels (see ``models.py``), at a third of the first layer's input work.
 """
 
 from __future__ import annotations
@@ -25,9 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from cxr_ray.config import AugmentConfig
-
-GRAY_MEAN = (0.485 + 0.456 + 0.406) / 3  # ImageNet RGB means, averaged
-GRAY_STD = (0.229 + 0.224 + 0.225) / 3
+from cxr_ray.data.preprocessing import Preprocessing
 
 
 def pixels_to_array(pixels: Any, size: int) -> np.ndarray:
@@ -47,15 +44,16 @@ def to_model_size(images: np.ndarray, image_size: int) -> np.ndarray:
     return t.round_().clamp_(0, 255).to(torch.uint8).numpy()
 
 
-def normalize(x: torch.Tensor, mode: str = "fixed") -> torch.Tensor:
+def normalize(x: torch.Tensor, contract: Preprocessing) -> torch.Tensor:
     """uint8 or [0, 1] float ``(B, 1, H, W)`` images -> the normalised float32 the model sees.
 
-    ``fixed``: one gray mean/std for every image. ``per_image``: each image to zero mean and
-    unit standard deviation, so a scanner's overall exposure and contrast do not reach the model.
+    ``fixed``: the contract's mean/std for every image. ``per_image``: each image to zero mean
+    and unit standard deviation (times the contract's scale), so a scanner's overall exposure
+    and contrast do not reach the model.
     """
     if x.dtype == torch.uint8:
         x = x.float().div_(255.0)
-    if mode == "per_image":
+    if contract.normalize == "per_image":
         # mean and (unbiased) std of each image, as means of row means: the same values, but no
         # sum runs over a whole image, so they stay exact to fp32 in every runtime (ONNX
         # Runtime's one-pass reductions over 50k pixels were off by 2e-5 and moved logits 1e-4)
@@ -63,8 +61,9 @@ def normalize(x: torch.Tensor, mode: str = "fixed") -> torch.Tensor:
         mean = x.mean(dim=3, keepdim=True).mean(dim=(1, 2), keepdim=True)
         centred = x - mean
         var = centred.square().mean(dim=3, keepdim=True).mean(dim=(1, 2), keepdim=True) * (n / max(n - 1, 1))
-        return centred / var.sqrt().clamp(min=1e-3)
-    return (x - GRAY_MEAN) / GRAY_STD
+        z = centred / var.sqrt().clamp(min=1e-3)
+        return z * contract.scale if contract.scale != 1.0 else z
+    return (x - contract.mean) / contract.std
 
 
 def batch_seed(seed: int, epoch: int, keys: np.ndarray) -> int:
@@ -154,15 +153,16 @@ class Collate:
     """``iter_torch_batches`` collate_fn: model-input batch -> ``(images, labels)`` on ``device``.
 
     Input columns: ``image`` uint8 ``(B, 1, N, N)``, ``label`` (B,), ``key`` int64 (B,) (a
-    stable per-image id). With ``augment`` set (training) each batch is augmented with a
-    generator seeded by (seed, epoch, the batch's keys), so a run is reproducible under a
-    seed however Ray Data's threads interleave batches. Evaluation passes ``augment=None``.
+    stable per-image id). Normalised by the ``preprocessing`` contract. With ``augment`` set
+    (training) each batch is augmented with a generator seeded by (seed, epoch, the batch's
+    keys), so a run is reproducible under a seed however Ray Data's threads interleave
+    batches. Evaluation passes ``augment=None``.
     """
 
-    def __init__(self, device: torch.device | str = "cpu", augment: AugmentConfig | None = None,
-                 seed: int = 0, epoch: int = 0, channels_last: bool = False, normalize: str = "fixed"):
+    def __init__(self, preprocessing: Preprocessing, device: torch.device | str = "cpu",
+                 augment: AugmentConfig | None = None, seed: int = 0, epoch: int = 0, channels_last: bool = False):
         self.device = torch.device(device)
-        self.normalize = normalize
+        self.preprocessing = preprocessing
         self.augment_cfg = augment
         self.seed, self.epoch = seed, epoch
         self.channels_last = channels_last
@@ -176,7 +176,7 @@ class Collate:
         if self.augment_cfg is not None and self.augment_cfg.enabled:
             g = torch.Generator().manual_seed(batch_seed(self.seed, self.epoch, batch["key"]))
             x = augment(x, self.augment_cfg, g)
-        x = normalize(x, self.normalize)
+        x = normalize(x, self.preprocessing)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, y

@@ -17,6 +17,7 @@ from cxr_ray.checkpoint import LoadedCheckpoint, load_checkpoint
 from cxr_ray.config import DataConfig, ScoreConfig
 from cxr_ray.data import io
 from cxr_ray.data.catalog import CLASSES, patient_id
+from cxr_ray.data.preprocessing import Preprocessing
 from cxr_ray.data.lease import LeaseHeld, acquire
 from cxr_ray.data.listing import UNKNOWN_LABEL, PathSet, check_inputs, iter_inputs
 from cxr_ray.runtime import check_shared_paths, cpu_share
@@ -182,10 +183,11 @@ def list_todo(inputs: list[str], done: PathSet) -> Todo:
     return todo
 
 
-def build_dataset(blocks: list[Any], checkpoint: str, model_cfg: Any, score: ScoreConfig, limits: DataConfig):
+def build_dataset(blocks: list[Any], checkpoint: str, contract: Preprocessing, score: ScoreConfig,
+                  limits: DataConfig):
     """The streaming Ray Dataset of scored rows for the input ``blocks`` (see :func:`list_todo`).
 
-    Preprocessing comes from the checkpoint's config (``model_cfg``); the input-safety limits
+    Preprocessing comes from the checkpoint's contract; the input-safety limits
     (``data.max_pixels``, ``data.read_timeout_s``) from the user's (``limits``)."""
     import ray
 
@@ -194,8 +196,7 @@ def build_dataset(blocks: list[Any], checkpoint: str, model_cfg: Any, score: Sco
     ds = ray.data.from_pandas_refs(blocks)
     ds = ds.map_batches(read_and_decode, batch_size=score.decode_batch_size, batch_format="numpy",
                         num_cpus=score.decode_cpus,
-                        fn_kwargs={"cache_size": model_cfg.data.resolved_cache_size,
-                                   "image_size": model_cfg.data.image_size,
+                        fn_kwargs={"cache_size": contract.cache_size, "image_size": contract.image_size,
                                    "max_pixels": limits.max_pixels, "timeout_s": limits.read_timeout_s})
     return ds.map_batches(Predictor, batch_size=score.batch_size, batch_format="numpy", compute=pool,
                           num_cpus=score.cpus_per_actor, num_gpus=score.gpus_per_actor or None,
@@ -279,7 +280,7 @@ def _run_leased(ckpt: LoadedCheckpoint, out: OutputFolder, inputs: list[str], sc
     try:
         if todo.blocks:
             last_log = start
-            ds = build_dataset(todo.blocks, checkpoint, ckpt.cfg, score, limits or DataConfig())
+            ds = build_dataset(todo.blocks, checkpoint, ckpt.preprocessing, score, limits or DataConfig())
             for s, f in _stream(ds, writer, with_labels, failures):
                 scored, failed = scored + s, failed + f
                 if time.perf_counter() - last_log > 30:

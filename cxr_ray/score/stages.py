@@ -88,7 +88,7 @@ class Predictor:
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = torch.compile(model) if self.score.compile else model
-        self.collate = Collate(self.device, channels_last=channels_last, normalize=ckpt.cfg.data.normalize)
+        self.collate = Collate(ckpt.preprocessing, self.device, channels_last=channels_last)
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """Calibrated PNEUMONIA probabilities (``sigmoid(logit / temperature + bias)``) of uint8

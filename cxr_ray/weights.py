@@ -1,0 +1,207 @@
+"""Pretrained weights: what each one expects (its preprocessing), where it comes from, and
+how its state dict is read. ``models.build_model`` builds the architecture; this module
+supplies the weights and ``data.preprocessing`` turns the expectations into the contract.
+
+``model.weights`` is one of:
+
+- ``none``: random initialisation;
+- ``imagenet``: torchvision's ImageNet weights (downloaded into torch's hub cache);
+- ``txrv:NAME``: a TorchXRayVision model trained on chest X-rays (``TXRV_WEIGHTS``), fetched
+  the TorchXRayVision way into its cache (``~/.torchxrayvision/models_data/``) or read from
+  there on an offline machine;
+- a local file: a state dict (or ``{"state_dict": ...}``) for the architecture. Its
+  preprocessing is ImageNet's unless ``model.weights_format`` says it is a TorchXRayVision file.
+
+Nothing here touches the network at import time; only :func:`pretrained_state` (called when a
+model is built with pretrained weights) may download.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# one gray mean/std: the averages of ImageNet's RGB statistics (a gray image replicated to RGB)
+IMAGENET_GRAY_MEAN = (0.485 + 0.456 + 0.406) / 3
+IMAGENET_GRAY_STD = (0.229 + 0.224 + 0.225) / 3
+# TorchXRayVision's inputs: 8-bit pixels scaled to [-1024, 1024] (xrv.datasets.normalize), i.e.
+# (x - 0.5) / (1 / 2048) for x = pixel / 255; a typical film's spread (std ~0.25 of the range)
+# is ~512 in those units, which per-image standardisation is scaled to
+TXRV_MEAN, TXRV_STD, TXRV_PER_IMAGE_SCALE = 0.5, 1.0 / 2048.0, 512.0
+TXRV_RELEASE = "https://github.com/mlmed/torchxrayvision/releases/download/v1/"
+
+
+@dataclass(frozen=True)
+class Pretrained:
+    """What a family of weights expects from its input, and where the file comes from."""
+
+    source: str  # "imagenet", "txrv", "none" (random), "file" (a local state dict)
+    image_size: int  # the resolution the weights were trained at (data.image_size=0 uses it)
+    mean: float  # data.normalize=fixed: (x - mean) / std, x = pixel / 255
+    std: float
+    per_image_scale: float  # data.normalize=per_image: each image standardised, times this
+    normalize: str  # what data.normalize=auto means for these weights
+    arch: str = ""  # the model.name the file fits ("" = any)
+    file: str = ""  # file name in TorchXRayVision's cache
+    trained_on: str = ""
+
+    @property
+    def url(self) -> str:
+        return TXRV_RELEASE + self.file if self.source == "txrv" else ""
+
+
+_IMAGENET_LIKE = dict(image_size=224, mean=IMAGENET_GRAY_MEAN, std=IMAGENET_GRAY_STD, per_image_scale=1.0,
+                      normalize="per_image")
+IMAGENET = Pretrained("imagenet", **_IMAGENET_LIKE)
+RANDOM = Pretrained("none", **_IMAGENET_LIKE)
+LOCAL_FILE = Pretrained("file", **_IMAGENET_LIKE)
+
+
+def _txrv(arch: str, size: int, file: str, trained_on: str) -> Pretrained:
+    return Pretrained("txrv", size, TXRV_MEAN, TXRV_STD, TXRV_PER_IMAGE_SCALE, "fixed", arch, file, trained_on)
+
+
+_D121 = "densenet121-d121-tw-lr001-rot45-tr15-sc15-seed0-best.pt"
+# TorchXRayVision's published models (xrv.models.model_urls): name -> architecture, resolution, file
+TXRV_WEIGHTS: dict[str, Pretrained] = {
+    "densenet121-res224-all": _txrv("densenet121", 224, f"nih-pc-chex-mimic_ch-google-openi-kaggle-{_D121}",
+                                    "NIH, PadChest, CheXpert, MIMIC-CXR, Google, OpenI, RSNA"),
+    "densenet121-res224-nih": _txrv("densenet121", 224, f"nih-{_D121}", "NIH ChestX-ray14"),
+    "densenet121-res224-pc": _txrv("densenet121", 224, f"pc-{_D121}", "PadChest"),
+    "densenet121-res224-chex": _txrv("densenet121", 224, f"chex-{_D121}", "CheXpert"),
+    "densenet121-res224-rsna": _txrv("densenet121", 224, f"kaggle-{_D121}", "RSNA Pneumonia Challenge"),
+    "densenet121-res224-mimic_nb": _txrv("densenet121", 224, f"mimic_nb-{_D121}", "MIMIC-CXR (NegBio labels)"),
+    "densenet121-res224-mimic_ch": _txrv("densenet121", 224, f"mimic_ch-{_D121}", "MIMIC-CXR (CheXpert labels)"),
+    "resnet50-res512-all": _txrv("resnet50", 512, "pc-nih-rsna-siim-vin-resnet50-test512-e400-state.pt",
+                                 "PadChest, NIH, RSNA, SIIM, VinDr-CXR"),
+}
+WEIGHTS_FORMATS = ("imagenet", *(f"txrv:{n}" for n in TXRV_WEIGHTS))  # model.weights_format of a local file
+
+
+class WeightsError(RuntimeError):
+    """Pretrained weights could not be loaded; says which file to place where."""
+
+
+def txrv_name(weights: str) -> str | None:
+    """``NAME`` of ``txrv:NAME`` (None for other settings)."""
+    return weights[len("txrv:"):] if weights.startswith("txrv:") else None
+
+
+def check_spec(model_name: str, weights: str, weights_format: str = "") -> str | None:
+    """Why ``model.weights`` (and ``model.weights_format``) cannot work for ``model_name``, or None."""
+    name = txrv_name(weights)
+    if name is not None:
+        if name not in TXRV_WEIGHTS:
+            return f"unknown TorchXRayVision weights {name!r}; known: {sorted(TXRV_WEIGHTS)}"
+        arch = TXRV_WEIGHTS[name].arch
+        if arch != model_name:
+            return f"txrv:{name} is a {arch}; set model.name={arch} (model.name is {model_name!r})"
+    if weights_format:
+        if weights in ("none", "imagenet") or name is not None:
+            return f"model.weights_format describes a local weights file; model.weights is {weights!r}"
+        if weights_format not in WEIGHTS_FORMATS:
+            return f"model.weights_format must be one of {list(WEIGHTS_FORMATS)}, got {weights_format!r}"
+        fmt = txrv_name(weights_format)
+        if fmt and TXRV_WEIGHTS[fmt].arch != model_name:
+            return f"model.weights_format {weights_format} is a {TXRV_WEIGHTS[fmt].arch}, not a {model_name}"
+    return None
+
+
+def pretrained_info(model_name: str, weights: str, weights_format: str = "") -> Pretrained:
+    """What the weights named by ``model.weights`` expect (the scratch CNN: like ``none``)."""
+    if model_name == "simple_cnn" or weights == "none":
+        return RANDOM
+    if weights == "imagenet":
+        return IMAGENET
+    name = txrv_name(weights) or txrv_name(weights_format)
+    if name:
+        return TXRV_WEIGHTS[name]
+    return IMAGENET if weights_format == "imagenet" else LOCAL_FILE
+
+
+def txrv_cache_dir() -> str:
+    """TorchXRayVision's weights folder (``xrv.utils.get_cache_dir()``: ~/.torchxrayvision/models_data)."""
+    return os.path.expanduser(os.path.join("~", ".torchxrayvision", "models_data"))
+
+
+def txrv_file(name: str, download: bool = True) -> str:
+    """Local path of TorchXRayVision weights ``name``: its cache, downloaded there the
+    TorchXRayVision way (``xrv.models.get_weights``) when missing and ``download`` is set.
+    Raises :class:`WeightsError` saying which file to place where when it cannot."""
+    info = TXRV_WEIGHTS[name]
+    local = os.path.join(txrv_cache_dir(), info.file)
+    if os.path.isfile(local):
+        return local
+    place = (f"On an offline machine download {info.url} elsewhere and place it at {local} (or pass "
+             f"model.weights=/path/to/{info.file} --set model.weights_format=txrv:{name}).")
+    if not download:
+        raise WeightsError(f"TorchXRayVision weights txrv:{name} are not in its cache. {place}")
+    try:
+        import torchxrayvision as xrv
+    except ImportError as e:
+        raise WeightsError(f"model.weights=txrv:{name} is fetched by TorchXRayVision, which is not installed: "
+                           f"pip install 'cxr-ray[txrv]'. {place}") from e
+    try:
+        return str(xrv.models.get_weights(name, cache_dir=txrv_cache_dir()))
+    except Exception as e:  # requests' ConnectionError, HTTPError, ...: all mean "no download"
+        raise WeightsError(f"could not download TorchXRayVision weights txrv:{name} ({e}). {place}") from e
+
+
+def read_state_file(path: str, what: str) -> dict[str, Any]:
+    """A state dict from a weights file: a plain state dict, ``{"state_dict": ...}``, or a pickled
+    TorchXRayVision model (its DenseNet release files; unpickled with TorchXRayVision installed,
+    as TorchXRayVision itself loads them)."""
+    import pickle
+
+    import torch
+
+    if not os.path.isfile(path):
+        raise WeightsError(f"{what}: {path!r} is not an existing file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        try:
+            import torchxrayvision  # noqa: F401  (its classes are in the pickle)
+        except ImportError as e:
+            raise WeightsError(f"{what}: {path} is a pickled model, not a state dict; TorchXRayVision's "
+                               f"DenseNet files are: pip install 'cxr-ray[txrv]' to read them") from e
+        state = torch.load(path, map_location="cpu", weights_only=False)  # how TorchXRayVision reads it
+    if isinstance(state, torch.nn.Module):
+        state = state.state_dict()
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise WeightsError(f"{what}: {path} holds a {type(state).__name__}, not a state dict")
+    # TorchXRayVision's ResNet wraps torchvision's as .model; their operating points are no weights
+    return {k.removeprefix("model."): v for k, v in state.items() if k != "op_threshs"}
+
+
+def pretrained_state(model_name: str, weights: str) -> dict[str, Any] | None:
+    """The state dict named by ``model.weights`` (None for ``none``); may download (see module doc)."""
+    if weights == "none":
+        return None
+    if weights == "imagenet":
+        return _imagenet_state(model_name)
+    name = txrv_name(weights)
+    if name is not None:
+        return read_state_file(txrv_file(name), f"model.weights=txrv:{name}")
+    return read_state_file(weights, "model.weights")
+
+
+def _imagenet_state(model_name: str) -> dict[str, Any]:
+    """torchvision's ImageNet weights for ``model_name`` (its download and cache)."""
+    import torch
+    from torchvision.models import DenseNet121_Weights, ResNet50_Weights
+
+    w = {"resnet50": ResNet50_Weights.IMAGENET1K_V2, "densenet121": DenseNet121_Weights.IMAGENET1K_V1}[model_name]
+    try:
+        return w.get_state_dict(progress=False)
+    except Exception as e:  # URLError, HTTPError, SSL errors...: all mean "no download"
+        raise WeightsError(
+            f"could not load torchvision's ImageNet {model_name} weights ({w.url}): {e}. Put the file in "
+            f"torch's cache ({torch.hub.get_dir()}/checkpoints/) or pass a local file with --set "
+            f"model.weights=/path/to/{os.path.basename(w.url)}, or use model.weights=none.") from e

@@ -170,9 +170,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from cxr_ray.data import io
     from cxr_ray.train import check_run_dir, run_training
     from cxr_ray.tta import format_decisions
+    from cxr_ray.weights import ensure_available
 
     cfg = train_config_from_args(args)
     check_storage(cfg, "train.storage_path")
+    ensure_available(cfg.model.name, cfg.model.weights)  # a missing download fails here, before Ray
     if cfg.train.name:  # a named run folder is checked before the cache is built (again in run_training)
         check_run_dir(cfg, io.join(io.absolute(cfg.train.storage_path), cfg.train.name), bool(args.resume))
     cfg, cache = _prepare(args, cfg, check_leaks=True)
@@ -496,10 +498,15 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from cxr_ray.runtime import init_ray
     from cxr_ray.train import run_name
     from cxr_ray.tta import format_decisions
-    from cxr_ray.tune import format_trials, run_tune, validate_search_space
+    from cxr_ray.tune import format_trials, model_variants, run_tune, validate_search_space, with_shared_cache_size
+    from cxr_ray.weights import ensure_available
 
     cfg, cache_uri = tune_config_from_args(args)
     validate_search_space(cfg)
+    if not cache_uri:  # (--resume: the experiment's saved config has it)
+        cfg = with_shared_cache_size(cfg)
+    for variant in model_variants(cfg):  # every backbone the search can pick, before Ray
+        ensure_available(variant.model.name, variant.model.weights)
     if args.ensemble_top_k is None:  # the demo shows an ensemble of its best 3 trials
         k = min(3, cfg.tune.num_samples) if args.demo and not args.resume else 0
         args.ensemble_top_k = k if k >= 2 else 0
@@ -694,7 +701,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     from cxr_ray.checkpoint import CheckpointError
     from cxr_ray.data.catalog import DataError
-    from cxr_ray.models import WeightsError
+    from cxr_ray.weights import WeightsError
     from cxr_ray.data.io import StorageError
     from cxr_ray.ensemble import EnsembleError
     from cxr_ray.explain import ExplainError

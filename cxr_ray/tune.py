@@ -2,13 +2,26 @@
 
 Each trial is a Ray Train run of the same training code (``train.build_trainer``), started
 by a driver function with ``TuneReportCallback`` -- the Train V2 way; no ``Tuner(trainer)``.
-All trials read one prepared cache. An experiment folder holds Tune's own results, the
+All trials read one prepared cache; a search over backbones whose preprocessing decodes at
+different sizes shares one cache at the largest (:func:`with_shared_cache_size`), recorded in
+every trial's contract. Backbones are searched as one joint choice of model settings::
+
+    tune:
+      search_space:
+        model:                      # each value sets these model.* keys together
+          type: choice
+          values:
+            - {name: resnet50, weights: imagenet}
+            - {name: densenet121, weights: "txrv:densenet121-res224-all"}
+
+An experiment folder holds Tune's own results, the
 resolved ``experiment_config.yaml``, ``trials.csv``, ``best/`` and, when the dataset has a
 test split, ``best_test_report/``.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from dataclasses import dataclass
@@ -35,6 +48,9 @@ TUNABLE_METRICS = (*SELECTION_METRICS, "pr_auc", "accuracy", "f1", "recall", "sp
 EXPERIMENT_CONFIG = "experiment_config.yaml"
 DRIVER_CPUS = 0.01
 CHECKPOINT_URI = "checkpoint_uri"  # reported with every checkpoint (see UriReportCallback)
+JOINT_SECTIONS = ("model",)  # sections a search space may choose as a whole (key "model", mapping values)
+JOINT_HINT = ("search architecture and weights together as one choice of model settings: "
+              "search_space: {model: {type: choice, values: [{name: ..., weights: ...}, ...]}}")
 
 
 def _space_error(key: str, msg: str) -> ConfigError:
@@ -46,13 +62,83 @@ def _probe(cfg: ExperimentConfig, key: str, value: Any) -> None:
     try:
         cfg.replace(**{key: value})
     except ConfigError as e:
-        raise _space_error(key, f"value {value!r} is impossible: {e}") from e
+        hint = f"; {JOINT_HINT}" if key in ("model.name", "model.weights", "model.weights_format") else ""
+        raise _space_error(key, f"value {value!r} is impossible: {e}{hint}") from e
+
+
+def joint_label(values: Mapping[str, Any]) -> str:
+    """The trial parameter of one joint choice, e.g. ``name=densenet121, weights=txrv:...``."""
+    return ", ".join(f"{k}={v}" for k, v in values.items())
+
+
+def trial_overrides(cfg: ExperimentConfig, params: Mapping[str, Any]) -> dict[str, Any]:
+    """Dotted config overrides of one trial's sampled ``params`` (joint choices expanded)."""
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        if key in JOINT_SECTIONS:
+            chosen = next(v for v in cfg.tune.search_space[key]["values"] if joint_label(v) == value)
+            out.update({f"{key}.{k}": v for k, v in chosen.items()})
+        else:
+            out[key] = value
+    return out
+
+
+def _validate_joint(cfg: ExperimentConfig, key: str, spec: Any) -> None:
+    values = spec.get("values") if isinstance(spec, Mapping) else None
+    if spec.get("type") != "choice" or not isinstance(values, list) or not values or \
+            not all(isinstance(v, Mapping) and v for v in values):
+        raise _space_error(key, f"a whole section is searched as type choice with a list of mappings of {key}.* "
+                                f"settings, e.g. [{{name: resnet50, weights: imagenet}}], got {spec!r}")
+    for v in values:
+        try:
+            cfg.replace(**{f"{key}.{k}": x for k, x in v.items()})
+        except ConfigError as e:
+            raise _space_error(key, f"value {dict(v)!r} is impossible: {e}") from e
+        if any(f"{key}.{k}" in cfg.tune.search_space for k in v):
+            raise _space_error(key, f"{dict(v)!r} sets keys that are also searched on their own")
+
+
+def model_variants(cfg: ExperimentConfig) -> list[ExperimentConfig]:
+    """Every combination of the search's choices of model settings (the architectures, weights
+    and so preprocessing contracts its trials can have); :class:`ConfigError` for a combination
+    that cannot exist, e.g. ``model.name`` and ``model.weights`` searched separately."""
+    dims = []
+    for key, spec in cfg.tune.search_space.items():
+        if key in JOINT_SECTIONS:
+            dims.append([{f"{key}.{k}": v for k, v in value.items()} for value in spec["values"]])
+        elif key.startswith("model.") and spec.get("type") == "choice":
+            dims.append([{key: v} for v in spec["values"]])
+    variants = []
+    for combo in itertools.product(*dims):
+        overrides = {k: v for part in combo for k, v in part.items()}
+        try:
+            variants.append(cfg.replace(**overrides))
+        except ConfigError as e:
+            raise ConfigError(f"tune.search_space: the combination {overrides} is impossible ({e}); "
+                              f"{JOINT_HINT}") from e
+    return variants
+
+
+def with_shared_cache_size(cfg: ExperimentConfig) -> ExperimentConfig:
+    """``cfg`` with ``data.cache_size`` set to the largest cache size of its search's model
+    variants when they differ (one cache for every trial; each trial resizes from it to its
+    own image size, and its contract records it); unchanged otherwise."""
+    from cxr_ray.data.preprocessing import resolve_preprocessing
+
+    sizes = {resolve_preprocessing(v).cache_size for v in model_variants(cfg)}
+    if cfg.data.cache_size or len(sizes) < 2:
+        return cfg
+    log.info("[tune] trials decode at %s px; one cache at %d px serves them all", sorted(sizes), max(sizes))
+    return cfg.replace(**{"data.cache_size": max(sizes)})
 
 
 def validate_search_space(cfg: ExperimentConfig) -> None:
     """Unknown parameters, bad types, impossible ranges and unreported metrics, before any trial."""
     keys = valid_keys()
     for key, spec in cfg.tune.search_space.items():
+        if key in JOINT_SECTIONS and isinstance(spec, Mapping):
+            _validate_joint(cfg, key, spec)
+            continue
         if key.startswith("data."):
             raise _space_error(key, "data settings cannot be searched: every trial reads the one cache "
                                     "prepared for the experiment, and trials with different data or "
@@ -83,6 +169,7 @@ def validate_search_space(cfg: ExperimentConfig) -> None:
             raise _space_error(key, f"randint needs int bounds, got {low!r}, {high!r}")
         _probe(cfg, key, low)
         _probe(cfg, key, high - 1 if kind == "randint" else high)
+    model_variants(cfg)  # separately searched model settings that cannot go together
     if cfg.tune_metric not in TUNABLE_METRICS:
         raise ConfigError(f"tune.metric: no trial reports {cfg.tune_metric!r}; choose one of {list(TUNABLE_METRICS)}")
     if cfg.tune.metric and cfg.tune.metric != cfg.metric.selection:
@@ -98,7 +185,9 @@ def param_space(cfg: ExperimentConfig) -> dict[str, Any]:
     domains = {}
     for key, spec in cfg.tune.search_space.items():
         kind = spec["type"]
-        if kind == "choice":
+        if key in JOINT_SECTIONS:  # string labels: searchers sample categories of plain values
+            domains[key] = ray.tune.choice([joint_label(v) for v in spec["values"]])
+        elif kind == "choice":
             domains[key] = ray.tune.choice(spec["values"])
         elif kind == "uniform":
             domains[key] = ray.tune.uniform(spec["low"], spec["high"])
@@ -134,7 +223,8 @@ def train_driver_fn(params: dict[str, Any], base: dict[str, Any], cache_uri: str
     The run is named after the trial id, so a restored experiment's unfinished trial
     continues from its own latest Train checkpoint instead of starting over.
     """
-    cfg = ExperimentConfig.from_dict(base).replace(**params)
+    cfg = ExperimentConfig.from_dict(base)
+    cfg = cfg.replace(**trial_overrides(cfg, params))
     trial_id = ray.tune.get_context().get_trial_id()
     # Early stopping and the kept checkpoints follow the experiment's metric.
     inputs = training_inputs(cfg, open_cache(cache_uri), selection_metric=cfg.tune_metric)

@@ -192,6 +192,14 @@ def pretrained_state(model_name: str, weights: str) -> dict[str, Any] | None:
     return read_state_file(weights, "model.weights")
 
 
+def ensure_available(model_name: str, weights: str) -> None:
+    """Fetch (or find and read) the weights ``model.weights`` names now, in the driver before
+    Ray starts, so that an offline machine or a bad file fails before any work (the training
+    workers then read them from the same caches). No-op for ``none`` and the scratch CNN."""
+    if weights != "none" and model_name != "simple_cnn":
+        pretrained_state(model_name, weights)
+
+
 def _imagenet_state(model_name: str) -> dict[str, Any]:
     """torchvision's ImageNet weights for ``model_name`` (its download and cache)."""
     import torch

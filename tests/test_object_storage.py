@@ -22,6 +22,7 @@ from io import BytesIO
 import pandas as pd
 import pyarrow.fs as pafs
 import pytest
+import yaml
 from conftest import ray_stop, run_cli, start_cli
 
 from cxr_ray.config import ConfigError, ExperimentConfig
@@ -161,7 +162,8 @@ def test_tune_on_s3_resumes_after_the_driver_is_killed(s3, tmp_path):
             "--set", "metric.tta=",  # (TTA on an s3:// checkpoint: the train test above)
             "--set", "tune.max_concurrent_trials=1", "--set", "tune.reduction_factor=2",
             "--set", "tune.name=search", "--set", f"train.storage_path=s3://{BUCKET}/runs",
-            "--set", "tune.search_space={model.dropout: {type: uniform, low: 0.0, high: 0.5}, "
+            # a joint choice of model settings (how backbones are searched), expanded in each trial
+            "--set", "tune.search_space={model: {type: choice, values: [{dropout: 0.1}, {dropout: 0.4, width: 12}]}, "
                      "train.lr: {type: loguniform, low: 0.0003, high: 0.01}}"]
     ray_stop()
     log = open(tmp_path / "first_run.log", "w")
@@ -189,7 +191,11 @@ def test_tune_on_s3_resumes_after_the_driver_is_killed(s3, tmp_path):
     assert r.stdout.strip().splitlines()[-1] == f"{exp}/best"
     trials = pd.read_csv(BytesIO(io.read_bytes(io.join(exp, "trials.csv"))))
     assert len(trials) == 3 and trials["trial_id"].is_unique  # none duplicated, none lost
-    assert trials[["model.dropout", "train.lr"]].drop_duplicates().shape[0] == 3  # distinct parameters
+    assert trials[["model", "train.lr"]].drop_duplicates().shape[0] == 3  # distinct parameters
+    assert set(trials["model"]) <= {"dropout=0.1", "dropout=0.4, width=12"}
+    for row in trials.itertuples():  # each trial trained the model settings it was given
+        saved = yaml.safe_load(io.read_bytes(io.join(row.checkpoint_path, "config.yaml")))["model"]
+        assert (saved["dropout"], saved["width"]) == ((0.1, 8) if row.model == "dropout=0.1" else (0.4, 12))
     assert set(trials["stop_reason"]) <= {"completed", "asha", "early_stopping"}
     assert trials["epochs_run"].between(1, 3).all()
     assert trials["checkpoint_path"].str.startswith(f"{exp}/train_runs/").all()  # URIs, scheme kept

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from cxr_ray.config import ConfigError, ExperimentConfig, load_config, parse_override, valid_keys
@@ -73,3 +75,11 @@ def test_onnxruntime_backend_refuses_settings_it_cannot_honour():
     for override, field in (("score.amp=bf16", "score.amp"), ("score.compile=true", "score.compile")):
         with pytest.raises(ConfigError, match=field.replace(".", r"\.") + ".*onnxruntime"):
             load_config(None, ["score.backend=onnxruntime", override])
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")))
+def test_shipped_configs_are_valid(path):
+    from cxr_ray.data.preprocessing import resolve_preprocessing
+
+    cfg = load_config(path)
+    assert resolve_preprocessing(cfg).image_size >= 16  # no download: only names are resolved

@@ -133,9 +133,9 @@ def test_manifest_fingerprint_sees_a_reexported_image(tmp_path):
             for i, cls in enumerate(["NORMAL", "PNEUMONIA"] * 4)]
     pd.DataFrame(rows).to_csv(tmp_path / "m.csv", index=False)
     cfg = ExperimentConfig().replace(**{"data.root": str(tmp_path / "m.csv"), "data.val_split": "official"})
-    before = fingerprint(assign_splits(load_catalog(cfg.data.root), cfg.data), cfg)
+    before = fingerprint(assign_splits(load_catalog(cfg.data.root), cfg.data), cfg, 32)
     write_image(tmp_path / "img0.png", size=40, value=200)  # re-exported at the same path
-    after = fingerprint(assign_splits(load_catalog(cfg.data.root), cfg.data), cfg)
+    after = fingerprint(assign_splits(load_catalog(cfg.data.root), cfg.data), cfg, 32)
     assert before != after
 
 

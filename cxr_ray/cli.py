@@ -171,12 +171,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     from cxr_ray.train import check_run_dir, run_training
     from cxr_ray.tta import format_decisions
     from cxr_ray.weights import ensure_available
+    from cxr_ray.data.preprocessing import resolve_preprocessing
 
     cfg = train_config_from_args(args)
     check_storage(cfg, "train.storage_path")
     ensure_available(cfg.model.name, cfg.model.weights)  # a missing download fails here, before Ray
     if cfg.train.name:  # a named run folder is checked before the cache is built (again in run_training)
         check_run_dir(cfg, io.join(io.absolute(cfg.train.storage_path), cfg.train.name), bool(args.resume))
+    print(f"[train] {cfg.model.name}, weights {cfg.model.weights}; preprocessing: "
+          f"{resolve_preprocessing(cfg).describe()}", flush=True)
     cfg, cache = _prepare(args, cfg, check_leaks=True)
     result = run_training(cfg, cache, resume=bool(args.resume))  # a failure raises (Train V2)
     selection = cfg.metric.selection
@@ -420,7 +423,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(f"[export] {ckpt.model_id} -> {io.join(args.out, FORMATS[args.format])} ({art['exporter']})")
     shape = "(" + ", ".join(map(str, inp["shape"])) + ")"
     print(f"[export] input {inp['name']}: float32 {shape}, 8-bit gray / 255, "
-          f"normalisation ({inp['normalization']['mode']}) inside the model; output {meta['output']['name']}: "
+          f"normalisation inside the model ({ckpt.preprocessing.describe()}); output {meta['output']['name']}: "
           f"PNEUMONIA logit; PNEUMONIA when {dec['probability']} >= {dec['threshold']:.6g}")
     print("[export] parity with the checkpoint (fp32, 3 random images): "
           + (f"max |logit difference| {diff:.2e}" if diff is not None else

@@ -137,7 +137,7 @@ def txrv_file(name: str, download: bool = True) -> str:
     if os.path.isfile(local):
         return local
     place = (f"On an offline machine download {info.url} elsewhere and place it at {local} (or pass "
-             f"model.weights=/path/to/{info.file} --set model.weights_format=txrv:{name}).")
+             f"--set model.weights=/path/to/{info.file} --set model.weights_format=txrv:{name}).")
     if not download:
         raise WeightsError(f"TorchXRayVision weights txrv:{name} are not in its cache. {place}")
     try:

@@ -130,3 +130,15 @@ def test_pickled_model_file_without_torchxrayvision_is_explained(tmp_path, monke
 def test_bad_weights_settings_are_config_errors(over, message):
     with pytest.raises(ConfigError, match=message):
         ExperimentConfig().replace(**over)
+
+
+def test_gradcam_reads_densenet_features():
+    pytest.importorskip("captum")
+    import numpy as np
+
+    from cxr_ray.explain import gradcam, target_layer
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="densenet121", weights="none", unfreeze_depth=1)).eval()
+    cam = gradcam(model, target_layer(model, "densenet121"), torch.randn(2, 1, 96, 96), np.array([True, False]))
+    assert cam.shape == (2, 96, 96) and 0.0 <= cam.min() and cam.max() <= 1.0 and cam.max() > 0

@@ -18,6 +18,7 @@ constants of that time, written out here so that no later change of a default mo
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -118,11 +119,16 @@ def resolve_preprocessing(cfg: ExperimentConfig) -> Preprocessing:
                           f"{'' if cfg.data.image_size else f', the size {info.source} weights use'}) so the "
                           f"cache is never upscaled, got {cache}")
     if cfg.data.image_size and cfg.data.image_size != info.image_size and info.source == "txrv":
-        log.warning("data.image_size=%d: %s was trained at %d px (data.image_size=0 uses its size)",
-                    cfg.data.image_size, cfg.model.weights, info.image_size)
+        _warn_size(cfg.model.weights, cfg.data.image_size, info.image_size)
     mode = info.normalize if cfg.data.normalize == "auto" else cfg.data.normalize
     return Preprocessing(cache_size=cache, image_size=size, normalize=mode, mean=info.mean, std=info.std,
                          scale=info.per_image_scale, source=info.source)
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_size(weights: str, size: int, native: int) -> None:
+    """Once per process: the weights run at another size than they were trained at."""
+    log.warning("data.image_size=%d: %s was trained at %d px (data.image_size=0 uses its size)", size, weights, native)
 
 
 def legacy_preprocessing(cfg: ExperimentConfig) -> Preprocessing:

@@ -20,8 +20,7 @@ import torch
 from cxr_ray.calibration import calibration_report
 from cxr_ray.checkpoint import LoadedCheckpoint
 from cxr_ray.data import io
-from cxr_ray.data.catalog import CLASSES
-from cxr_ray.data.catalog import DataError
+from cxr_ray.data.catalog import CLASSES, DataError
 from cxr_ray.data.transforms import Collate
 from cxr_ray.engine import predict_logits, prefers_channels_last, probabilities
 from cxr_ray.metrics import binary_metrics, bootstrap_ci, operating_points

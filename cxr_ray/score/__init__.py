@@ -5,8 +5,9 @@ The pipeline is a streaming Ray Dataset::
     file list (driver) --read+decode tasks--> uint8 (1, N, N) --Predictor actors--> rows
                        --driver--> OUT/part-<run>-<seq>.parquet (atomic, rows_per_file each)
 
-Decoding and resizing are the training pipeline's own functions (``decode_image`` at the
-checkpoint's cache size, then ``to_model_size`` and ``normalize``), so scores equal
+Decoding, resizing and normalising are the training pipeline's own functions, driven by the
+checkpoint's preprocessing contract (``decode_image`` at its cache size, then
+``to_model_size`` and ``normalize``), so scores equal
 ``cxr-ray evaluate``'s. Every listed file yields exactly one row; a file that cannot be read
 or decoded gets ``error`` set and null scores. Part files are written to ``OUT/_tmp`` and
 moved into place when complete, so readers never see a partial file, and ``--resume``

@@ -248,7 +248,7 @@ def evaluate_checkpoint(ckpt: LoadedCheckpoint, data_root: str, split: str, out_
     preds["prediction"] = np.where(preds["probability"] >= ckpt.threshold, CLASSES[1], CLASSES[0])
     metrics = metrics_report(preds, ckpt.threshold)
     metrics.update(split=split, checkpoint=ckpt.path, data=data_root, amp=precision, tta=ckpt.tta,
-                   val_precision=ckpt.val_precision,
+                   val_precision=ckpt.val_precision, preprocessing=ckpt.preprocessing.to_dict(),
                    calibration=calibration_report(preds["label"].to_numpy(), preds["logit"].to_numpy(),
                                                   ckpt.temperature, ckpt.logit_bias))
     val = preds if split == "val" else predict_split(ckpt, cache, "val", precision=precision)

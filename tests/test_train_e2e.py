@@ -56,6 +56,12 @@ def test_train_two_workers_then_evaluate(synthetic_root, tmp_path):
     for key in ("roc_auc", "pr_auc", "accuracy", "recall", "specificity", "precision", "f1", "threshold"):
         assert meta["metrics"][key] == pytest.approx(val_metrics[key], abs=1e-6), key
     assert meta["metrics"]["confusion_matrix"] == val_metrics["confusion_matrix"]
+    # The workers trained under the contract the driver resolved; it is stored and evaluate used it.
+    from cxr_ray.checkpoint import load_checkpoint
+    from cxr_ray.data.preprocessing import resolve_preprocessing
+
+    contract = resolve_preprocessing(load_checkpoint(ckpt).cfg).to_dict()
+    assert meta["preprocessing"] == val_metrics["preprocessing"] == contract and contract["normalize"] == "per_image"
     # The calibration (Platt: temperature and bias) was fitted on these validation logits: evaluate
     # applies it, and on the split it was fitted on it cannot do worse than none (it minimises the NLL there).
     from cxr_ray.calibration import nll

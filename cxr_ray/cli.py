@@ -168,10 +168,10 @@ def train_config_from_args(args: argparse.Namespace) -> ExperimentConfig:
 def cmd_train(args: argparse.Namespace) -> int:
     """Train on Ray Train; prints a summary and, last, the best checkpoint's path."""
     from cxr_ray.data import io
+    from cxr_ray.data.preprocessing import resolve_preprocessing
     from cxr_ray.train import check_run_dir, run_training
     from cxr_ray.tta import format_decisions
     from cxr_ray.weights import ensure_available
-    from cxr_ray.data.preprocessing import resolve_preprocessing
 
     cfg = train_config_from_args(args)
     check_storage(cfg, "train.storage_path")

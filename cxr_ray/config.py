@@ -381,9 +381,9 @@ class ExperimentConfig:
     def __post_init__(self) -> None:
         size = self.data.image_size or pretrained_info(self.model.name, self.model.weights,
                                                        self.model.weights_format).image_size
+        whose = "" if self.data.image_size else ", the weights' own"
         _check(self.data.cache_size == 0 or self.data.cache_size >= size, "data.cache_size",
-               f">= the image size ({size}{'' if self.data.image_size else ', the weights own'}) so the cache "
-               f"is never upscaled", self.data.cache_size)
+               f">= the image size ({size}{whose}) so the cache is never upscaled", self.data.cache_size)
 
     @property
     def tune_metric(self) -> str:

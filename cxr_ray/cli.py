@@ -175,7 +175,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = train_config_from_args(args)
     check_storage(cfg, "train.storage_path")
-    ensure_available(cfg.model.name, cfg.model.weights)  # a missing download fails here, before Ray
+    ensure_available(cfg.model.name, cfg.model.weights, cfg.model.weights_format)  # fails here, before Ray
     if cfg.train.name:  # a named run folder is checked before the cache is built (again in run_training)
         check_run_dir(cfg, io.join(io.absolute(cfg.train.storage_path), cfg.train.name), bool(args.resume))
     print(f"[train] {cfg.model.name}, weights {cfg.model.weights}; preprocessing: "
@@ -509,7 +509,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if not cache_uri:  # (--resume: the experiment's saved config has it)
         cfg = with_shared_cache_size(cfg)
     for variant in model_variants(cfg):  # every backbone the search can pick, before Ray
-        ensure_available(variant.model.name, variant.model.weights)
+        ensure_available(variant.model.name, variant.model.weights, variant.model.weights_format)
     if args.ensemble_top_k is None:  # the demo shows an ensemble of its best 3 trials
         k = min(3, cfg.tune.num_samples) if args.demo and not args.resume else 0
         args.ensemble_top_k = k if k >= 2 else 0

@@ -84,7 +84,7 @@ def _load_pretrained(model: nn.Module, cfg: ModelConfig, stem: str, head: str) -
     """Load ``model.weights`` into ``model`` (whose ``stem`` convolution is one-channel), all
     but the ``head`` classifier; RGB stems are summed over RGB (see module doc). A file for
     another architecture is a :class:`WeightsError`."""
-    state = pretrained_state(cfg.name, cfg.weights)
+    state = pretrained_state(cfg.name, cfg.weights, cfg.weights_format)
     if state is None:
         return
     state = {_OLD_DENSENET_KEY.sub(r"\1\2", k): v for k, v in state.items() if not k.startswith(f"{head}.")}

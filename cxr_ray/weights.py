@@ -151,10 +151,11 @@ def txrv_file(name: str, download: bool = True) -> str:
         raise WeightsError(f"could not download TorchXRayVision weights txrv:{name} ({e}). {place}") from e
 
 
-def read_state_file(path: str, what: str) -> dict[str, Any]:
-    """A state dict from a weights file: a plain state dict, ``{"state_dict": ...}``, or a pickled
-    TorchXRayVision model (its DenseNet release files; unpickled with TorchXRayVision installed,
-    as TorchXRayVision itself loads them)."""
+def read_state_file(path: str, what: str, txrv: bool = False) -> dict[str, Any]:
+    """A state dict from a weights file: a plain state dict or ``{"state_dict": ...}``, loaded
+    with ``weights_only=True``. With ``txrv`` (TorchXRayVision's cache, or a file declared by
+    ``model.weights_format=txrv:NAME``) also a pickled TorchXRayVision model, as its DenseNet
+    release files are: see :func:`_load_pickled_model`."""
     import pickle
 
     import torch
@@ -163,13 +164,12 @@ def read_state_file(path: str, what: str) -> dict[str, Any]:
         raise WeightsError(f"{what}: {path!r} is not an existing file")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        try:
-            import torchxrayvision  # noqa: F401  (its classes are in the pickle)
-        except ImportError as e:
-            raise WeightsError(f"{what}: {path} is a pickled model, not a state dict; TorchXRayVision's "
-                               f"DenseNet files are: pip install 'cxr-ray[txrv]' to read them") from e
-        state = torch.load(path, map_location="cpu", weights_only=False)  # how TorchXRayVision reads it
+    except pickle.UnpicklingError as e:
+        if not txrv:
+            raise WeightsError(f"{what}: {path} holds more than tensors (a pickled model?) and was not loaded: "
+                               f"it could run code. A TorchXRayVision file: add --set "
+                               f"model.weights_format=txrv:NAME ({e})") from e
+        state = _load_pickled_model(path, what)
     if isinstance(state, torch.nn.Module):
         state = state.state_dict()
     if isinstance(state, dict) and "state_dict" in state:
@@ -180,7 +180,40 @@ def read_state_file(path: str, what: str) -> dict[str, Any]:
     return {k.removeprefix("model."): v for k, v in state.items() if k != "op_threshs"}
 
 
-def pretrained_state(model_name: str, weights: str) -> dict[str, Any] | None:
+PICKLED_MODULE_PREFIXES = ("torch.nn.modules.", "torchxrayvision.models.")
+
+
+def _load_pickled_model(path: str, what: str) -> Any:
+    """A pickled TorchXRayVision model, unpickled by torch's ``weights_only`` unpickler with
+    exactly the module classes it names allowed, and only when every one of them is a
+    ``torch.nn.Module`` class of torch or TorchXRayVision: anything else (a function, another
+    package) is refused, so the file cannot run code."""
+    import importlib
+
+    import torch
+
+    if not hasattr(torch.serialization, "get_unsafe_globals_in_checkpoint"):  # torch < 2.5
+        raise WeightsError(f"{what}: {path} is a pickled model; reading it safely needs torch >= 2.5")
+    try:
+        import torchxrayvision  # noqa: F401  (its classes are named in the pickle)
+    except ImportError as e:
+        raise WeightsError(f"{what}: {path} is a pickled TorchXRayVision model (its DenseNet files are); "
+                           f"pip install 'cxr-ray[txrv]' to read it") from e
+    names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    allowed, refused = [], []
+    for name in names:
+        module, _, attr = name.rpartition(".")
+        obj = getattr(importlib.import_module(module), attr, None) if name.startswith(PICKLED_MODULE_PREFIXES) else None
+        ok = isinstance(obj, type) and issubclass(obj, torch.nn.Module)
+        (allowed if ok else refused).append(obj if ok else name)
+    if refused:
+        raise WeightsError(f"{what}: {path} needs {refused} to unpickle, which are not torch or TorchXRayVision "
+                           f"model classes: refused (it could run code on load)")
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def pretrained_state(model_name: str, weights: str, weights_format: str = "") -> dict[str, Any] | None:
     """The state dict named by ``model.weights`` (None for ``none``); may download (see module doc)."""
     if weights == "none":
         return None
@@ -188,16 +221,16 @@ def pretrained_state(model_name: str, weights: str) -> dict[str, Any] | None:
         return _imagenet_state(model_name)
     name = txrv_name(weights)
     if name is not None:
-        return read_state_file(txrv_file(name), f"model.weights=txrv:{name}")
-    return read_state_file(weights, "model.weights")
+        return read_state_file(txrv_file(name), f"model.weights=txrv:{name}", txrv=True)
+    return read_state_file(weights, "model.weights", txrv=weights_format.startswith("txrv:"))
 
 
-def ensure_available(model_name: str, weights: str) -> None:
+def ensure_available(model_name: str, weights: str, weights_format: str = "") -> None:
     """Fetch (or find and read) the weights ``model.weights`` names now, in the driver before
     Ray starts, so that an offline machine or a bad file fails before any work (the training
     workers then read them from the same caches). No-op for ``none`` and the scratch CNN."""
     if weights != "none" and model_name != "simple_cnn":
-        pretrained_state(model_name, weights)
+        pretrained_state(model_name, weights, weights_format)
 
 
 def _imagenet_state(model_name: str) -> dict[str, Any]:

@@ -109,13 +109,27 @@ def test_offline_machine_is_told_which_file_to_place_where(txrv_home, monkeypatc
         build_model(ModelConfig(name="densenet121", weights=f"txrv:{name}"))
 
 
-def test_pickled_model_file_without_torchxrayvision_is_explained(tmp_path, monkeypatch):
+class _RunsCode:
+    def __reduce__(self):
+        return (print, ("this pickle runs code",))
+
+
+def test_pickled_files_load_only_as_declared_torchxrayvision_models(tmp_path, monkeypatch):
+    """A pickled model is read only when declared a TorchXRayVision file, by the weights_only
+    unpickler with nothing but torch / TorchXRayVision module classes allowed."""
     xrv = pytest.importorskip("torchxrayvision")
     path = tmp_path / "pickled.pt"
     torch.save(xrv.models.DenseNet(weights=None), path)
-    monkeypatch.setitem(sys.modules, "torchxrayvision", None)
-    with pytest.raises(WeightsError, match="pickled model"):
+    declared = {"weights_format": "txrv:densenet121-res224-all"}
+    with pytest.raises(WeightsError, match="could run code.*model.weights_format=txrv:NAME"):
         build_model(ModelConfig(name="densenet121", weights=str(path)))
+    evil = tmp_path / "evil.pt"
+    torch.save({"features.conv0.weight": torch.zeros(64, 1, 7, 7), "x": _RunsCode()}, evil)
+    with pytest.raises(WeightsError, match=r"needs \['builtins.print'\].*refused"):
+        build_model(ModelConfig(name="densenet121", weights=str(evil), **declared))
+    monkeypatch.setitem(sys.modules, "torchxrayvision", None)
+    with pytest.raises(WeightsError, match=r"pip install 'cxr-ray\[txrv\]'"):
+        build_model(ModelConfig(name="densenet121", weights=str(path), **declared))
 
 
 @pytest.mark.parametrize("over, message", [

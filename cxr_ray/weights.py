@@ -18,9 +18,11 @@ model is built with pretrained weights) may download.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -180,36 +182,94 @@ def read_state_file(path: str, what: str, txrv: bool = False) -> dict[str, Any]:
     return {k.removeprefix("model."): v for k, v in state.items() if k != "op_threshs"}
 
 
-PICKLED_MODULE_PREFIXES = ("torch.nn.modules.", "torchxrayvision.models.")
+# what a pickled model may name besides torch / TorchXRayVision module classes: tensor data
+_DATA_GLOBALS = {("collections", "OrderedDict"), ("builtins", "set"), ("__builtin__", "set"),
+                 ("torch._utils", "_rebuild_tensor"),
+                 ("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_parameter"),
+                 ("torch.nn.parameter", "Parameter"), ("torch", "Size")}
+_STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING", "BINSTRING", "STRING"}
 
 
-def _load_pickled_model(path: str, what: str) -> Any:
-    """A pickled TorchXRayVision model, unpickled by torch's ``weights_only`` unpickler with
-    exactly the module classes it names allowed, and only when every one of them is a
-    ``torch.nn.Module`` class of torch or TorchXRayVision: anything else (a function, another
-    package) is refused, so the file cannot run code."""
+def pickle_globals(path: str) -> set[tuple[str, str]]:
+    """Every ``(module, name)`` a torch file's pickles import, read without unpickling it (its
+    ``data.pkl`` in the zip format; the leading pickles of the legacy format). A name that cannot
+    be read statically is returned as ``("?", "?")``, which nothing allows."""
+    import pickletools
+    import zipfile
+
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            streams = [z.read(n) for n in z.namelist() if n.endswith("data.pkl")]
+    else:  # legacy: magic number, protocol, sys info, the object, storage keys, then raw storages
+        streams = [Path(path).read_bytes()]
+    found: set[tuple[str, str]] = set()
+    for data in streams:
+        f = io.BytesIO(data)
+        for _ in range(5 if len(streams) == 1 and not data.startswith(b"PK") else 1):
+            strings: list[Any] = []
+            memo: dict[Any, Any] = {}
+            try:
+                for op, arg, _pos in pickletools.genops(f):
+                    if op.name in _STRING_OPS:
+                        strings.append(arg)
+                    elif op.name in ("BINPUT", "LONG_BINPUT", "PUT", "MEMOIZE"):
+                        memo[len(memo) if op.name == "MEMOIZE" else arg] = strings[-1] if strings else None
+                    elif op.name in ("BINGET", "LONG_BINGET", "GET"):
+                        strings.append(memo.get(arg))
+                    elif op.name in ("GLOBAL", "INST"):
+                        found.add(tuple(arg.split(" ", 1)))
+                    elif op.name.startswith("EXT"):  # the copyreg extension registry: unreadable here
+                        found.add(("?", "?"))
+                    elif op.name == "STACK_GLOBAL":
+                        pair = tuple(strings[-2:]) if len(strings) >= 2 else ()
+                        ok = len(pair) == 2 and all(isinstance(x, str) for x in pair)
+                        found.add(pair if ok else ("?", "?"))
+            except ValueError:  # past the pickles: raw storage bytes
+                break
+    return found
+
+
+def _module_class(module: str, name: str) -> Any:
+    """The torch / TorchXRayVision ``nn.Module`` class ``module.name``, else None."""
     import importlib
 
     import torch
 
-    if not hasattr(torch.serialization, "get_unsafe_globals_in_checkpoint"):  # torch < 2.5
-        raise WeightsError(f"{what}: {path} is a pickled model; reading it safely needs torch >= 2.5")
+    if not (module.startswith("torch.nn.modules.") or module == "torchxrayvision.models"):
+        return None
+    obj = getattr(importlib.import_module(module), name, None)
+    return obj if isinstance(obj, type) and issubclass(obj, torch.nn.Module) else None
+
+
+def _load_pickled_model(path: str, what: str) -> Any:
+    """A pickled TorchXRayVision model (its DenseNet release files). Every global its pickle
+    names is read first without unpickling (:func:`pickle_globals`); unless all are torch or
+    TorchXRayVision ``nn.Module`` classes or tensor data, the file is refused (it could run
+    code). A zip-format file is then read by torch's ``weights_only`` unpickler with exactly
+    those classes allowed; a legacy-format one (which ``weights_only`` cannot read when it holds
+    modules) as TorchXRayVision reads it, ``weights_only=False``, after that check."""
+    import zipfile
+
+    import torch
+
     try:
         import torchxrayvision  # noqa: F401  (its classes are named in the pickle)
     except ImportError as e:
         raise WeightsError(f"{what}: {path} is a pickled TorchXRayVision model (its DenseNet files are); "
                            f"pip install 'cxr-ray[txrv]' to read it") from e
-    names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    allowed, refused = [], []
-    for name in names:
-        module, _, attr = name.rpartition(".")
-        obj = getattr(importlib.import_module(module), attr, None) if name.startswith(PICKLED_MODULE_PREFIXES) else None
-        ok = isinstance(obj, type) and issubclass(obj, torch.nn.Module)
-        (allowed if ok else refused).append(obj if ok else name)
+    names = pickle_globals(path)
+    classes = {n: _module_class(*n) for n in names if n not in _DATA_GLOBALS and not
+               (n[0] == "torch" and n[1].endswith("Storage"))}
+    refused = sorted(".".join(n) for n, c in classes.items() if c is None)
     if refused:
         raise WeightsError(f"{what}: {path} needs {refused} to unpickle, which are not torch or TorchXRayVision "
                            f"model classes: refused (it could run code on load)")
-    with torch.serialization.safe_globals(allowed):
+    if not zipfile.is_zipfile(path):
+        return torch.load(path, map_location="cpu", weights_only=False)
+    if not hasattr(torch.serialization, "safe_globals"):  # torch < 2.5: the process-wide allowlist
+        torch.serialization.add_safe_globals(list(classes.values()))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    with torch.serialization.safe_globals(list(classes.values())):
         return torch.load(path, map_location="cpu", weights_only=True)
 
 

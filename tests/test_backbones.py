@@ -114,19 +114,30 @@ class _RunsCode:
         return (print, ("this pickle runs code",))
 
 
-def test_pickled_files_load_only_as_declared_torchxrayvision_models(tmp_path, monkeypatch):
-    """A pickled model is read only when declared a TorchXRayVision file, by the weights_only
-    unpickler with nothing but torch / TorchXRayVision module classes allowed."""
+@pytest.mark.parametrize("zip_format", [True, False])
+def test_pickled_files_load_only_as_declared_torchxrayvision_models(tmp_path, monkeypatch, zip_format, capsys):
+    """A pickled model is read only when declared a TorchXRayVision file, and only when its
+    pickle names nothing but torch / TorchXRayVision module classes and tensor data (checked
+    without unpickling); in torch's zip format and in the legacy one of TorchXRayVision's 2020
+    release files."""
     xrv = pytest.importorskip("torchxrayvision")
+    torch.manual_seed(0)
+    ref = xrv.models.DenseNet(weights=None).eval()
     path = tmp_path / "pickled.pt"
-    torch.save(xrv.models.DenseNet(weights=None), path)
+    torch.save(ref, path, _use_new_zipfile_serialization=zip_format)
     declared = {"weights_format": "txrv:densenet121-res224-all"}
     with pytest.raises(WeightsError, match="could run code.*model.weights_format=txrv:NAME"):
         build_model(ModelConfig(name="densenet121", weights=str(path)))
+    ours = build_model(ModelConfig(name="densenet121", weights=str(path), **declared)).eval()
+    x = torch.rand(1, 1, 64, 64) * 2048 - 1024
+    with torch.no_grad():
+        assert torch.allclose(_features(ours, x), ref.features2(x), atol=1e-4)
     evil = tmp_path / "evil.pt"
-    torch.save({"features.conv0.weight": torch.zeros(64, 1, 7, 7), "x": _RunsCode()}, evil)
-    with pytest.raises(WeightsError, match=r"needs \['builtins.print'\].*refused"):
+    torch.save({"features.conv0.weight": torch.zeros(64, 1, 7, 7), "x": _RunsCode()}, evil,
+               _use_new_zipfile_serialization=zip_format)
+    with pytest.raises(WeightsError, match=r"needs \['__builtin__.print'\].*refused"):
         build_model(ModelConfig(name="densenet121", weights=str(evil), **declared))
+    assert "this pickle runs code" not in capsys.readouterr().out
     monkeypatch.setitem(sys.modules, "torchxrayvision", None)
     with pytest.raises(WeightsError, match=r"pip install 'cxr-ray\[txrv\]'"):
         build_model(ModelConfig(name="densenet121", weights=str(path), **declared))

@@ -187,44 +187,35 @@ _DATA_GLOBALS = {("collections", "OrderedDict"), ("builtins", "set"), ("__builti
                  ("torch._utils", "_rebuild_tensor"),
                  ("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_parameter"),
                  ("torch.nn.parameter", "Parameter"), ("torch", "Size")}
-_STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING", "BINSTRING", "STRING"}
 
 
 def pickle_globals(path: str) -> set[tuple[str, str]]:
     """Every ``(module, name)`` a torch file's pickles import, read without unpickling it (its
-    ``data.pkl`` in the zip format; the leading pickles of the legacy format). A name that cannot
-    be read statically is returned as ``("?", "?")``, which nothing allows."""
+    ``data.pkl`` in the zip format; the leading pickles of the legacy format). Imports happen
+    only through the GLOBAL / INST opcodes (read exactly here) or STACK_GLOBAL / EXT* (protocol
+    4 and the extension registry, which ``torch.save``'s protocol 2 never writes): those are
+    returned as ``("?", "?")``, which nothing allows."""
     import pickletools
     import zipfile
 
-    if zipfile.is_zipfile(path):
+    legacy = not zipfile.is_zipfile(path)
+    if legacy:  # magic number, protocol, sys info, the object, storage keys, then raw storages
+        streams, pickles = [Path(path).read_bytes()], 5
+    else:
         with zipfile.ZipFile(path) as z:
-            streams = [z.read(n) for n in z.namelist() if n.endswith("data.pkl")]
-    else:  # legacy: magic number, protocol, sys info, the object, storage keys, then raw storages
-        streams = [Path(path).read_bytes()]
+            streams, pickles = [z.read(n) for n in z.namelist() if n.endswith("data.pkl")], 1
     found: set[tuple[str, str]] = set()
     for data in streams:
         f = io.BytesIO(data)
-        for _ in range(5 if len(streams) == 1 and not data.startswith(b"PK") else 1):
-            strings: list[Any] = []
-            memo: dict[Any, Any] = {}
+        for _ in range(pickles):
             try:
                 for op, arg, _pos in pickletools.genops(f):
-                    if op.name in _STRING_OPS:
-                        strings.append(arg)
-                    elif op.name in ("BINPUT", "LONG_BINPUT", "PUT", "MEMOIZE"):
-                        memo[len(memo) if op.name == "MEMOIZE" else arg] = strings[-1] if strings else None
-                    elif op.name in ("BINGET", "LONG_BINGET", "GET"):
-                        strings.append(memo.get(arg))
-                    elif op.name in ("GLOBAL", "INST"):
-                        found.add(tuple(arg.split(" ", 1)))
-                    elif op.name.startswith("EXT"):  # the copyreg extension registry: unreadable here
+                    if op.name in ("GLOBAL", "INST"):
+                        module, _, name = arg.partition(" ")
+                        found.add((module, name))
+                    elif op.name == "STACK_GLOBAL" or op.name.startswith("EXT"):
                         found.add(("?", "?"))
-                    elif op.name == "STACK_GLOBAL":
-                        pair = tuple(strings[-2:]) if len(strings) >= 2 else ()
-                        ok = len(pair) == 2 and all(isinstance(x, str) for x in pair)
-                        found.add(pair if ok else ("?", "?"))
-            except ValueError:  # past the pickles: raw storage bytes
+            except ValueError:  # past the pickles: raw storage bytes (or a truncated file)
                 break
     return found
 
@@ -237,7 +228,10 @@ def _module_class(module: str, name: str) -> Any:
 
     if not (module.startswith("torch.nn.modules.") or module == "torchxrayvision.models"):
         return None
-    obj = getattr(importlib.import_module(module), name, None)
+    try:
+        obj = getattr(importlib.import_module(module), name, None)
+    except ImportError:
+        return None
     return obj if isinstance(obj, type) and issubclass(obj, torch.nn.Module) else None
 
 
@@ -260,7 +254,8 @@ def _load_pickled_model(path: str, what: str) -> Any:
     names = pickle_globals(path)
     classes = {n: _module_class(*n) for n in names if n not in _DATA_GLOBALS and not
                (n[0] == "torch" and n[1].endswith("Storage"))}
-    refused = sorted(".".join(n) for n, c in classes.items() if c is None)
+    refused = sorted(".".join(n) if n != ("?", "?") else "<an import named only when unpickling>"
+                     for n, c in classes.items() if c is None)
     if refused:
         raise WeightsError(f"{what}: {path} needs {refused} to unpickle, which are not torch or TorchXRayVision "
                            f"model classes: refused (it could run code on load)")

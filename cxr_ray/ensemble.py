@@ -29,6 +29,7 @@ from cxr_ray.checkpoint import (CONFIG_FILE, MEMBERS_DIR, META_FILE, MODEL_FILE,
                                 checkpoint_files, content_digest, load_checkpoint, versions)
 from cxr_ray.data import io
 from cxr_ray.data.catalog import CLASSES
+from cxr_ray.data.preprocessing import Preprocessing
 
 VALIDATION = ("data.root", "data.val_split", "data.val_fraction", "data.seed")
 # shown per member
@@ -82,10 +83,15 @@ def check_members(ckpts: list[LoadedCheckpoint]) -> None:
             raise EnsembleError(f"members differ in {key} ({why}): {listed}")
 
 
-def _stored_contract(path: str) -> dict[str, Any] | None:
+def _stored_contract(path: str) -> Preprocessing | None:
     """A checkpoint's stored preprocessing contract without loading its weights (None: not stored)."""
     pre = json.loads(io.read_bytes(io.join(path, META_FILE))).get("preprocessing")
-    return {k: v for k, v in pre.items() if k != "source"} if pre else None
+    return Preprocessing.from_dict(pre) if pre else None
+
+
+def _same_preprocessing(a: Preprocessing | None, b: Preprocessing | None) -> bool:
+    """Equal contracts (where their constants come from aside); two unstored (older) ones count as equal."""
+    return (a is None and b is None) or (a is not None and b is not None and not a.differences(b))
 
 
 def top_k_checkpoints(experiment: str, k: int) -> list[str]:
@@ -103,7 +109,7 @@ def top_k_checkpoints(experiment: str, k: int) -> list[str]:
     paths = [p for p in ok["checkpoint_path"] if io.exists(io.join(p, META_FILE))]
     if paths:
         best = _stored_contract(paths[0])
-        paths = [p for p in paths if _stored_contract(p) == best]
+        paths = [p for p in paths if _same_preprocessing(best, _stored_contract(p))]
     if len(paths) < k:
         raise EnsembleError(f"--from {experiment}: asked for the top {k} trials, only {len(paths)} have a "
                             f"checkpoint with the best trial's preprocessing")

@@ -20,7 +20,7 @@ import torch
 from cxr_ray.calibration import calibration_report
 from cxr_ray.checkpoint import LoadedCheckpoint
 from cxr_ray.data import io
-from cxr_ray.data.catalog import CLASSES, DataError
+from cxr_ray.data.catalog import CLASSES
 from cxr_ray.data.transforms import Collate
 from cxr_ray.engine import predict_logits, prefers_channels_last, probabilities
 from cxr_ray.metrics import binary_metrics, bootstrap_ci, operating_points
@@ -36,15 +36,13 @@ def predict_split(ckpt: LoadedCheckpoint, cache: Any, split: str, batch_size: in
     (driver process, CPU), in ``precision`` (``"bf16"`` / ``"fp32"``, see
     ``LoadedCheckpoint.precision``); ``probability`` is the calibrated
     ``sigmoid(logit / ckpt.temperature + ckpt.logit_bias)``."""
-    from cxr_ray.data.pipeline import collated_keeping, split_dataset
+    from cxr_ray.data.pipeline import check_cache_size, collated_keeping, split_dataset
 
     device = torch.device("cpu")
     channels_last = prefers_channels_last(ckpt.cfg.model.name, device)
     model = ckpt.model.to(memory_format=torch.channels_last) if channels_last else ckpt.model
     contract = ckpt.preprocessing
-    if cache.size != contract.cache_size:
-        raise DataError(f"cache {cache.uri} holds {cache.size} px images; {ckpt.path} decodes at "
-                        f"{contract.cache_size} px ({contract.describe()})")
+    check_cache_size(cache, contract, str(ckpt.path))
     ds = split_dataset(cache, split, contract.image_size, with_paths=True)
     kept: dict[str, list] = {}
     collate = Collate(contract, device, channels_last=channels_last)

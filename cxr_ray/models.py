@@ -122,9 +122,7 @@ def build_resnet50(cfg: ModelConfig) -> nn.Module:
     model.conv1 = _gray_stem(model.conv1)
     _load_pretrained(model, cfg, stem="conv1", head="fc")
     trainable = set(RESNET_STAGES[: cfg.unfreeze_depth]) | (set(STEM) if cfg.unfreeze_depth >= 4 else set())
-    for name in (*STEM, *RESNET_STAGES):
-        if name not in trainable:
-            _freeze(model, name)
+    _freeze_all_but(model, trainable)  # (fc too: it is replaced by the head below)
     model.fc = nn.Sequential(nn.Dropout(cfg.dropout), LogitLinear(model.fc.in_features, 1))
     return model
 

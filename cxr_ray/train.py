@@ -33,7 +33,8 @@ from cxr_ray.config import ConfigError, ExperimentConfig, config_diff
 from cxr_ray.data import io
 from cxr_ray.data.catalog import DataError
 from cxr_ray.data.preprocessing import Preprocessing, resolve_preprocessing
-from cxr_ray.data.pipeline import TorchCollate, collated_keeping, epoch_batches, split_datasets
+from cxr_ray.data.pipeline import (TorchCollate, check_cache_size, collated_keeping, epoch_batches,
+                                   split_datasets)
 from cxr_ray.engine import (EarlyStopping, make_optimizer, make_scheduler, pos_weight_from_counts,
                             predict_logits, prefers_channels_last, resolve_precision,
                             train_one_epoch)
@@ -281,9 +282,7 @@ def training_inputs(cfg: ExperimentConfig, cache: Any, selection_metric: str = "
     n_normal, n_pneu = cache.split_counts("train")
     pos_weight = cfg.train.pos_weight or pos_weight_from_counts(n_normal, n_pneu)
     contract = resolve_preprocessing(cfg)
-    if contract.cache_size != cache.size:
-        raise DataError(f"cache {cache.uri} holds {cache.size} px images; this model's preprocessing decodes at "
-                        f"{contract.cache_size} px ({contract.describe()}); prepare it with the same config")
+    check_cache_size(cache, contract, "this config's preprocessing")
     return TrainingInputs(
         datasets=split_datasets(cache, contract.image_size, materialize_gb=cfg.data.materialize_gb,
                                 shuffle_seed=cfg.train.seed),

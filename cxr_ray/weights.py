@@ -198,25 +198,26 @@ def pickle_globals(path: str) -> set[tuple[str, str]]:
     import pickletools
     import zipfile
 
-    legacy = not zipfile.is_zipfile(path)
-    if legacy:  # magic number, protocol, sys info, the object, storage keys, then raw storages
-        streams, pickles = [Path(path).read_bytes()], 5
-    else:
+    if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as z:
-            streams, pickles = [z.read(n) for n in z.namelist() if n.endswith("data.pkl")], 1
+            name = next((n for n in z.namelist() if n.endswith("data.pkl")), None)
+            if name is None:
+                return {("?", "?")}
+            data, pickles = z.read(name), 1
+    else:  # legacy: magic number, protocol, sys info, the object, storage keys, then raw storages
+        data, pickles = Path(path).read_bytes(), 5
     found: set[tuple[str, str]] = set()
-    for data in streams:
-        f = io.BytesIO(data)
+    f = io.BytesIO(data)
+    try:
         for _ in range(pickles):
-            try:
-                for op, arg, _pos in pickletools.genops(f):
-                    if op.name in ("GLOBAL", "INST"):
-                        module, _, name = arg.partition(" ")
-                        found.add((module, name))
-                    elif op.name == "STACK_GLOBAL" or op.name.startswith("EXT"):
-                        found.add(("?", "?"))
-            except ValueError:  # past the pickles: raw storage bytes (or a truncated file)
-                break
+            for op, arg, _pos in pickletools.genops(f):
+                if op.name in ("GLOBAL", "INST"):
+                    module, _, name = arg.partition(" ")
+                    found.add((module, name))
+                elif op.name == "STACK_GLOBAL" or op.name.startswith("EXT"):
+                    found.add(("?", "?"))
+    except ValueError:  # past the pickles: raw storage bytes (or a truncated file)
+        pass
     return found
 
 

@@ -15,6 +15,7 @@ import numpy as np
 
 from cxr_ray.data.cache import PreparedCache
 from cxr_ray.data.catalog import SPLITS, DataError
+from cxr_ray.data.preprocessing import Preprocessing
 from cxr_ray.data.transforms import Collate, pixels_to_array, to_model_size
 
 try:  # Ray >= 2.47 wants collate functions to declare their input format
@@ -40,6 +41,14 @@ def to_model_batch(batch: dict[str, Any], cache_size: int, image_size: int,
         out["path"] = np.asarray(batch["path"], dtype=object)
         out["patient"] = np.asarray(batch["patient"], dtype=object)
     return out
+
+
+def check_cache_size(cache: PreparedCache, contract: Preprocessing, whose: str) -> None:
+    """:class:`DataError` when ``cache`` was not decoded at the cache size ``contract`` (``whose``
+    preprocessing) decodes at: its images would differ from the ones the model sees elsewhere."""
+    if cache.size != contract.cache_size:
+        raise DataError(f"cache {cache.uri} holds {cache.size} px images; {whose} decodes at "
+                        f"{contract.cache_size} px ({contract.describe()})")
 
 
 def split_dataset(cache: PreparedCache, split: str, image_size: int, with_paths: bool = False,

@@ -22,7 +22,6 @@ import io
 import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -153,120 +152,75 @@ def txrv_file(name: str, download: bool = True) -> str:
         raise WeightsError(f"could not download TorchXRayVision weights txrv:{name} ({e}). {place}") from e
 
 
+# a weights file is read whole into memory, once; ResNet-50 / DenseNet-121 files are ~100 / ~30 MB
+MAX_WEIGHTS_BYTES = 4 << 30
+
+
+def read_weights_bytes(path: str, what: str) -> bytes:
+    """The bytes of weights file ``path``, read through one open handle (what is checked is
+    what is loaded: nothing reopens it by path). Not a regular file, or over
+    :data:`MAX_WEIGHTS_BYTES`: :class:`WeightsError`."""
+    import stat
+
+    try:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused just below)
+        with os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise WeightsError(f"{what}: {path} is not a regular file")
+            if st.st_size > MAX_WEIGHTS_BYTES:
+                raise WeightsError(f"{what}: {path} is {st.st_size / 2**30:.1f} GiB, over the "
+                                   f"{MAX_WEIGHTS_BYTES >> 30} GiB a weights file may have")
+            data = f.read(MAX_WEIGHTS_BYTES + 1)
+    except OSError as e:
+        raise WeightsError(f"{what}: {path!r} is not an existing, readable file ({e.strerror or e})") from e
+    if len(data) > MAX_WEIGHTS_BYTES:  # it grew while being read
+        raise WeightsError(f"{what}: {path} is over the {MAX_WEIGHTS_BYTES >> 30} GiB a weights file may have")
+    return data
+
+
 def read_state_file(path: str, what: str, txrv: bool = False) -> dict[str, Any]:
     """A state dict from a weights file: a plain state dict or ``{"state_dict": ...}``, loaded
     with ``weights_only=True``. With ``txrv`` (TorchXRayVision's cache, or a file declared by
     ``model.weights_format=txrv:NAME``) also a pickled TorchXRayVision model, as its DenseNet
-    release files are: see :func:`_load_pickled_model`."""
+    release files are, read as data by :mod:`cxr_ray.pickled_model` (no code of the file runs)."""
     import pickle
 
     import torch
 
-    if not os.path.isfile(path):
-        raise WeightsError(f"{what}: {path!r} is not an existing file")
+    data = read_weights_bytes(path, what)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if not txrv:
             raise WeightsError(f"{what}: {path} holds more than tensors (a pickled model?) and was not loaded: "
                                f"it could run code. A TorchXRayVision file: add --set "
-                               f"model.weights_format=txrv:NAME ({e})") from e
-        state = _load_pickled_model(path, what)
-    if isinstance(state, torch.nn.Module):
-        state = state.state_dict()
+                               f"model.weights_format=txrv:NAME ({str(e).splitlines()[0]})") from e
+        state = _load_pickled_model(data, path, what)
+    except Exception as e:  # not a torch file at all: truncated, a zip of something else, text...
+        raise WeightsError(f"{what}: {path} is not a torch weights file ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''})") from e
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise WeightsError(f"{what}: {path} holds a {type(state).__name__}, not a state dict")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"{what}: {path} holds a {type(state).__name__}, not a state dict of tensors")
     # TorchXRayVision's ResNet wraps torchvision's as .model; their operating points are no weights
     return {k.removeprefix("model."): v for k, v in state.items() if k != "op_threshs"}
 
 
-# what a pickled model may name besides torch / TorchXRayVision module classes: tensor data
-_DATA_GLOBALS = {("collections", "OrderedDict"), ("builtins", "set"), ("__builtin__", "set"),
-                 ("torch._utils", "_rebuild_tensor"),
-                 ("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_parameter"),
-                 ("torch.nn.parameter", "Parameter"), ("torch", "Size")}
-
-
-def pickle_globals(path: str) -> set[tuple[str, str]]:
-    """Every ``(module, name)`` a torch file's pickles import, read without unpickling it (its
-    ``data.pkl`` in the zip format; the leading pickles of the legacy format). Imports happen
-    only through the GLOBAL / INST opcodes (read exactly here) or STACK_GLOBAL / EXT* (protocol
-    4 and the extension registry, which ``torch.save``'s protocol 2 never writes): those are
-    returned as ``("?", "?")``, which nothing allows."""
-    import pickletools
-    import zipfile
-
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as z:
-            name = next((n for n in z.namelist() if n.endswith("data.pkl")), None)
-            if name is None:
-                return {("?", "?")}
-            data, pickles = z.read(name), 1
-    else:  # legacy: magic number, protocol, sys info, the object, storage keys, then raw storages
-        data, pickles = Path(path).read_bytes(), 5
-    found: set[tuple[str, str]] = set()
-    f = io.BytesIO(data)
-    try:
-        for _ in range(pickles):
-            for op, arg, _pos in pickletools.genops(f):
-                if op.name in ("GLOBAL", "INST"):
-                    module, _, name = arg.partition(" ")
-                    found.add((module, name))
-                elif op.name == "STACK_GLOBAL" or op.name.startswith("EXT"):
-                    found.add(("?", "?"))
-    except ValueError:  # past the pickles: raw storage bytes (or a truncated file)
-        pass
-    return found
-
-
-def _module_class(module: str, name: str) -> Any:
-    """The torch / TorchXRayVision ``nn.Module`` class ``module.name``, else None."""
-    import importlib
-
-    import torch
-
-    if not (module.startswith("torch.nn.modules.") or module == "torchxrayvision.models"):
-        return None
-    try:
-        obj = getattr(importlib.import_module(module), name, None)
-    except ImportError:
-        return None
-    return obj if isinstance(obj, type) and issubclass(obj, torch.nn.Module) else None
-
-
-def _load_pickled_model(path: str, what: str) -> Any:
-    """A pickled TorchXRayVision model (its DenseNet release files). Every global its pickle
-    names is read first without unpickling (:func:`pickle_globals`); unless all are torch or
-    TorchXRayVision ``nn.Module`` classes or tensor data, the file is refused (it could run
-    code). A zip-format file is then read by torch's ``weights_only`` unpickler with exactly
-    those classes allowed; a legacy-format one (which ``weights_only`` cannot read when it holds
-    modules) as TorchXRayVision reads it, ``weights_only=False``, after that check."""
-    import zipfile
-
-    import torch
+def _load_pickled_model(data: bytes, path: str, what: str) -> Any:
+    """The state dict of a pickled TorchXRayVision model (its DenseNet release files, zip or
+    legacy format), read by the restricted unpickler of :mod:`cxr_ray.pickled_model`: module
+    classes become inert placeholders, tensors are rebuilt by torch, anything else is refused
+    with one line naming the file and what it named."""
+    from cxr_ray.pickled_model import InertModule, PickleRefused, load_pickled, module_state_dict
 
     try:
-        import torchxrayvision  # noqa: F401  (its classes are named in the pickle)
-    except ImportError as e:
-        raise WeightsError(f"{what}: {path} is a pickled TorchXRayVision model (its DenseNet files are); "
-                           f"pip install 'cxr-ray[txrv]' to read it") from e
-    names = pickle_globals(path)
-    classes = {n: _module_class(*n) for n in names if n not in _DATA_GLOBALS and not
-               (n[0] == "torch" and n[1].endswith("Storage"))}
-    refused = sorted(".".join(n) if n != ("?", "?") else "<an import named only when unpickling>"
-                     for n, c in classes.items() if c is None)
-    if refused:
-        raise WeightsError(f"{what}: {path} needs {refused} to unpickle, which are not torch or TorchXRayVision "
-                           f"model classes: refused (it could run code on load)")
-    if not zipfile.is_zipfile(path):
-        return torch.load(path, map_location="cpu", weights_only=False)
-    if not hasattr(torch.serialization, "safe_globals"):  # torch < 2.5: the process-wide allowlist
-        torch.serialization.add_safe_globals(list(classes.values()))
-        return torch.load(path, map_location="cpu", weights_only=True)
-    with torch.serialization.safe_globals(list(classes.values())):
-        return torch.load(path, map_location="cpu", weights_only=True)
+        obj = load_pickled(data)
+        return module_state_dict(obj) if isinstance(obj, InertModule) else obj
+    except PickleRefused as e:
+        raise WeightsError(f"{what}: {path} refused, it is not a model made only of tensors and torch / "
+                           f"TorchXRayVision model classes (it could run code on load): {e}") from e
 
 
 def pretrained_state(model_name: str, weights: str, weights_format: str = "") -> dict[str, Any] | None:
@@ -290,13 +244,14 @@ def ensure_available(model_name: str, weights: str, weights_format: str = "") ->
 
 
 def _imagenet_state(model_name: str) -> dict[str, Any]:
-    """torchvision's ImageNet weights for ``model_name`` (its download and cache)."""
+    """torchvision's ImageNet weights for ``model_name``: its download and cache, the file's
+    SHA-256 checked against the prefix in its name on download, read with ``weights_only=True``."""
     import torch
     from torchvision.models import DenseNet121_Weights, ResNet50_Weights
 
     w = {"resnet50": ResNet50_Weights.IMAGENET1K_V2, "densenet121": DenseNet121_Weights.IMAGENET1K_V1}[model_name]
     try:
-        return w.get_state_dict(progress=False)
+        return w.get_state_dict(progress=False, check_hash=True, weights_only=True)
     except Exception as e:  # URLError, HTTPError, SSL errors...: all mean "no download"
         raise WeightsError(
             f"could not load torchvision's ImageNet {model_name} weights ({w.url}): {e}. Put the file in "

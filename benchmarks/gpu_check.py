@@ -21,6 +21,9 @@ step Ray Train workers run) on ``models.build_model``'s ResNet-50, and ``score.P
    the limit.
 
 Ends with a short table; ``--out`` also writes it as JSON.
+
+The project needs torch >= 2.10 (older releases' ``weights_only=True`` loader can run code:
+CVE-2026-24747); the GPU machine's torch 2.11 meets it, and the check says so when one does not.
 """
 
 from __future__ import annotations
@@ -375,6 +378,9 @@ def main(argv: list[str] | None = None) -> int:
         args.steps, args.warmup, args.decode_images, args.decode_repeat = 1, 1, 8, 1
         args.original_size, args.decode_workers = [300, 240], min(2, os.cpu_count() or 1)
         args.no_compile, args.agree_epochs, args.agree_batch = True, 1, 4
+    if tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 10):
+        print(f"WARNING: torch {torch.__version__} is below cxr_ray's floor of 2.10 (weights_only=True can run "
+              f"code there); the figures stand, the project will not install on it", flush=True)
     result = run(args)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1, default=lambda v: None if v != v else v))

@@ -21,8 +21,9 @@ import pyarrow.parquet as pq
 
 from cxr_ray.data import io
 from cxr_ray.data.catalog import CLASSES, DataError
-from cxr_ray.data.lease import LeaseHeld, is_stale, read_lease
+from cxr_ray.data.lease import held_by
 from cxr_ray.data.listing import UNKNOWN_LABEL, PathSet
+from cxr_ray.metrics import decision_threshold, predicted_classes
 
 OUTPUT_SCHEMA = pa.schema([
     ("path", pa.string()),
@@ -52,8 +53,8 @@ def to_output_table(batch: dict[str, np.ndarray], with_labels: bool) -> pa.Table
     """A predictor batch as an output table: nulls for errors, class names, UTC timestamps."""
     ok = np.asarray([e == "" for e in batch["error"]], dtype=bool)
     probs = np.asarray(batch["prob_pneumonia"], np.float32)
-    threshold = np.asarray(batch["threshold"], np.float32)
-    prediction = np.where(probs >= threshold, CLASSES[1], CLASSES[0]).astype(object)
+    threshold = np.asarray(decision_threshold(batch["threshold"]), np.float32)
+    prediction = predicted_classes(probs, threshold)
     prediction[~ok] = None
     width, height = np.asarray(batch["width"], np.int32), np.asarray(batch["height"], np.int32)
     columns = {
@@ -177,9 +178,9 @@ def check_output(out: OutputFolder, model_id: str, with_labels: bool, resume: bo
     """
     if out.fs.get_file_info(out.path).type == pafs.FileType.File:
         raise ScoreError(f"--output {out.uri!r} is a file; expected a folder (new or from an earlier score job)")
-    holder = read_lease(io.join(out.uri, LEASE_FILE))
-    if holder is not None and not is_stale(holder):
-        raise ScoreError(f"--output {out.uri!r} is in use: {LeaseHeld(out.uri, holder)}. Wait for that job "
+    held = held_by(io.join(out.uri, LEASE_FILE))
+    if held is not None:
+        raise ScoreError(f"--output {out.uri!r} is in use: {held}. Wait for that job "
                          f"to finish (then --resume), or choose another --output")
     parts = out.parts()
     if parts and not resume:

@@ -11,6 +11,7 @@ like the shared 224 px copies, the aspect ratio is not kept (the whole chest sta
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import functools
 import hashlib
 import io as _io
@@ -20,16 +21,25 @@ import stat
 import threading
 import warnings
 from dataclasses import dataclass
-from typing import Callable, TypeVar
+from typing import TYPE_CHECKING, Callable, Iterator, TypeVar
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    from pydicom.dataset import Dataset
 
 T = TypeVar("T")
 # data.max_pixels's default: a 4000x4000 detector image is 16 MP; a header claiming more than
 # 100 MP is a corrupt or hostile file whose decode would need gigabytes.
 DEFAULT_MAX_PIXELS = 100_000_000
 DEFAULT_READ_TIMEOUT_S = 60.0
+# data.max_file_mb's default (MB of 2**20 bytes): an uncompressed 16-bit 4000x4000 DICOM is
+# 32 MB; a file of more than 512 MB is not one chest X-ray, and reading it would hold it whole.
+DEFAULT_MAX_FILE_MB = 512.0
+_MB = 2**20
+_READ_CHUNK = 8 * _MB  # read size once a file turns out longer than its stat/metadata said
 
 
 class ImageDecodeError(ValueError):
@@ -94,8 +104,11 @@ def _open_dicom(data: bytes, path: str, max_pixels: int) -> Image.Image:
     try:
         ds = pydicom.dcmread(_io.BytesIO(data), force=path.lower().endswith(DICOM_EXTENSIONS))
         rows, cols = int(getattr(ds, "Rows", 0) or 0), int(getattr(ds, "Columns", 0) or 0)
-        frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
-        _check_pixels(path, cols, rows * max(frames, 1), max_pixels)  # from the header, before decoding
+        frames = max(int(getattr(ds, "NumberOfFrames", 1) or 1), 1)
+        samples = max(int(getattr(ds, "SamplesPerPixel", 1) or 1), 1)
+        _check_dicom_budget(path, cols, rows, frames, samples, max_pixels)  # from the header, before decoding
+        if frames > 1:  # refused from the header too: decoding every frame first could take gigabytes
+            raise ImageDecodeError(path, f"multi-frame DICOM ({frames} frames) is not a chest radiograph")
         arr = ds.pixel_array
     except ImageDecodeError:
         raise
@@ -105,8 +118,6 @@ def _open_dicom(data: bytes, path: str, max_pixels: int) -> Image.Image:
         raise ImageDecodeError(path, f"DICOM file has no pixel data ({e})") from e
     except Exception as e:  # noqa: BLE001 - pydicom raises many types for broken/unsupported data
         raise ImageDecodeError(path, f"cannot decode DICOM pixel data ({type(e).__name__}: {e})") from e
-    if frames > 1:
-        raise ImageDecodeError(path, f"multi-frame DICOM ({frames} frames) is not a chest radiograph")
     photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
     if arr.ndim == 3:  # colour (RGB, YBR converted by pydicom): average to one channel
         if not photometric.startswith(("RGB", "YBR")):
@@ -122,6 +133,34 @@ def _open_dicom(data: bytes, path: str, max_pixels: int) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(values))
 
 
+# The memory data.max_pixels allows a decode, per pixel: Pillow holds a pixel of its widest
+# modes (RGB, RGBA, CMYK, I, F) in 32 bits, so an image at the limit takes 4 bytes a pixel.
+_BUDGET_BYTES_PER_PIXEL = 4
+# A DICOM sample, once the modality LUT (rescale) and VOI LUT (window) steps have run: both
+# return float64 arrays, the widest array the DICOM decode holds (pixel_array itself has
+# BitsAllocated, usually 16, and the result is float32).
+_DICOM_BYTES_PER_SAMPLE = 8
+
+
+def _check_dicom_budget(path: str, cols: int, rows: int, frames: int, samples: int, max_pixels: int) -> None:
+    """:class:`ImageDecodeError` when a DICOM header claims more than ``max_pixels`` allows.
+
+    The budget is memory: an image of ``max_pixels`` pixels may take
+    ``max_pixels * 4`` bytes (:data:`_BUDGET_BYTES_PER_PIXEL`). A DICOM decode holds
+    ``rows * cols * frames * SamplesPerPixel`` samples, each as a float64 (8 bytes) after the
+    LUT steps, so it may hold half as many samples as an image has pixels: 50 M at the default
+    100 MP (a 16-bit 3000x3000 radiograph is 9 M, a 4000x4000 one 16 M). Every sample is
+    counted at 8 bytes, also for colour data that skips the LUT steps: an upper bound.
+    """
+    total = cols * rows * frames * samples
+    needed, allowed = total * _DICOM_BYTES_PER_SAMPLE, max_pixels * _BUDGET_BYTES_PER_PIXEL
+    if needed > allowed:
+        raise ImageDecodeError(path, f"DICOM header claims {cols}x{rows} x {frames} frame(s) x {samples} sample(s) "
+                                     f"= {total / 1e6:.1f} M samples, {needed / 1e6:.0f} MB as float64, over the "
+                                     f"{allowed / 1e6:.0f} MB data.max_pixels={max_pixels} allows (4 bytes a pixel; "
+                                     f"corrupt or not an X-ray)")
+
+
 def _check_pixels(path: str, width: int, height: int, max_pixels: int) -> None:
     if width * height > max_pixels:
         raise ImageDecodeError(path, f"image header claims {width}x{height} = {width * height / 1e6:.0f} MP, "
@@ -135,14 +174,33 @@ def _raise_pil_limit(max_pixels: int) -> None:
         Image.MAX_IMAGE_PIXELS = max_pixels
 
 
+# The Pillow formats a file may be read as, by its name's extension. Anything else (bytes
+# without a name, no extension, an unknown one) may be one of _RASTER_FORMATS: never EPS
+# (Pillow runs Ghostscript on it), PDF, or any of Pillow's other, rarely used parsers.
+_RASTER_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")
+_FORMATS_BY_EXTENSION = {".png": ("PNG",), ".jpg": ("JPEG",), ".jpeg": ("JPEG",), ".jpe": ("JPEG",),
+                         ".jfif": ("JPEG",), ".bmp": ("BMP",), ".tif": ("TIFF",), ".tiff": ("TIFF",),
+                         ".gif": ("GIF",)}
+
+
+def allowed_formats(path: str) -> tuple[str, ...]:
+    """The Pillow formats ``path`` may be decoded as: its extension's own (``.png`` -> PNG,
+    ``.jpg``/``.jpeg`` -> JPEG, ``.bmp``, ``.tif``/``.tiff``, ``.gif``), else (``<bytes>``, no
+    or another extension) the common raster formats PNG, JPEG, BMP and TIFF."""
+    ext = os.path.splitext(path.replace("\\", "/").rsplit("/", 1)[-1])[1].lower()
+    return _FORMATS_BY_EXTENSION.get(ext, _RASTER_FORMATS)
+
+
 def decode_image(data: bytes, size: int, path: str = "<bytes>", draft: bool = True,
                  max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, int, int]:
     """Decode image bytes to a ``(size, size)`` uint8 array.
 
     Returns ``(pixels, original_width, original_height)``. Raises :class:`ImageDecodeError`
     naming ``path`` for empty, truncated, non-image or unsupported files, and for a header
-    that claims more than ``max_pixels`` (checked before any pixel is decoded). ``draft=False``
-    forces a full decode (used by the benchmark as the reference).
+    that claims more than ``max_pixels`` (checked before any pixel is decoded). Only the
+    formats :func:`allowed_formats` gives for ``path`` are tried (EPS saved as ``x.png`` is
+    not a PNG, and never reaches Ghostscript). ``draft=False`` forces a full decode (used by
+    the benchmark as the reference).
     """
     if not data:
         raise ImageDecodeError(path, "empty file (0 bytes)")
@@ -151,17 +209,19 @@ def decode_image(data: bytes, size: int, path: str = "<bytes>", draft: bool = Tr
         width, height = img.size
         return _finish(img, width, height, size, path)
     _raise_pil_limit(max_pixels)
+    formats = allowed_formats(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(_io.BytesIO(data))  # reads the header only
+            img = Image.open(_io.BytesIO(data), formats=formats)  # reads the header only
             width, height = img.size
             _check_pixels(path, width, height, max_pixels)
             if draft and img.format == "JPEG" and img.mode in ("L", "RGB"):
                 img.draft("L", (size, size))  # DCT-domain downscale, never below size
             img.load()
     except UnidentifiedImageError as e:
-        raise ImageDecodeError(path, "not a recognised image file") from e
+        raise ImageDecodeError(path, f"not a recognised image file (read as {'/'.join(formats)}, "
+                                     f"the formats its name allows)") from e
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -234,14 +294,16 @@ _FILE_KINDS = {stat.S_IFIFO: "a named pipe (FIFO)", stat.S_IFSOCK: "a socket", s
                stat.S_IFBLK: "a block device", stat.S_IFDIR: "a folder"}
 
 
-def check_regular_file(path: str) -> None:
-    """:class:`ImageDecodeError` unless the local ``path`` is (a symlink to) a regular file.
+def check_regular_file(path: str) -> os.stat_result:
+    """``os.stat(path)``; :class:`ImageDecodeError` unless the local ``path`` is (a symlink
+    to) a regular file.
 
     Opening a FIFO blocks until someone writes to it, and a device never ends: both are
     refused from ``stat`` alone, before anything is opened.
     """
     try:
-        mode = os.stat(path).st_mode
+        st = os.stat(path)
+        mode = st.st_mode
     except FileNotFoundError as e:
         if os.path.islink(path):
             raise ImageDecodeError(path, f"broken symlink (it points to {os.readlink(path)!r}, "
@@ -251,6 +313,15 @@ def check_regular_file(path: str) -> None:
         raise ImageDecodeError(path, f"cannot read file ({e})") from e
     if not stat.S_ISREG(mode):
         raise ImageDecodeError(path, f"not a regular file: {_FILE_KINDS.get(stat.S_IFMT(mode), 'special')}")
+    return st
+
+
+def check_file_size(path: str, size: int, max_file_mb: float) -> None:
+    """:class:`ImageDecodeError` when a file's ``size`` (bytes, from ``stat`` or the object's
+    metadata, before anything is read) is over ``max_file_mb`` MB (2**20 bytes)."""
+    if size > max_file_mb * _MB:
+        raise ImageDecodeError(path, f"file is {size / _MB:,.1f} MB ({size:,} bytes), over "
+                                     f"data.max_file_mb={max_file_mb:g} (not a single chest X-ray)")
 
 
 # Filesystems whose reads can stall (network, FUSE, cluster filesystems): reads from them run
@@ -285,18 +356,65 @@ def _may_stall(path: str) -> bool:
     return True
 
 
-def read_file(path: str, timeout_s: float = DEFAULT_READ_TIMEOUT_S) -> bytes:
-    """The bytes of one local file or URI; :class:`ImageDecodeError` naming it when it is
-    not a regular file, cannot be read, or a read from a network/FUSE filesystem or object
-    store does not finish within ``timeout_s``."""
+def _check_before_open(path: str, timeout_s: float, max_file_mb: float) -> float:
+    """Refuse a local file (a path or ``file://`` URI) from ``stat`` alone: not a regular file
+    (:func:`check_regular_file`), or over ``max_file_mb``. Returns the timeout its read runs
+    under: 0 (read here, no watchdog thread) for a plain path on a local disk, else ``timeout_s``
+    (network/FUSE mounts and URIs; an object store's checks run in :func:`_open_checked`)."""
     from cxr_ray.data import io
 
-    if not io.is_uri(path):
-        check_regular_file(path)
-        if not _may_stall(path):
-            timeout_s = 0  # a local disk: read here, no watchdog thread
+    if io.is_uri(path) and not path.startswith("file://"):
+        return timeout_s
+    local = io.resolve(path)[1] if io.is_uri(path) else path
+    check_file_size(path, check_regular_file(local).st_size, max_file_mb)
+    return timeout_s if io.is_uri(path) or _may_stall(path) else 0
+
+
+@contextlib.contextmanager
+def _open_checked(path: str, max_file_mb: float) -> Iterator[pa.NativeFile]:
+    """``path`` (local path or URI) opened for random access, undecompressed, and refused
+    before its first byte is read when its size is over ``max_file_mb``: the size of the open
+    handle is ``fstat``'s for a local file, and for an object store its metadata (the
+    Content-Length of the HEAD request the open makes: no request is added)."""
+    from cxr_ray.data import io
+
+    fs, inner = io.resolve(path)
+    with fs.open_input_file(inner) as f:
+        check_file_size(path, f.size(), max_file_mb)
+        yield f
+
+
+def _read_capped(f: pa.NativeFile, path: str, max_file_mb: float) -> bytes:
+    """All of ``f``, in one read when its size held; a file longer than its size said (it
+    grows, a device swapped in after ``stat``) is read in chunks and refused once it holds
+    more than ``max_file_mb``: at most the limit plus one chunk is ever in memory."""
+    parts, total, want = [], 0, f.size() + 1
+    while True:
+        chunk = f.read(want)  # fewer bytes than asked only at the end of the file
+        parts.append(chunk)
+        total += len(chunk)
+        if total > max_file_mb * _MB:
+            raise ImageDecodeError(path, f"file grew past data.max_file_mb={max_file_mb:g} while being read "
+                                         f"(over {total / _MB:,.1f} MB; not a single chest X-ray)")
+        if len(chunk) < want:
+            return b"".join(parts)
+        want = _READ_CHUNK
+
+
+def read_file(path: str, timeout_s: float = DEFAULT_READ_TIMEOUT_S,
+              max_file_mb: float = DEFAULT_MAX_FILE_MB) -> bytes:
+    """The bytes of one local file or URI; :class:`ImageDecodeError` naming it when it is
+    not a regular file, is over ``max_file_mb`` MB (from ``stat`` / the object's metadata,
+    before a byte is read), cannot be read, or a read from a network/FUSE filesystem or object
+    store does not finish within ``timeout_s``."""
+    timeout_s = _check_before_open(path, timeout_s, max_file_mb)
+
+    def read() -> bytes:
+        with _open_checked(path, max_file_mb) as f:
+            return _read_capped(f, path, max_file_mb)
+
     try:
-        return _call_with_timeout(lambda: io.read_bytes(path), timeout_s, path)
+        return _call_with_timeout(read, timeout_s, path)
     except OSError as e:
         raise ImageDecodeError(path, f"cannot read file ({e})") from e
 
@@ -314,7 +432,8 @@ class DecodedFile:
 
 
 def decode_path(path: str, size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
-                timeout_s: float = DEFAULT_READ_TIMEOUT_S, listing_error: str = "") -> DecodedFile:
+                timeout_s: float = DEFAULT_READ_TIMEOUT_S, listing_error: str = "",
+                max_file_mb: float = DEFAULT_MAX_FILE_MB) -> DecodedFile:
     """Read and decode one file; never raises for a bad file: every failure, expected or not,
     becomes ``error`` (the exception's type and message for unexpected ones), so one file
     never stops a batch job. A ``listing_error`` (the listing already knows the file cannot be
@@ -323,7 +442,7 @@ def decode_path(path: str, size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
         return DecodedFile(np.zeros((size, size), np.uint8), 0, 0, "", listing_error)
     sha1 = ""
     try:
-        data = read_file(path, timeout_s)
+        data = read_file(path, timeout_s, max_file_mb)
         sha1 = hashlib.sha1(data).hexdigest()
         pixels, width, height = decode_image(data, size, path, max_pixels=max_pixels)
         return DecodedFile(pixels, width, height, sha1, None)
@@ -339,23 +458,29 @@ def decode_file(path: str, size: int) -> tuple[np.ndarray, int, int]:
     return decode_image(read_file(path), size, path)
 
 
-def dicom_patient_id(path: str) -> str | None:
+def dicom_patient_id(path: str, timeout_s: float = DEFAULT_READ_TIMEOUT_S,
+                     max_file_mb: float = DEFAULT_MAX_FILE_MB) -> str | None:
     """A DICOM file's PatientID (header only, no pixel data), or None when unreadable or empty.
 
-    Reads at most the header through pyarrow (local path or URI). None also when pydicom is
-    missing: decoding then reports the file, and the caller falls back to the file name.
+    Reads at most the header through pyarrow (local path or URI), with the checks and the
+    timeout of :func:`read_file`: a FIFO, device or folder is never opened, a file over
+    ``max_file_mb`` never read, and a read that has not finished in ``timeout_s`` abandoned.
+    None also when pydicom is missing: decoding then reports the file (with the reason for a
+    refusal), and the caller falls back to the file name.
     """
     try:
-        import pydicom
-    except ImportError:
-        return None
-    from cxr_ray.data import io
-
-    fs, p = io.resolve(path)
-    try:
-        with fs.open_input_file(p) as f:
-            ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["PatientID"], force=True)
-    except Exception:  # noqa: BLE001 - a broken file is reported by decoding, with its reason
+        timeout_s = _check_before_open(path, timeout_s, max_file_mb)
+        ds = _call_with_timeout(lambda: _read_patient_header(path, max_file_mb), timeout_s, path)
+    except Exception:  # noqa: BLE001 - refused, broken, no pydicom: decoding reports the file, with its reason
         return None
     value = str(getattr(ds, "PatientID", "") or "").strip()
     return value or None
+
+
+def _read_patient_header(path: str, max_file_mb: float) -> Dataset:
+    """``path``'s PatientID element as a pydicom Dataset, read from the header alone (the
+    file opened by :func:`_open_checked`, so over ``max_file_mb`` it is never read)."""
+    import pydicom
+
+    with _open_checked(path, max_file_mb) as f:
+        return pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["PatientID"], force=True)

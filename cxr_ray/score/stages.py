@@ -10,12 +10,13 @@ import numpy as np
 
 from cxr_ray.checkpoint import load_checkpoint
 from cxr_ray.config import ScoreConfig
-from cxr_ray.data.decode import DEFAULT_MAX_PIXELS, DEFAULT_READ_TIMEOUT_S, decode_path
+from cxr_ray.data.decode import (DEFAULT_MAX_FILE_MB, DEFAULT_MAX_PIXELS, DEFAULT_READ_TIMEOUT_S,
+                                  decode_path)
 
 
 def read_and_decode(batch: dict[str, np.ndarray], cache_size: int, image_size: int,
-                    max_pixels: int = DEFAULT_MAX_PIXELS, timeout_s: float = DEFAULT_READ_TIMEOUT_S
-                    ) -> dict[str, np.ndarray]:
+                    max_pixels: int = DEFAULT_MAX_PIXELS, timeout_s: float = DEFAULT_READ_TIMEOUT_S,
+                    max_file_mb: float = DEFAULT_MAX_FILE_MB) -> dict[str, np.ndarray]:
     """Ray Data UDF: ``path``/``label`` rows (and ``error`` from the listing, when present)
     -> model-size uint8 images, by training's own preprocessing.
 
@@ -30,7 +31,7 @@ def read_and_decode(batch: dict[str, np.ndarray], cache_size: int, image_size: i
     width, height = np.zeros(len(paths), np.int32), np.zeros(len(paths), np.int32)
     errors = []
     for i, (path, listing_error) in enumerate(zip(paths, listed)):
-        d = decode_path(path, cache_size, max_pixels, timeout_s, listing_error)
+        d = decode_path(path, cache_size, max_pixels, timeout_s, listing_error, max_file_mb)
         pixels[i], width[i], height[i] = d.pixels, d.width, d.height
         errors.append(d.error or "")
     return {"path": paths, "label": np.asarray(batch["label"], np.int8),
@@ -70,7 +71,9 @@ class Predictor:
         if self.device.type == "cpu":
             torch.set_num_threads(threads)
         ckpt = load_checkpoint(checkpoint).with_tta(self.score.tta)
-        self.threshold, self.model_id = np.float32(ckpt.threshold), ckpt.model_id
+        from cxr_ray.metrics import decision_threshold
+
+        self.threshold, self.model_id = decision_threshold(ckpt.threshold), ckpt.model_id  # float32, as compared
         self.temperature, self.bias = ckpt.temperature, ckpt.logit_bias
         self.onnx = None
         if self.score.backend == "onnxruntime":

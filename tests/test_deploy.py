@@ -1,5 +1,6 @@
 """Cluster definitions pass Ray's own cluster-config validation (no cloud calls); the RayJob
-manifest has what KubeRay requires; no file carries credentials."""
+manifest has what KubeRay requires; no file carries credentials; the clusters are safe by default
+(dashboard on localhost, token authentication, no core dumps)."""
 
 import json
 import re
@@ -69,3 +70,55 @@ def test_rayjob_manifest_has_what_kuberay_requires():
 @pytest.mark.parametrize("rel", [*LAUNCHER_CONFIGS, "deploy/kuberay-rayjob.yaml", "deploy/Dockerfile"])
 def test_no_credentials_in_deploy_files(rel):
     assert not SECRET.search((ROOT / rel).read_text())
+
+
+CORE_UNLIMITED = re.compile(r"ulimit\s+-c\s+unlimited|--ulimit[ =]core=(-1|unlimited)", re.IGNORECASE)
+
+
+def _start_commands(raw: dict) -> list[str]:
+    return [c for c in raw["head_start_ray_commands"] + raw["worker_start_ray_commands"]
+            if "ray start" in c]
+
+
+@pytest.mark.parametrize("rel", LAUNCHER_CONFIGS)
+def test_launcher_config_binds_dashboard_to_localhost(rel):
+    raw = _load(rel)
+    # not in a command, not in a commented-out option either
+    assert not re.search(r"dashboard[-_]host\W*0\.0\.0\.0", (ROOT / rel).read_text())
+    heads = [c for c in raw["head_start_ray_commands"] if "ray start --head" in c]
+    assert len(heads) == 1 and "--dashboard-host=127.0.0.1" in heads[0]
+
+
+@pytest.mark.parametrize("rel", LAUNCHER_CONFIGS)
+def test_launcher_config_enables_token_auth(rel):
+    raw = _load(rel)
+    starts = _start_commands(raw)
+    assert len(starts) == 2
+    for cmd in starts:  # set on the command itself: the worker start does not infer it from a token file
+        assert re.search(r"(export )?RAY_AUTH_MODE=token;? .*ray start", cmd), cmd
+    # ... and in ~/.bashrc for `ray submit`'s driver and other Ray commands on the nodes
+    assert any("export RAY_AUTH_MODE=token" in c and ".bashrc" in c for c in raw["setup_commands"])
+    # the same token on every node: the one `ray get-auth-token --generate` wrote on this machine
+    mounts = raw["file_mounts"]
+    assert mounts.get("/home/ray/.ray/auth_token", mounts.get("~/.ray/auth_token")) == "~/.ray/auth_token"
+
+
+@pytest.mark.parametrize("rel", LAUNCHER_CONFIGS)
+def test_launcher_config_disables_core_dumps(rel):
+    for cmd in _start_commands(_load(rel)):
+        assert "ulimit -c 0" in cmd, cmd
+
+
+@pytest.mark.parametrize("rel", [*LAUNCHER_CONFIGS, "deploy/kuberay-rayjob.yaml", "deploy/Dockerfile"])
+def test_no_core_dumps_enabled(rel):
+    assert not CORE_UNLIMITED.search((ROOT / rel).read_text())
+
+
+def test_rayjob_dashboard_is_reached_only_by_port_forward():
+    text = (ROOT / "deploy/kuberay-rayjob.yaml").read_text()
+    assert "kubectl port-forward" in text
+    assert "NEVER a LoadBalancer or NodePort" in text
+    head = _load("deploy/kuberay-rayjob.yaml")["spec"]["rayClusterSpec"]["headGroupSpec"]
+    assert head["rayStartParams"]["dashboard-host"] == "0.0.0.0"  # inside the pod, for the Service
+    assert head.get("serviceType", "ClusterIP") == "ClusterIP"
+    assert not re.search(r"\b(LoadBalancer|NodePort)\b", yaml.safe_dump(_load("deploy/kuberay-rayjob.yaml")))

@@ -23,6 +23,9 @@ c["max_workers"] = 0
 yaml.safe_dump(c, open(sys.argv[1], "w"), sort_keys=False)
 PY
 trap 'ray down -y "$cfg" || true' EXIT
+# the cluster files turn on Ray's token authentication: its token must exist before `ray up`
+[ -f ~/.ray/auth_token ] || ray get-auth-token --generate >/dev/null
+chmod 600 ~/.ray/auth_token
 ray up -y "$cfg"
 ray submit "$cfg" experiments/tune.py -- --demo --set tune.num_samples=2 --set train.epochs=2 \
     --set tune.name=loopback_demo

@@ -10,10 +10,11 @@ Layout::
                       (threshold_rule, val_precision), the temperature and bias that calibrate
                       the probabilities, ``sigmoid(logit / temperature + logit_bias)``
                       (absent: 1 and 0), class map, the validation metrics at it,
-                      epoch, versions of torch/torchvision/ray/cxr_ray, and ``digest``: a
-                      SHA-256 of the weights, the config, the preprocessing, the
-                      threshold, temperature and bias (the model's identity: scoring
-                      output's ``model`` column, the URI fetch cache)
+                      epoch, versions of torch/torchvision/ray/cxr_ray, ``format_version``
+                      (2), ``files`` (each weight/config file's SHA-256) and ``digest``: a
+                      SHA-256 of all of checkpoint.json's content (:func:`meta_digest`;
+                      the model's identity: scoring output's ``model`` column, the URI
+                      fetch cache), checked on every load before any file is unpickled
     train_state.pt    optimizer, scheduler, early stopping, epoch (resuming training only)
 
 ``checkpoint.json`` may also hold ``tta``: per test-time augmentation mode (``cxr_ray/tta.py``)
@@ -36,6 +37,8 @@ import json
 import logging
 import os
 import pickle
+import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +62,11 @@ log = logging.getLogger(__name__)
 
 MODEL_FILE, CONFIG_FILE, META_FILE, STATE_FILE = "model.pt", "config.yaml", "checkpoint.json", "train_state.pt"
 MEMBERS_DIR = "members"  # an ensemble's members
+# checkpoint.json's format: 2 = every field and each file's hash in the digest (format_version
+# absent: written before it, digest of the files and a few fields, or none at all)
+FORMAT_VERSION = 2
+DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
+MAX_MEMBERS = 64  # an ensemble's members (each is fetched and loaded)
 
 
 class CheckpointError(RuntimeError):
@@ -104,8 +112,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, cfg: ExperimentCo
     torch.save(state, out / MODEL_FILE)
     cfg.to_yaml(out / CONFIG_FILE)
     contract = (preprocessing or resolve_preprocessing(cfg)).to_dict()
-    meta = {"digest": content_digest(out, float(threshold), temperature, bias=logit_bias, preprocessing=contract),
-            "preprocessing": contract, "threshold": float(threshold),
+    meta = {"preprocessing": contract, "threshold": float(threshold),
             "threshold_rule": metrics.get("threshold_rule", "given"),
             "val_precision": val_precision, "class_map": {str(i): c for i, c in enumerate(CLASSES)},
             "positive_class": CLASSES[1], "epoch": int(epoch), "metrics": _jsonable(metrics),
@@ -114,17 +121,106 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, cfg: ExperimentCo
         meta["temperature"] = float(temperature)
     if logit_bias is not None:
         meta["logit_bias"] = float(logit_bias)
-    (out / META_FILE).write_text(json.dumps(meta, indent=1))
+    write_meta(out, meta)
     if train_state is not None:
         torch.save(train_state, out / STATE_FILE)
     return out
+
+
+def _sha256_file(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return f"sha256:{h.hexdigest()}"
+
+
+def meta_digest(meta: dict[str, Any], without: tuple[str, ...] = ()) -> str:
+    """``sha256:<hex>`` of a format-2 ``checkpoint.json``'s content: every field (the files'
+    hashes, threshold, calibration, preprocessing, class map, positive class, precision, TTA
+    entries, ensemble members, metrics ...) but the digests themselves and ``without``, as
+    canonical JSON. Anything that changes a decision or its meaning changes it."""
+    import hashlib
+
+    body = {k: v for k, v in meta.items() if k not in ("digest", "base_digest", *without)}
+    canonical = json.dumps(json.loads(json.dumps(body)), sort_keys=True, separators=(",", ":"))
+    return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def seal(folder: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """``meta`` as a format-2 ``checkpoint.json`` for the files in ``folder``: the format version,
+    each weight/config file's SHA-256 (``files``), ``base_digest`` (everything but the TTA
+    decisions) and ``digest`` (everything). The one place checkpoint.json is made."""
+    meta = {k: v for k, v in meta.items() if k not in ("digest", "base_digest")}
+    meta["format_version"] = FORMAT_VERSION
+    meta["files"] = {name: _sha256_file(folder / name) for name in checkpoint_files(meta)}
+    return {**meta, "base_digest": meta_digest(meta, without=("tta",)), "digest": meta_digest(meta)}
+
+
+def write_meta(folder: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """Seal ``meta`` (:func:`seal`) and write it as ``folder``'s checkpoint.json; returns it."""
+    sealed = seal(folder, meta)
+    (folder / META_FILE).write_text(json.dumps(sealed, indent=1))
+    return sealed
+
+
+def check_digest_string(digest: Any, where: str) -> str:
+    """``digest`` when it is ``sha256:`` + 64 lowercase hex digits (it names cache folders);
+    else :class:`CheckpointError`."""
+    if not isinstance(digest, str) or not DIGEST_RE.fullmatch(digest):
+        raise CheckpointError(f"{where}: digest {str(digest)[:80]!r} is not 'sha256:' + 64 hex digits: refused")
+    return digest
+
+
+def verify_meta(folder: Path, meta: dict[str, Any]) -> str:
+    """The digest of the checkpoint in ``folder`` after checking it against its files and its
+    checkpoint.json; :class:`CheckpointError` when anything changed after it was saved, or a
+    format-2 checkpoint has no (or a malformed) digest. Checkpoints written before format 2
+    keep that time's digest (computed when they predate digests)."""
+    version = meta.get("format_version")
+    if version is None:  # before format 2: that time's digest of files and a few fields
+        actual = expected_digest(folder, meta)
+        if "digest" in meta and check_digest_string(meta["digest"], str(folder)) != actual:
+            raise _changed(folder, actual, meta["digest"])
+        return actual
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{folder}: checkpoint format {version!r}; this cxr_ray reads {FORMAT_VERSION} and "
+                              f"older (a newer cxr_ray wrote it)")
+    if "digest" not in meta:
+        raise CheckpointError(f"{folder}: {META_FILE} of format {version} has no digest: refused (its content "
+                              f"cannot be checked)")
+    stored = check_digest_string(meta["digest"], str(folder))
+    files = meta.get("files")
+    if not isinstance(files, dict) or sorted(files) != sorted(checkpoint_files(meta)):
+        raise CheckpointError(f"{folder}: {META_FILE} does not list the hashes of {checkpoint_files(meta)}")
+    for name, expected in files.items():
+        if _sha256_file(folder / name) != expected:
+            raise _changed(folder, f"{name} {_sha256_file(folder / name)}", f"{name} {expected}")
+    actual = meta_digest(meta)
+    if actual != stored:
+        raise _changed(folder, actual, stored)
+    if "base_digest" in meta and meta["base_digest"] != meta_digest(meta, without=("tta",)):
+        raise _changed(folder, meta_digest(meta, without=("tta",)), str(meta["base_digest"]))
+    return stored
+
+
+def _changed(folder: Path, actual: str, stored: str) -> CheckpointError:
+    return CheckpointError(f"{folder}: the weights, config.yaml or checkpoint.json changed after the checkpoint "
+                           f"was saved (digest {actual[:19]}..., checkpoint.json says {stored[:19]}...); "
+                           f"re-export it instead of editing it in place")
 
 
 def checkpoint_files(meta: dict[str, Any]) -> list[str]:
     """The files (relative paths) that hold a checkpoint's weights and configs: model.pt and
     config.yaml, or for an ensemble its config.yaml and every member's model.pt and config.yaml."""
     if meta.get("kind") == "ensemble":
-        return [CONFIG_FILE] + [f"{MEMBERS_DIR}/{i}/{name}" for i in range(len(meta["members"]))
+        members = meta.get("members")
+        if not isinstance(members, list) or not 2 <= len(members) <= MAX_MEMBERS:
+            raise CheckpointError(f"an ensemble's {META_FILE} must list 2 to {MAX_MEMBERS} members, found "
+                                  f"{len(members) if isinstance(members, list) else type(members).__name__}")
+        return [CONFIG_FILE] + [f"{MEMBERS_DIR}/{i}/{name}" for i in range(len(members))
                                 for name in (MODEL_FILE, CONFIG_FILE)]
     return [MODEL_FILE, CONFIG_FILE]
 
@@ -171,14 +267,18 @@ def expected_digest(folder: Path, meta: dict[str, Any]) -> str:
 
 def write_tta_decisions(path: str, decisions: dict[str, dict[str, Any]], base: str = "") -> str:
     """Add (or replace) TTA modes' decisions in the ``checkpoint.json`` of the checkpoint at
-    ``path`` (a folder or URI) and update its digest; returns the new digest. ``base``: its
-    digest without TTA (default: recorded in it; give it for checkpoints saved before digests)."""
+    ``path`` (a folder or URI) and update its digest; returns the new digest. ``base`` (checkpoints
+    from before format 2 only): its digest without TTA (default: recorded in it; give it for
+    checkpoints saved before digests)."""
     from cxr_ray.data import io
 
     meta = json.loads(io.read_bytes(io.join(path, META_FILE)))
-    base = base or meta.get("base_digest") or meta["digest"]
     meta["tta"] = {**(meta.get("tta") or {}), **{m: _jsonable(d) for m, d in decisions.items()}}
-    meta.update(base_digest=base, digest=tta_digest(base, meta["tta"]))
+    if meta.get("format_version"):  # the files' hashes are in it: no file is read again
+        meta.update(base_digest=meta_digest(meta, without=("tta",)), digest=meta_digest(meta))
+    else:  # a checkpoint from before format 2 keeps that time's digest scheme
+        base = base or meta.get("base_digest") or meta["digest"]
+        meta.update(base_digest=base, digest=tta_digest(base, meta["tta"]))
     io.write_bytes(io.join(path, META_FILE), json.dumps(meta, indent=1).encode())
     return meta["digest"]
 
@@ -218,7 +318,7 @@ class LoadedCheckpoint:
         views' logits, and the temperature, threshold and their precision are the ones chosen on
         validation with the same views. ``none`` returns it unchanged; a mode it has no
         decision for is a :class:`CheckpointError`."""
-        from cxr_ray.tta import TTAModel
+        from cxr_ray.tta import TTAModel, check_tta_decision
 
         if mode == "none":
             return self
@@ -228,11 +328,13 @@ class LoadedCheckpoint:
                 f"{self.path} has no threshold chosen with TTA {mode!r} (it has: {self.tta_modes or 'none'}); "
                 f"a plain threshold does not fit averaged logits. Fit one on its validation split: "
                 f"cxr-ray fit-tta --checkpoint {self.path} --tta {mode}")
+        check_tta_decision(self.path, mode, decision, self.preprocessing)  # chosen with today's views
         meta = {**self.meta, "threshold": decision["threshold"], "temperature": decision["temperature"],
                 "logit_bias": decision.get("logit_bias", 0.0),
                 "threshold_rule": decision.get("threshold_rule", self.meta.get("threshold_rule")),
                 "val_precision": decision.get("val_precision", self.val_precision)}
-        return dataclasses.replace(self, model=TTAModel(self.model, mode), threshold=float(decision["threshold"]),
+        return dataclasses.replace(self, model=TTAModel(self.model, mode, self.preprocessing),
+                                   threshold=float(decision["threshold"]),
                                    meta=meta, tta=mode)
 
     @property
@@ -313,26 +415,36 @@ def fetch_checkpoint(uri: str) -> Path:
     if fs.get_file_info(f"{src}/{META_FILE}").type != pafs.FileType.File:
         raise CheckpointError(f"{uri} is not a cxr_ray checkpoint: {META_FILE} is missing")
     meta = json.loads(io.read_bytes(io.join(uri, META_FILE)))
-    if "digest" in meta and (cache / _digest_key(meta["digest"]) / META_FILE).is_file():
-        return cache / _digest_key(meta["digest"])
-    tmp = cache / f"fetch.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{uri}: {META_FILE} is not a JSON object")
+    if "digest" in meta or meta.get("format_version"):  # it names a cache folder: only sha256:<64 hex>
+        check_digest_string(meta.get("digest"), uri)
+        if (cache / _digest_key(meta["digest"]) / META_FILE).is_file():
+            return cache / _digest_key(meta["digest"])
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="fetch.tmp", dir=cache))  # one per fetch: actors on a node race
     for name in checkpoint_files(meta):
         if fs.get_file_info(f"{src}/{name}").type != pafs.FileType.File:
             raise CheckpointError(f"{uri} is not a cxr_ray checkpoint: {name} is missing")
         (tmp / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp / name).write_bytes(io.read_bytes(io.join(uri, name)))
     (tmp / META_FILE).write_text(json.dumps(meta))  # the same meta whose digest keys the copy
-    local = cache / _digest_key(meta.get("digest") or expected_digest(tmp, meta))
-    if local.exists():
-        shutil.rmtree(tmp)
-    else:
+    try:
+        local = cache / _digest_key(verify_meta(tmp, meta))  # a copy that does not match is never cached
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    try:
         tmp.rename(local)
+    except OSError:  # another process on this node placed the same copy first
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (local / META_FILE).is_file():
+            raise
     return local
 
 
 def _digest_key(digest: str) -> str:
+    """The cache folder name of a checked digest (:func:`check_digest_string`)."""
     return digest.split(":", 1)[-1][:24]
 
 
@@ -351,9 +463,12 @@ def load_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
     if not (folder / META_FILE).is_file():
         raise CheckpointError(f"{folder} is not a cxr_ray checkpoint: {META_FILE} is missing")
     meta = json.loads((folder / META_FILE).read_text())
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{folder}: {META_FILE} is not a JSON object")
     for name in checkpoint_files(meta):
         if not (folder / name).is_file():
             raise CheckpointError(f"{folder} is not a cxr_ray checkpoint: {name} is missing")
+    meta["digest"] = verify_meta(folder, meta)  # before any file is unpickled; older ones: computed
     cfg = ExperimentConfig.from_saved(yaml.safe_load((folder / CONFIG_FILE).read_text()))
     if meta.get("kind") == "ensemble":
         from cxr_ray.ensemble import EnsembleModel
@@ -362,11 +477,6 @@ def load_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
         model: nn.Module = EnsembleModel([m for m, _ in members], [c.model.name for _, c in members])
     else:
         model, cfg = _load_model(folder)
-    actual = expected_digest(folder, meta)
-    if meta.setdefault("digest", actual) != actual:  # checkpoints saved before digests: computed
-        raise CheckpointError(f"{folder}: the weights, config.yaml or the threshold changed after the checkpoint "
-                              f"was saved (digest {actual[:19]}..., checkpoint.json says {meta['digest'][:19]}...); "
-                              f"re-export it instead of editing it in place")
     try:
         stored_preprocessing(meta, cfg)
     except PreprocessingError as e:

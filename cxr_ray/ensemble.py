@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from cxr_ray.checkpoint import (CONFIG_FILE, MEMBERS_DIR, META_FILE, MODEL_FILE, LoadedCheckpoint,
-                                checkpoint_files, content_digest, load_checkpoint, versions)
+                                load_checkpoint, versions, write_meta)
 from cxr_ray.data import io
 from cxr_ray.data.catalog import CLASSES
 from cxr_ray.data.preprocessing import Preprocessing
@@ -157,9 +157,7 @@ def build_ensemble(sources: list[str | LoadedCheckpoint], out: str, cache: Any =
                 "logit_bias": decision["logit_bias"],
                 "class_map": {str(i): c for i, c in enumerate(CLASSES)}, "positive_class": CLASSES[1],
                 "epoch": -1, "metrics": decision, "versions": versions()}
-        meta["digest"] = content_digest(folder, meta["threshold"], meta["temperature"], checkpoint_files(meta),
-                                        meta["logit_bias"], meta["preprocessing"])
-        (folder / META_FILE).write_text(json.dumps(meta, indent=1))
+        write_meta(folder, meta)
         fit_tta_decisions(str(folder), cache, parse_modes(first.cfg.metric.tta), amp=precision)
         io.copy_tree(str(folder), out)
     return load_checkpoint(out)

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from cxr_ray.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from cxr_ray.checkpoint import CheckpointError, fetch_checkpoint, load_checkpoint, save_checkpoint
 from cxr_ray.config import ExperimentConfig, TrainConfig
 from cxr_ray.engine import (EarlyStopping, make_optimizer, make_scheduler, pos_weight_from_counts, predict,
                             train_one_epoch)
@@ -44,7 +44,8 @@ def test_checkpoint_saved_before_data_normalize_existed_keeps_fixed_normalisatio
     del saved["data"]["normalize"]  # as written by cxr_ray before the key existed
     (tmp_path / "old" / "config.yaml").write_text(yaml.safe_dump(saved))
     meta = json.loads((tmp_path / "old" / "checkpoint.json").read_text())
-    del meta["digest"], meta["preprocessing"]  # nor did digests and contracts exist then
+    for key in ("digest", "base_digest", "format_version", "files", "preprocessing"):
+        del meta[key]  # nor did digests, the format version and contracts exist then
     (tmp_path / "old" / "checkpoint.json").write_text(json.dumps(meta))
     old = load_checkpoint(tmp_path / "old")
     assert old.cfg.data.normalize == old.preprocessing.normalize == "fixed"
@@ -84,9 +85,59 @@ def test_reexported_checkpoint_is_a_new_model_and_edits_are_refused(tmp_path, mo
     (best / "checkpoint.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="changed after the checkpoint was saved"):
         load_checkpoint(best)
-    del meta["digest"]  # a checkpoint from before digests: its digest is computed
+    del meta["digest"]  # a checkpoint of today's format without its digest: refused
+    (best / "checkpoint.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="format 2 has no digest"):
+        load_checkpoint(best)
+    for key in ("base_digest", "format_version", "files"):  # one from before digests: computed
+        del meta[key]
     (best / "checkpoint.json").write_text(json.dumps(meta))
     assert load_checkpoint(best).digest.startswith("sha256:")
+
+
+@pytest.mark.parametrize("field, value", [
+    ("class_map", {"0": "PNEUMONIA", "1": "NORMAL"}), ("positive_class", "NORMAL"), ("val_precision", "bf16"),
+    ("tta", {"hflip": {"threshold": 0.5, "temperature": 1.0, "logit_bias": 0.0, "threshold_rule": "edited"}}),
+    ("temperature", 9.0), ("metrics", {"recall": 1.0}),
+])
+def test_digest_covers_every_field_that_changes_a_decision(tmp_path, field, value):
+    cfg = _cfg()
+    save_checkpoint(tmp_path / "ck", build_model(cfg.model).eval(), cfg, 0.5, {"recall": 0.9}, epoch=1)
+    meta = json.loads((tmp_path / "ck" / "checkpoint.json").read_text())
+    assert meta["format_version"] == 2 and set(meta["files"]) == {"model.pt", "config.yaml"}
+    meta[field] = value
+    (tmp_path / "ck" / "checkpoint.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="changed after the checkpoint was saved"):
+        load_checkpoint(tmp_path / "ck")
+
+
+@pytest.mark.parametrize("digest", ["sha256:../../x", "sha256:/tmp/x", "sha256:" + "A" * 64, 42, None])
+def test_a_remote_digest_that_is_not_a_hash_never_names_a_folder(tmp_path, monkeypatch, digest):
+    """A URI checkpoint's digest names its cache folder: ``sha256:../../x`` would place the
+    fetched files outside the cache; only ``sha256:`` + 64 hex digits is accepted."""
+    monkeypatch.setenv("CXR_RAY_CACHE", str(tmp_path / "cache"))
+    cfg = _cfg()
+    save_checkpoint(tmp_path / "ck", build_model(cfg.model).eval(), cfg, 0.5, {}, epoch=1)
+    meta = json.loads((tmp_path / "ck" / "checkpoint.json").read_text())
+    meta["digest"] = digest
+    (tmp_path / "ck" / "checkpoint.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="is not 'sha256:' \\+ 64 hex digits"):
+        load_checkpoint(f"file://{tmp_path}/ck")
+    assert not (tmp_path / "x").exists() and not list((tmp_path / "cache" / "checkpoints").glob("*/model.pt"))
+
+
+def test_actors_fetching_one_uri_checkpoint_at_once_do_not_collide(tmp_path, monkeypatch):
+    """Several processes on one node fetch the same checkpoint into the cache at the same time."""
+    import multiprocessing as mp
+
+    monkeypatch.setenv("CXR_RAY_CACHE", str(tmp_path / "cache"))
+    cfg = _cfg()
+    save_checkpoint(tmp_path / "ck", build_model(cfg.model).eval(), cfg, 0.5, {}, epoch=1)
+    uri = f"file://{tmp_path}/ck"
+    with mp.get_context("fork").Pool(4) as pool:
+        folders = pool.map(fetch_checkpoint, [uri] * 8)
+    assert len(set(folders)) == 1 and load_checkpoint(uri).digest.startswith("sha256:")
+    assert not list((tmp_path / "cache" / "checkpoints").glob("fetch.tmp*"))
 
 
 def test_checkpoint_of_frozen_resnet_round_trips(tmp_path):
@@ -98,17 +149,28 @@ def test_checkpoint_of_frozen_resnet_round_trips(tmp_path):
 
 
 class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
     def __reduce__(self):
-        return (os.system, ("echo pwned > /dev/null",))
+        return (os.system, (f"touch {self.marker}",))
 
 
 def test_code_running_weights_are_refused(tmp_path):
-    cfg = _cfg()
+    """A model.pt swapped for a pickle that runs code: refused by its hash, and, re-sealed by
+    an attacker who also rewrote checkpoint.json, by the weights_only loader; nothing runs."""
+    from cxr_ray.checkpoint import write_meta
+
+    cfg, marker = _cfg(), tmp_path / "marker"
     save_checkpoint(tmp_path / "ck", build_model(cfg.model), cfg, 0.5, {}, epoch=0)
     with open(tmp_path / "ck" / "model.pt", "wb") as f:
-        pickle.dump({"conv.weight": _Evil()}, f)
+        pickle.dump({"conv.weight": _Evil(marker)}, f)
+    with pytest.raises(CheckpointError, match="changed after the checkpoint was saved"):
+        load_checkpoint(tmp_path / "ck")
+    write_meta(tmp_path / "ck", json.loads((tmp_path / "ck" / "checkpoint.json").read_text()))
     with pytest.raises(CheckpointError, match="refused"):
         load_checkpoint(tmp_path / "ck")
+    assert not marker.exists()
 
 
 def test_missing_files_named(tmp_path):

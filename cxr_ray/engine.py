@@ -8,18 +8,20 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from cxr_ray.config import PRECISIONS, TrainConfig
+from cxr_ray.config import PRECISIONS, ConfigError, TrainConfig
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+log = logging.getLogger(__name__)
 
 
 BF16_CPU_FLAGS = {"amx_bf16", "avx512_bf16"}  # Intel Sapphire Rapids and later, AMD Zen 4 and later
@@ -101,6 +103,50 @@ def make_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_st
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@dataclass(frozen=True)
+class ScheduleGeometry:
+    """What one step of the LR schedule means: a restored scheduler step count is only right
+    for the geometry it was counted in (with twice the workers an epoch has half the steps)."""
+
+    world_size: int  # Ray Train workers sharing each epoch (max(1, train.num_workers))
+    steps_per_epoch: int  # optimizer steps of one worker per epoch
+    warmup_steps: int
+    total_steps: int
+
+    def to_dict(self) -> dict[str, int]:
+        return {"world_size": self.world_size, "steps_per_epoch": self.steps_per_epoch,
+                "warmup_steps": self.warmup_steps, "total_steps": self.total_steps}
+
+
+def schedule_geometry(n_train: int, cfg: TrainConfig, world_size: int) -> ScheduleGeometry:
+    """The schedule of ``cfg`` for ``n_train`` training images shared by ``world_size`` workers:
+    ``ceil(n_train / (batch_size * world_size))`` steps per epoch, warmup and total in those steps."""
+    world = max(1, int(world_size))
+    steps = max(1, math.ceil(n_train / (cfg.batch_size * world)))
+    return ScheduleGeometry(world_size=world, steps_per_epoch=steps, warmup_steps=int(cfg.warmup_epochs * steps),
+                            total_steps=cfg.epochs * steps)
+
+
+def check_resumed_schedule(saved: Mapping[str, Any] | None, current: ScheduleGeometry) -> bool:
+    """Whether a checkpoint's scheduler state (its train state's ``schedule``, ``saved``) fits
+    the schedule rebuilt for this run; ``False`` for checkpoints written before it was recorded
+    (nothing to compare). A different geometry is a :class:`ConfigError`: restoring its step
+    count would put the learning rate at another point of the schedule (with 1 -> 2 workers,
+    past the end: ~0 for the rest of the run)."""
+    if saved is None:
+        return False
+    mine = current.to_dict()
+    diff = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in mine.items() if saved.get(k) != v]
+    if not diff:
+        return True
+    old_world = saved.get("world_size")
+    cause = (f"it was trained with train.num_workers={old_world}, this run has train.num_workers="
+             f"{current.world_size}; resume with train.num_workers={old_world}" if old_world != current.world_size
+             else "the number of training images, train.batch_size, train.epochs or train.warmup_epochs changed")
+    raise ConfigError(f"cannot resume: the checkpoint's learning-rate schedule ({', '.join(diff)}) does not fit "
+                      f"this run: {cause} (or start a new run with another train.name)")
 
 
 def pos_weight_from_counts(n_normal: int, n_pneumonia: int) -> float:
@@ -218,3 +264,25 @@ class EarlyStopping:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best, self.best_epoch = float(state["best"]), int(state["best_epoch"])
         self.bad_epochs, self.history = int(state["bad_epochs"]), list(state["history"])
+
+
+def train_state(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+                stopper: EarlyStopping, epoch: int, schedule: ScheduleGeometry) -> dict[str, Any]:
+    """What a checkpoint's train state holds to resume after ``epoch``, with the schedule's geometry."""
+    return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "early_stopping": stopper.state_dict(), "epoch": int(epoch), "schedule": schedule.to_dict()}
+
+
+def restore_train_state(state: Mapping[str, Any], optimizer: torch.optim.Optimizer,
+                        scheduler: torch.optim.lr_scheduler.LRScheduler, stopper: EarlyStopping,
+                        schedule: ScheduleGeometry) -> int:
+    """Load a :func:`train_state` into the optimizer, scheduler and early stopping built for
+    ``schedule``; returns the epoch to continue from. A checkpoint counted in another geometry
+    is a :class:`ConfigError` (:func:`check_resumed_schedule`) before anything is loaded."""
+    if not check_resumed_schedule(state.get("schedule"), schedule):
+        log.warning("the checkpoint predates recorded LR schedules: resuming it assumes the train.num_workers "
+                    "(%d), train.batch_size and training images it was written with", schedule.world_size)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    stopper.load_state_dict(state["early_stopping"])
+    return int(state["epoch"]) + 1

@@ -37,6 +37,7 @@ from cxr_ray.checkpoint import LoadedCheckpoint
 from cxr_ray.data import io
 from cxr_ray.data.preprocessing import Preprocessing
 from cxr_ray.data.transforms import normalize
+from cxr_ray.metrics import DECISION_DTYPE, decision_threshold
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +106,10 @@ def sidecar(ckpt: LoadedCheckpoint, artifacts: dict[str, dict[str, Any]]) -> dic
     formula = "logit" + (" / temperature" if temperature else "") + (" + logit_bias" if bias is not None else "")
     decision = {
         "probability": f"sigmoid({formula})",
-        "threshold": ckpt.threshold,
-        "rule": f"{meta.get('positive_class', 'PNEUMONIA')} when probability >= threshold",
+        "threshold": float(decision_threshold(ckpt.threshold)),  # the float32 that cxr_ray compares against
+        "rule": f"{meta.get('positive_class', 'PNEUMONIA')} when probability >= threshold, both as "
+                f"{np.dtype(DECISION_DTYPE).name} (as cxr_ray's metrics, evaluate and score decide)",
+        "dtype": np.dtype(DECISION_DTYPE).name,
         "threshold_rule": meta.get("threshold_rule"),
         "threshold_precision": ckpt.val_precision,
     }

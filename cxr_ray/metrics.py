@@ -18,6 +18,12 @@ which the lower end of the 95% patient-bootstrap CI of validation specificity st
 point estimate would pick; ``point`` is that point estimate (the highest recall whose
 validation specificity >= ``min_specificity``). See ``benchmarks/real_accuracy.py`` for how each
 holds on a shifted copy of the validation images.
+
+**Decision** (:func:`is_positive`, the one rule training, evaluate, score, explain and the export's
+contract apply): PNEUMONIA where ``float32(prob) >= float32(threshold)``. Probabilities are
+float32 everywhere (``engine.probabilities``, the scored Parquet), so thresholds are chosen on
+float32 scores too. When no threshold qualifies it is :data:`NOTHING_POSITIVE`, the smallest
+float32 above 1.0: every probability, 1.0 included, is then NORMAL, in float32 and float64 alike.
 """
 
 from __future__ import annotations
@@ -28,11 +34,47 @@ import numpy as np
 from sklearn.metrics import (average_precision_score, confusion_matrix, f1_score, precision_score,
                              recall_score, roc_auc_score, roc_curve)
 
+from cxr_ray.data.catalog import CLASSES
+
 SELECTION_METRIC = "selection_score"
 SELECTION_METRICS = (SELECTION_METRIC, "pauc", "recall_at_specificity", "roc_auc")  # metric.selection choices
 THRESHOLD_RULES = ("spec_lower_bound", "point")
 CI_METRICS = ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc")
 LOSS_TIE_BREAK = 1e-3
+DECISION_DTYPE = np.float32  # probabilities and thresholds are compared in this dtype, everywhere
+# "nothing qualifies": the smallest float32 above 1.0, exact in float32, float64 and JSON (a float64
+# nextafter(1.0) would round to 1.0 in float32 and turn a saturated 1.0 into PNEUMONIA)
+NOTHING_POSITIVE = float(np.nextafter(DECISION_DTYPE(1.0), DECISION_DTYPE(2.0)))
+
+
+def decision_scores(probs: Any) -> np.ndarray:
+    """``probs`` as the float32 array every decision compares (see :func:`is_positive`)."""
+    return np.asarray(probs, dtype=DECISION_DTYPE)
+
+
+def decision_threshold(threshold: Any) -> Any:
+    """``threshold`` (a number or an array) as the float32 every decision compares against.
+
+    Any threshold above 1.0 means "nothing is PNEUMONIA" and becomes :data:`NOTHING_POSITIVE`
+    (checkpoints written before it stored float64 ``nextafter(1.0)``, which is 1.0 in float32).
+    A NaN threshold is a ``ValueError``: it would call every image NORMAL without saying so.
+    """
+    t = np.asarray(threshold, dtype=np.float64)
+    if np.isnan(t).any():
+        raise ValueError(f"decision threshold: expected a number, got {threshold!r}")
+    out = np.where(t > 1.0, NOTHING_POSITIVE, t).astype(DECISION_DTYPE)
+    return out[()]  # a float32 scalar for a scalar threshold
+
+
+def is_positive(probs: Any, threshold: Any) -> np.ndarray:
+    """The decision rule: True (PNEUMONIA) where ``float32(prob) >= float32(threshold)``
+    (:func:`decision_scores`, :func:`decision_threshold`); NaN probabilities are False."""
+    return np.asarray(decision_scores(probs) >= decision_threshold(threshold))
+
+
+def predicted_classes(probs: Any, threshold: Any) -> np.ndarray:
+    """``"PNEUMONIA"`` / ``"NORMAL"`` per probability (an object array), by :func:`is_positive`."""
+    return np.where(is_positive(probs, threshold), CLASSES[1], CLASSES[0]).astype(object)
 
 
 def partial_auc(labels: np.ndarray, probs: np.ndarray, min_specificity: float) -> float:
@@ -52,17 +94,18 @@ def threshold_for_specificity(labels: np.ndarray, probs: np.ndarray, min_specifi
                               ) -> tuple[float, float]:
     """``(recall, threshold)``: best recall with specificity >= ``min_specificity``.
 
-    Predictions are ``prob >= threshold``. Every distinct score is a candidate threshold.
-    Raises ``ValueError`` when ``labels`` lack a class: the metric is then undefined, and a
-    silent default would let a broken validation split pick models and thresholds.
+    Predictions are :func:`is_positive` (``prob >= threshold`` in float32). Every distinct
+    float32 score is a candidate threshold. Raises ``ValueError`` when ``labels`` lack a class:
+    the metric is then undefined, and a silent default would let a broken validation split
+    pick models and thresholds.
     """
-    labels, probs = np.asarray(labels).astype(int), np.asarray(probs, dtype=np.float64)
+    labels, probs = np.asarray(labels).astype(int), decision_scores(probs)
     require_both_classes(labels, "threshold selection")
     fpr, tpr, thresholds = roc_curve(labels, probs, drop_intermediate=False)
     ok = (1.0 - fpr) >= min_specificity - 1e-12
     best = int(np.flatnonzero(ok)[np.argmax(tpr[ok])])  # the first point always qualifies (fpr=0)
     # roc_curve's first threshold is +inf (nothing positive); keep it finite but above any prob
-    threshold = float(min(thresholds[best], np.nextafter(1.0, 2.0)))
+    threshold = float(min(float(thresholds[best]), NOTHING_POSITIVE))
     return float(tpr[best]), threshold
 
 
@@ -78,7 +121,7 @@ def binary_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float) -> d
     """Accuracy, precision, recall, specificity, F1, ROC-AUC, PR-AUC and the confusion matrix."""
     labels = np.asarray(labels).astype(int)
     probs = np.asarray(probs, dtype=np.float64)
-    preds = (probs >= threshold).astype(int)
+    preds = is_positive(probs, threshold).astype(int)
     tn, fp, fn, tp = confusion_matrix(labels, preds, labels=[0, 1]).ravel()
     both = 0 < labels.sum() < len(labels)
     return {
@@ -103,11 +146,11 @@ def spec_lower_bounds(labels: np.ndarray, probs: np.ndarray, thresholds: np.ndar
     Only NORMAL images enter specificity, so only they are resampled: whole NORMAL patients
     when ``groups`` is given (a cluster bootstrap), else single images.
     """
-    labels, probs = np.asarray(labels).astype(int), np.asarray(probs, dtype=np.float64)
-    neg = probs[labels == 0]
+    labels, probs = np.asarray(labels).astype(int), decision_scores(probs)
+    neg, thresholds = probs[labels == 0], decision_threshold(np.atleast_1d(thresholds))
     draw = _cluster_resampler(None if groups is None else np.asarray(groups)[labels == 0], len(neg),
                               np.random.default_rng(seed))
-    # specificity at threshold t = share of the resampled NORMAL scores below t
+    # specificity at threshold t = share of the resampled NORMAL scores below t (in float32: is_positive)
     spec = np.stack([np.searchsorted(np.sort(sample), thresholds, side="left") / len(sample)
                      for sample in (neg[draw()] for _ in range(n_boot))])
     return np.percentile(spec, (1 - level) / 2 * 100, axis=0)
@@ -120,11 +163,11 @@ def threshold_spec_lower_bound(labels: np.ndarray, probs: np.ndarray, min_specif
     score when none qualifies."""
     labels = np.asarray(labels).astype(int)
     require_both_classes(labels, "threshold selection")
-    candidates = np.append(np.unique(np.asarray(probs, dtype=np.float64)), np.nextafter(1.0, 2.0))
+    candidates = np.append(np.unique(decision_scores(probs)).astype(np.float64), NOTHING_POSITIVE)
     lower = spec_lower_bounds(labels, probs, candidates, groups)
     ok = np.flatnonzero(lower >= min_specificity - 1e-12)
     i = int(ok[0]) if len(ok) else len(candidates) - 1
-    return float(min(candidates[i], np.nextafter(1.0, 2.0))), float(lower[i])
+    return float(min(candidates[i], NOTHING_POSITIVE)), float(lower[i])
 
 
 def validation_metrics(labels: np.ndarray, probs: np.ndarray, min_specificity: float,
@@ -195,7 +238,7 @@ def bootstrap_ci(labels: np.ndarray, probs: np.ndarray, threshold: float, n_boot
 
 
 def _fast_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, float]:
-    pred = p >= threshold
+    pred = is_positive(p, threshold)
     tp = float(np.sum(pred & (y == 1)))
     fp = float(np.sum(pred & (y == 0)))
     fn = float(np.sum(~pred & (y == 1)))
@@ -218,13 +261,13 @@ OPERATING_RECALL = 0.95
 def operating_thresholds(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
     """Thresholds chosen on one (validation) set by common rules: the highest recall at
     specificity >= 0.85 / 0.90 / 0.95, the highest specificity at recall >= 0.95, and Youden's
-    J (max recall + specificity - 1). Predictions are ``prob >= threshold``."""
-    labels, probs = np.asarray(labels).astype(int), np.asarray(probs, dtype=np.float64)
+    J (max recall + specificity - 1). Predictions are :func:`is_positive`."""
+    labels, probs = np.asarray(labels).astype(int), decision_scores(probs)
     require_both_classes(labels, "operating points")
     out = {f"specificity >= {s:.2f}": threshold_for_specificity(labels, probs, s)[1]
            for s in OPERATING_SPECIFICITIES}
     fpr, tpr, thresholds = roc_curve(labels, probs, drop_intermediate=False)
-    thresholds = np.minimum(thresholds, np.nextafter(1.0, 2.0))  # roc_curve's first is +inf
+    thresholds = np.minimum(thresholds.astype(np.float64), NOTHING_POSITIVE)  # roc_curve's first is +inf
     out[f"recall >= {OPERATING_RECALL:.2f}"] = float(thresholds[int(np.argmax(tpr >= OPERATING_RECALL - 1e-12))])
     out["Youden's J"] = float(thresholds[int(np.argmax(tpr - fpr))])
     return out
@@ -234,8 +277,8 @@ def threshold_cis(labels: np.ndarray, probs: np.ndarray, thresholds: np.ndarray,
                   n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict[str, np.ndarray]:
     """Percentile bootstrap CIs of recall, specificity and accuracy at each of ``thresholds``
     (arrays of shape ``(2, len(thresholds))``: low, high); whole patients resampled with ``groups``."""
-    labels, probs = np.asarray(labels).astype(int), np.asarray(probs, dtype=np.float64)
-    thresholds = np.asarray(thresholds, dtype=np.float64)
+    labels, probs = np.asarray(labels).astype(int), decision_scores(probs)
+    thresholds = decision_threshold(np.atleast_1d(thresholds))  # counts below: as is_positive decides
     draw = _cluster_resampler(groups, len(labels), np.random.default_rng(seed))
     rows: dict[str, list[np.ndarray]] = {"recall": [], "specificity": [], "accuracy": []}
     for _ in range(n_boot):
@@ -287,7 +330,7 @@ def operating_points(val_labels: np.ndarray, val_probs: np.ndarray, labels: np.n
 
 
 def _fast_counts(labels: np.ndarray, probs: np.ndarray, threshold: float) -> dict[str, float]:
-    y, pred = np.asarray(labels).astype(int), np.asarray(probs, dtype=np.float64) >= threshold
+    y, pred = np.asarray(labels).astype(int), is_positive(probs, threshold)
     n_pos, n_neg = int((y == 1).sum()), int((y == 0).sum())
     tp, tn = int((pred & (y == 1)).sum()), int((~pred & (y == 0)).sum())
     return {"recall": tp / n_pos if n_pos else float("nan"), "specificity": tn / n_neg if n_neg else float("nan"),

@@ -59,6 +59,7 @@ def test_threshold_rules_point_sits_on_one_image_lower_bound_keeps_a_margin():
     patients = np.arange(140) // 2
     y = np.repeat(rng.random(70) < 0.7, 2).astype(int)
     p = np.clip(np.where(y == 1, rng.normal(0.7, 0.15, 140), rng.normal(0.3, 0.15, 140)), 0, 1)
+    p = p.astype(np.float32)  # as engine.probabilities makes them: thresholds are float32 scores
     point = validation_metrics(y, p, 0.9, groups=patients, rule="point")
     robust = validation_metrics(y, p, 0.9, groups=patients)
     assert robust["threshold_rule"] == "spec_lower_bound" and point["threshold_rule"] == "point"

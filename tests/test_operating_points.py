@@ -14,7 +14,7 @@ def _scores(n: int, seed: int, shift: float = 0.0):
     rng = np.random.default_rng(seed)
     y = (rng.random(n) < 0.7).astype(int)
     p = 1 / (1 + np.exp(-(rng.normal(0, 1, n) + 2.2 * y - 1.0 - shift)))
-    return y, p
+    return y, p.astype(np.float32)  # as engine.probabilities makes them: thresholds are float32 scores
 
 
 def test_each_rule_holds_on_the_set_it_was_chosen_on():

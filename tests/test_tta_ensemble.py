@@ -10,13 +10,52 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from conftest import run_cli
 
 from cxr_ray.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, write_tta_decisions
 from cxr_ray.config import ExperimentConfig
+from cxr_ray.data.preprocessing import Preprocessing
+from cxr_ray.data.transforms import normalize
 from cxr_ray.ensemble import EnsembleError, EnsembleModel, check_members
 from cxr_ray.models import build_model
-from cxr_ray.tta import TTAModel, parse_modes, views
+from cxr_ray.tta import CROP_SCALE, VIEWS_VERSION, TTAModel, crop_boxes, parse_modes, views
+
+PER_IMAGE = Preprocessing(32, 32, "per_image", scale=2.0)
+FIXED = Preprocessing(32, 32, "fixed", mean=0.45, std=0.22)
+
+
+class Recorder(nn.Module):
+    """A 'model' that keeps every input it is given and returns a zero logit."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x):
+        self.seen.append(x.clone())
+        return torch.zeros(len(x), 1)
+
+
+def lit_top_left(n: int = 3, size: int = 32) -> torch.Tensor:
+    """[0, 1] images brighter and flatter towards the top-left: every crop5 view has other
+    pixel statistics than the whole image."""
+    ramp = torch.linspace(0, 1, size)
+    light = 1 - (ramp[:, None] + ramp[None, :]) / 2
+    noise = torch.rand(n, 1, size, size, generator=torch.Generator().manual_seed(0))
+    return (0.6 * light + 0.4 * noise * ramp[None, :]).clamp(0, 1)
+
+
+def per_view_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    flat = x.flatten(1)
+    return flat.mean(1), flat.std(1)  # unbiased, as normalize's
+
+
+def raw_crops(pixels: torch.Tensor) -> list[torch.Tensor]:
+    """The crop5 views of [0, 1] pixels, resized back, before any normalisation."""
+    h, w = pixels.shape[-2:]
+    return [F.interpolate(pixels[..., t:t + ch, s:s + cw], size=(h, w), mode="bilinear", align_corners=False)
+            for t, s, ch, cw in crop_boxes(h, w)]
 
 
 class LeftMinusRight(nn.Module):
@@ -33,16 +72,66 @@ def small_cfg(**over) -> ExperimentConfig:
 
 
 def test_views_and_the_mean_logit():
-    x = torch.rand(3, 1, 32, 32)
-    flipped = views(x, "hflip")
+    x = normalize(torch.rand(3, 1, 32, 32), PER_IMAGE)
+    flipped = views(x, "hflip", PER_IMAGE)
     assert len(flipped) == 2 and torch.equal(flipped[1], torch.flip(x, dims=(-1,)))
-    crops = views(x, "crop5")
+    crops = views(x, "crop5", PER_IMAGE)
     assert len(crops) == 5 and all(c.shape == x.shape for c in crops)
     assert not torch.allclose(crops[1], crops[4])  # top-left and bottom-right differ
+    assert crop_boxes(32, 32)[0] == (2, 2, 28, 28) and round(32 * CROP_SCALE) == 28  # the centre
     model = LeftMinusRight()
     assert model(x).abs().min() > 0
-    assert torch.allclose(TTAModel(model, "hflip")(x), torch.zeros(3, 1), atol=1e-6)
+    assert torch.allclose(TTAModel(model, "hflip", PER_IMAGE)(x), torch.zeros(3, 1), atol=1e-6)
     assert parse_modes("hflip, crop5,hflip") == ("hflip", "crop5") and parse_modes("") == ()
+
+
+def test_crop5_views_are_normalised_after_cropping_like_training_crops():
+    """per_image: each view the model sees is standardised on its own pixels (mean 0, std = the
+    contract's scale), i.e. the crop of the [0, 1] image normalised, as training's zoom-in
+    crops are; cutting it from the already-normalised image left the corners off-centre."""
+    pixels = lit_top_left()
+    x = normalize(pixels, PER_IMAGE)  # what Collate hands the model
+    recorder = Recorder()
+    TTAModel(recorder, "crop5", PER_IMAGE)(x)
+    assert len(recorder.seen) == 5
+    for seen, raw in zip(recorder.seen, raw_crops(pixels)):
+        mean, std = per_view_stats(seen)
+        assert torch.allclose(mean, torch.zeros(3), atol=1e-5) and torch.allclose(std, torch.full((3,), 2.0), atol=1e-4)
+        assert torch.allclose(seen, normalize(raw, PER_IMAGE), atol=1e-4)
+    old_corner = x[..., :28, :28]  # (what the top-left view was standardised on before: the whole image)
+    assert per_view_stats(old_corner)[0].abs().min() > 0.3
+
+
+def test_hflip_and_none_views_are_unchanged_and_fixed_crops_commute():
+    x = normalize(lit_top_left(), PER_IMAGE)
+    for mode, want in (("hflip", [x, torch.flip(x, dims=(-1,))]),):
+        recorder = Recorder()
+        TTAModel(recorder, mode, PER_IMAGE)(x)
+        assert all(torch.equal(a, b) for a, b in zip(recorder.seen, want, strict=True))
+    assert views(x, "none", PER_IMAGE)[0] is x
+    # fixed: normalising before or after cropping is the same (a constant affine map)
+    pixels = lit_top_left()
+    fixed = views(normalize(pixels, FIXED), "crop5", FIXED)
+    for view, raw in zip(fixed, raw_crops(pixels), strict=True):
+        assert torch.allclose(view, normalize(raw, FIXED), atol=1e-5)
+
+
+def test_crop5_decisions_chosen_on_the_old_views_are_refused_for_per_image(tmp_path):
+    old = {"threshold": 0.4, "temperature": 1.2, "val_precision": "fp32"}  # written before VIEWS_VERSION
+    for normalization, refused in (("per_image", True), ("fixed", False)):
+        cfg = small_cfg(**{"data.normalize": normalization})
+        path = save_checkpoint(tmp_path / normalization, build_model(cfg.model), cfg, 0.5, {}, epoch=0)
+        write_tta_decisions(str(path), {"crop5": old, "hflip": old})
+        ckpt = load_checkpoint(path)
+        assert ckpt.with_tta("hflip").threshold == 0.4  # hflip views have not changed
+        if refused:
+            with pytest.raises(CheckpointError, match=r"crop5 .*views version 1.*cxr-ray fit-tta --checkpoint .* "
+                                                      r"--tta crop5"):
+                ckpt.with_tta("crop5")
+        else:
+            assert ckpt.with_tta("crop5").tta == "crop5"  # fixed: the views are the same as before
+        write_tta_decisions(str(path), {"crop5": {**old, "views_version": VIEWS_VERSION}})
+        assert load_checkpoint(path).with_tta("crop5").threshold == 0.4
 
 
 def test_tta_decisions_live_in_the_checkpoint_and_its_digest(tmp_path):

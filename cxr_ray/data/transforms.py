@@ -66,6 +66,17 @@ def normalize(x: torch.Tensor, contract: Preprocessing) -> torch.Tensor:
     return (x - contract.mean) / contract.std
 
 
+def unnormalize(x: torch.Tensor, contract: Preprocessing) -> torch.Tensor:
+    """:func:`normalize`'s output back on the [0, 1] pixel scale, as far as it matters to
+    :func:`normalize` again: ``fixed``: ``x * std + mean`` (its inverse); ``per_image``: ``x`` as is,
+    an affine map of the pixels, which per-image standardisation of any crop of it removes (so
+    ``normalize(crop)`` is the crop of the pixels standardised; a crop of nearly one grey level,
+    std below 1e-3 in either scale, aside: the clamp)."""
+    if contract.normalize == "per_image":
+        return x
+    return x * contract.std + contract.mean
+
+
 def batch_seed(seed: int, epoch: int, keys: np.ndarray) -> int:
     """A seed for one batch that depends only on the run seed, epoch and the batch's images."""
     digest = zlib.crc32(np.ascontiguousarray(keys).tobytes())

@@ -64,6 +64,7 @@ class Predictor:
         import torch
 
         from cxr_ray.data.transforms import Collate
+        from cxr_ray.metrics import decision_threshold  # (not at the top: the decode stage does without sklearn)
 
         self.score = ScoreConfig(**score)
         self.device = score_device(self.score)
@@ -71,8 +72,6 @@ class Predictor:
         if self.device.type == "cpu":
             torch.set_num_threads(threads)
         ckpt = load_checkpoint(checkpoint).with_tta(self.score.tta)
-        from cxr_ray.metrics import decision_threshold
-
         self.threshold, self.model_id = decision_threshold(ckpt.threshold), ckpt.model_id  # float32, as compared
         self.temperature, self.bias = ckpt.temperature, ckpt.logit_bias
         self.onnx = None

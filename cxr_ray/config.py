@@ -74,12 +74,24 @@ class DataConfig:
     # finished after read_timeout_s seconds (network/FUSE mounts and object stores; local disks
     # are read directly) is an error row (0 = wait forever)
     max_pixels: int = 100_000_000
+    # a file larger than max_file_mb MB (2**20 bytes) is an error row, refused from its size
+    # (stat, or an object's metadata) before a byte is read: each file is read whole into
+    # memory, and even an uncompressed 16-bit 4000x4000 DICOM is only 32 MB
+    max_file_mb: float = 512.0
     read_timeout_s: float = 60.0
+    # a Ray Data stage (cache build, evaluation, scoring) that yields nothing for this long fails
+    # with what it waited for (free CPUs, the placement groups holding them) instead of hanging;
+    # 0 = wait forever
+    stall_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
         _check_location(self.root, "data.root")
         _check_location(self.cache_dir, "data.cache_dir")
         _check(self.max_pixels >= 64, "data.max_pixels", "an int >= 64", self.max_pixels)
+        _check(isinstance(self.stall_timeout_s, (int, float)) and 0 <= self.stall_timeout_s < float("inf"),
+               "data.stall_timeout_s", "a float >= 0 (0 = no watchdog)", self.stall_timeout_s)
+        _check(isinstance(self.max_file_mb, (int, float)) and 0 < self.max_file_mb < float("inf"),
+               "data.max_file_mb", "a finite float > 0", self.max_file_mb)
         _check(self.read_timeout_s >= 0, "data.read_timeout_s", "a float >= 0 (0 = no limit)",
                self.read_timeout_s)
         _check(self.image_size == 0 or 16 <= self.image_size <= 4096, "data.image_size",

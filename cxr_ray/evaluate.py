@@ -23,7 +23,8 @@ from cxr_ray.data import io
 from cxr_ray.data.catalog import CLASSES
 from cxr_ray.data.transforms import Collate
 from cxr_ray.engine import predict_logits, prefers_channels_last, probabilities
-from cxr_ray.metrics import binary_metrics, bootstrap_ci, operating_points
+from cxr_ray.metrics import binary_metrics, bootstrap_ci, is_positive, operating_points, predicted_classes
+from cxr_ray.runtime import watched
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +47,9 @@ def predict_split(ckpt: LoadedCheckpoint, cache: Any, split: str, batch_size: in
     ds = split_dataset(cache, split, contract.image_size, with_paths=True)
     kept: dict[str, list] = {}
     collate = Collate(contract, device, channels_last=channels_last)
-    batches = collated_keeping(ds.iter_batches(batch_size=batch_size, batch_format="numpy"),
-                               collate, ("path", "patient"), kept)
+    stream = watched(ds.iter_batches(batch_size=batch_size, batch_format="numpy"), f"predict {split}",
+                     ckpt.cfg.data.stall_timeout_s)
+    batches = collated_keeping(stream, collate, ("path", "patient"), kept)
     logits, labels, _ = predict_logits(model, batches, device, precision)
     return pd.DataFrame({"path": kept.get("path", []), "patient": kept.get("patient", []),
                          "label": labels.astype(np.int64), "logit": logits.astype(np.float32),
@@ -142,7 +144,7 @@ def explain_gallery(ckpt: LoadedCheckpoint, preds: pd.DataFrame, n: int, out: Pa
     negatives of ``preds`` (``explain.write_gallery``), re-read from their files."""
     from cxr_ray.explain import explain_files, write_gallery
 
-    positive = preds["probability"] >= ckpt.threshold
+    positive = pd.Series(is_positive(preds["probability"], ckpt.threshold), index=preds.index)
     groups = {"most confident true positives": preds[positive & (preds["label"] == 1)].nlargest(n, "probability"),
               "most confident false positives": preds[positive & (preds["label"] == 0)].nlargest(n, "probability"),
               "most confident false negatives": preds[~positive & (preds["label"] == 1)].nsmallest(n, "probability")}
@@ -243,7 +245,7 @@ def evaluate_checkpoint(ckpt: LoadedCheckpoint, data_root: str, split: str, out_
     cache = prepare_cache(cfg, preprocessing=ckpt.preprocessing)
     precision = ckpt.precision(amp, torch.device("cpu"))
     preds = predict_split(ckpt, cache, split, precision=precision)
-    preds["prediction"] = np.where(preds["probability"] >= ckpt.threshold, CLASSES[1], CLASSES[0])
+    preds["prediction"] = predicted_classes(preds["probability"], ckpt.threshold)
     metrics = metrics_report(preds, ckpt.threshold)
     metrics.update(split=split, checkpoint=ckpt.path, data=data_root, amp=precision, tta=ckpt.tta,
                    val_precision=ckpt.val_precision, preprocessing=ckpt.preprocessing.to_dict(),

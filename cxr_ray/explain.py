@@ -25,6 +25,8 @@ import torch.nn as nn
 
 from cxr_ray.checkpoint import LoadedCheckpoint
 from cxr_ray.data.catalog import CLASSES
+from cxr_ray.metrics import is_positive, predicted_classes
+from cxr_ray.runtime import watched
 
 
 class ExplainError(RuntimeError):
@@ -94,7 +96,7 @@ def explain_images(ckpt: LoadedCheckpoint, images: np.ndarray) -> tuple[np.ndarr
     model = ckpt.model.float().eval()
     with torch.no_grad():
         probs = probabilities(model(x).squeeze(1).numpy(), ckpt.temperature, ckpt.logit_bias)
-    return probs, member_maps(base_model(model), ckpt.cfg.model.name, x, probs >= ckpt.threshold)
+    return probs, member_maps(base_model(model), ckpt.cfg.model.name, x, is_positive(probs, ckpt.threshold))
 
 
 def member_maps(model: nn.Module, name: str, x: torch.Tensor, positive: np.ndarray) -> np.ndarray:
@@ -131,7 +133,7 @@ def explain_files(ckpt: LoadedCheckpoint, paths: list[str], errors: list[str] | 
             images = to_model_size(np.stack([p for _, p in chunk]), size)
             probs, maps = explain_images(ckpt, images)
             for (path, _), img, p, m in zip(chunk, images[:, 0], probs, maps):
-                out.append(Explained(path, img, m, float(p), CLASSES[int(p >= ckpt.threshold)]))
+                out.append(Explained(path, img, m, float(p), CLASSES[int(is_positive(p, ckpt.threshold))]))
         if on_batch:
             on_batch(min(start + batch_size, len(paths)))
     return out
@@ -247,11 +249,11 @@ def rows_to_explain(scored: Any, top: int = 0) -> Any:
     ``probability`` and ``prediction``: the positive predictions, or the ``top`` highest
     probabilities when ``top`` > 0; rows with an error never."""
     ok = scored[scored["error"].fillna("") == ""]
-    chosen = ok.nlargest(top, "prob_pneumonia") if top > 0 else ok[ok["prob_pneumonia"] >= ok["threshold"]]
+    chosen = ok.nlargest(top, "prob_pneumonia") if top > 0 else ok[is_positive(ok["prob_pneumonia"], ok["threshold"])]
     chosen = chosen.sort_values("prob_pneumonia", ascending=False, ignore_index=True)
     rows = chosen.assign(name=[overlay_name(i, p) for i, p in enumerate(chosen["path"])],
                          probability=chosen["prob_pneumonia"].astype(float),
-                         prediction=np.where(chosen["prob_pneumonia"] >= chosen["threshold"], CLASSES[1], CLASSES[0]))
+                         prediction=predicted_classes(chosen["prob_pneumonia"], chosen["threshold"]))
     return rows[["path", "name", "probability", "prediction"]]
 
 
@@ -264,6 +266,7 @@ def explain_scored(ckpt: LoadedCheckpoint, scored: Any, out: str, top: int = 0, 
     again (the score pass keeps no pixels); Ray must be initialised."""
     import math
 
+    import pandas as pd
     import ray
 
     rows = rows_to_explain(scored, top)
@@ -273,7 +276,9 @@ def explain_scored(ckpt: LoadedCheckpoint, scored: Any, out: str, top: int = 0, 
             ExplainActor, batch_size=8, batch_format="pandas", concurrency=max(1, actors), num_cpus=cpus_per_actor,
             fn_constructor_kwargs={"checkpoint": ckpt.path, "tta": ckpt.tta, "out": out,
                                    "threads": math.ceil(cpus_per_actor)})
-        done = ds.to_pandas().sort_values("name", ignore_index=True)
+        parts = [pd.DataFrame(b) for b in watched(ds.iter_batches(batch_format="pandas"), "explain",
+                                                  ckpt.cfg.data.stall_timeout_s)]
+        done = pd.concat(parts, ignore_index=True).sort_values("name", ignore_index=True)
     what = f"the {top} highest probabilities" if top > 0 else "positive predictions"
     index = write_index(done.to_dict("records"), out, f"cxr_ray Grad-CAM of {what}: {ckpt.model_id}")
     failed = done[done["error"] != ""]

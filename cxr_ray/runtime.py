@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import _thread
+import contextlib
 import logging
 import math
 import os
+import threading
+import time
 import uuid
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class ClusterError(RuntimeError):
@@ -130,3 +137,148 @@ def check_shared_paths(paths: dict[str, str]) -> None:
                 f"{len(missing)} of them ({', '.join(m[:12] for m in missing)}) do not see it, so what "
                 f"one node writes or reads there would be missing on another. Use a URI every node can "
                 f"reach (s3://bucket/..., gs://bucket/...) or a shared mount present on every node.")
+
+
+# data.stall_timeout_s's default: a Ray Data stage that yields nothing for this long is stuck
+DEFAULT_STALL_S = 600.0
+
+
+class StageStalled(RuntimeError):
+    """A Ray Data stage made no progress for its stall timeout; says what it waited for."""
+
+
+def resources_report() -> str:
+    """One line: the cluster's CPUs/GPUs in all and free, and the placement groups holding them."""
+    import ray
+
+    total, free = ray.cluster_resources(), ray.available_resources()
+    parts = [f"{k} {free.get(k, 0.0):g} of {total[k]:g} free" for k in ("CPU", "GPU") if total.get(k)]
+    held = []
+    for pg_id, info in ray.util.placement_group_table().items():
+        if info.get("state") in ("CREATED", "PENDING", "RESCHEDULING"):
+            cpus = sum(float(b.get("CPU", 0)) for b in info.get("bundles", {}).values())
+            held.append(f"{info.get('name') or pg_id[:12]} ({info['state'].lower()}, {cpus:g} CPU)")
+    who = f"; placement groups holding them: {', '.join(held)}" if held else "; no placement group holds any"
+    return ", ".join(parts) + who
+
+
+class Progress:
+    """What a :func:`watchdog` watches: ``tick()`` on each unit of progress; while ``paused``
+    (the consumer works on an item it has), time does not count."""
+
+    def __init__(self) -> None:
+        self.last, self.paused = time.monotonic(), False
+
+    def tick(self) -> None:
+        self.last = time.monotonic()
+
+    def idle_s(self) -> float:
+        if self.paused:
+            self.tick()
+        return time.monotonic() - self.last
+
+
+@contextlib.contextmanager
+def watchdog(stage: str, stall_s: float = DEFAULT_STALL_S, probe: Callable[[], Any] | None = None
+             ) -> Iterator[Progress]:
+    """Fail a Ray Data stage that makes no progress for ``stall_s`` seconds, instead of hanging.
+
+    Yields a :class:`Progress` to tick on each unit of progress (a batch received). ``probe``,
+    polled every few seconds, is progress too whenever its value changes (e.g. the files a
+    write has made). On a stall the driver's main thread is interrupted inside the ``with``
+    body and :class:`StageStalled` raised, saying what the stage waited for
+    (:func:`resources_report`). Off outside the main thread or with ``stall_s <= 0``.
+    """
+    progress, fired = Progress(), []
+    if stall_s <= 0 or threading.current_thread() is not threading.main_thread():
+        yield progress
+        return
+    stop = threading.Event()
+
+    def watch() -> None:
+        seen = _probe(probe)
+        while not stop.wait(min(5.0, stall_s / 4)):
+            now = _probe(probe)
+            if now != seen:
+                seen = now
+                progress.tick()
+            if progress.idle_s() > stall_s:
+                try:
+                    why = resources_report()
+                except Exception as e:  # the report must not hide the stall
+                    why = f"(resources unknown: {e})"
+                fired.append(f"[{stage}] no progress for {stall_s:g} s (data.stall_timeout_s): {why}")
+                _thread.interrupt_main()
+                return
+
+    thread = threading.Thread(target=watch, name=f"watchdog-{stage}", daemon=True)
+    thread.start()
+    try:
+        yield progress
+    except KeyboardInterrupt:
+        if fired:
+            raise StageStalled(fired[0]) from None
+        raise
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _probe(probe: Callable[[], Any] | None) -> Any:
+    try:
+        return probe() if probe else None
+    except Exception:  # a listing that fails now may work next time; it is no progress either way
+        return None
+
+
+def watched(items: Iterable[T], stage: str, stall_s: float = DEFAULT_STALL_S) -> Iterator[T]:
+    """``items`` (e.g. ``ds.iter_batches(...)``) under a :func:`watchdog`: each item is progress,
+    and only the wait for the next one counts (not the consumer's work on an item)."""
+    with watchdog(stage, stall_s) as progress:
+        it = iter(items)
+        while True:
+            progress.tick()
+            try:
+                item = next(it)
+            except StopIteration:
+                return
+            progress.paused = True
+            try:
+                yield item
+            finally:
+                progress.paused = False
+
+
+def this_jobs_placement_groups() -> set[str]:
+    """Ids of the placement groups this Ray job (driver and every actor it started) created
+    that still hold or wait for resources; empty when Ray's state API cannot say."""
+    import ray
+    from ray.util.state import list_placement_groups
+
+    job = ray.get_runtime_context().get_job_id()
+    try:
+        mine = list_placement_groups(filters=[("creator_job_id", "=", job)], limit=10_000, detail=False,
+                                     raise_on_missing_output=False)
+    except Exception as e:  # no dashboard (ray minimal): nothing is released, say so
+        log.warning("cannot list this job's placement groups (%s); none released", str(e).splitlines()[0][:200])
+        return set()
+    return {str(p.placement_group_id) for p in mine if str(p.state) in ("CREATED", "PENDING", "RESCHEDULING")}
+
+
+def release_placement_groups(keep: set[str], stage: str) -> list[str]:
+    """Remove this job's placement groups other than ``keep`` (those it held before ``stage``):
+    a stage that ended must not leave resources reserved for the next one. Returns the ids removed.
+    (Ray Tune can end a trial while its Ray Train worker group's placement group is still being
+    created; that group lives until the job ends unless removed.)"""
+    import ray
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup
+
+    removed = []
+    for pg_id in sorted(this_jobs_placement_groups() - keep):
+        ray.util.remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(pg_id))))
+        removed.append(pg_id)
+    if removed:
+        log.warning("[%s] released %d placement group(s) its trials left reserved: %s", stage, len(removed),
+                    ", ".join(r[:12] for r in removed))
+    return removed

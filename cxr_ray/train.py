@@ -36,12 +36,12 @@ from cxr_ray.data.preprocessing import Preprocessing, resolve_preprocessing
 from cxr_ray.data.pipeline import (TorchCollate, check_cache_size, collated_keeping, epoch_batches,
                                    split_datasets)
 from cxr_ray.engine import (EarlyStopping, make_optimizer, make_scheduler, pos_weight_from_counts,
-                            predict_logits, prefers_channels_last, resolve_precision,
-                            train_one_epoch)
+                            predict_logits, prefers_channels_last, resolve_precision, restore_train_state,
+                            schedule_geometry, train_one_epoch, train_state)
 from cxr_ray.metrics import SELECTION_METRICS
 from cxr_ray.models import build_model
 from cxr_ray.progress import ProgressPrinter, ProgressReporter
-from cxr_ray.runtime import check_shared_paths, cpu_share
+from cxr_ray.runtime import check_shared_paths, cpu_share, release_placement_groups, this_jobs_placement_groups
 
 log = logging.getLogger(__name__)
 
@@ -102,10 +102,10 @@ class TrainLoopRunner:
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = ray.train.torch.prepare_model(model)
-        steps = max(1, int(np.ceil(config["n_train"] / (t.batch_size * max(1, self.ctx.get_world_size())))))
+        self.schedule = schedule_geometry(config["n_train"], t, self.ctx.get_world_size())
         self.images_per_worker = int(np.ceil(config["n_train"] / max(1, self.ctx.get_world_size())))
         self.optimizer = make_optimizer(self.model, t)
-        self.scheduler = make_scheduler(self.optimizer, int(t.warmup_epochs * steps), t.epochs * steps)
+        self.scheduler = make_scheduler(self.optimizer, self.schedule.warmup_steps, self.schedule.total_steps)
         pos_weight = torch.tensor(config["pos_weight"], device=self.device)
         self.loss_fn = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
         self.stopper = EarlyStopping(t.patience, t.min_delta)
@@ -121,11 +121,9 @@ class TrainLoopRunner:
         with ckpt.as_directory() as d:
             state = load_train_state(d)
             weights = safe_load(Path(d) / MODEL_FILE)
+        # first: a ConfigError when the checkpoint's LR schedule was counted for other workers
+        self.start_epoch = restore_train_state(state, self.optimizer, self.scheduler, self.stopper, self.schedule)
         unwrap(self.model).load_state_dict(weights)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.stopper.load_state_dict(state["early_stopping"])
-        self.start_epoch = int(state["epoch"]) + 1
         self.log("[train] resumed from checkpoint after epoch %d", state["epoch"])
 
     def train_batches(self, epoch: int):
@@ -180,11 +178,10 @@ class TrainLoopRunner:
                  metrics["train_loss"], metrics["val_loss"], metrics["roc_auc"], self.selection,
                  metrics[self.selection], metrics["train_images_per_s"])
         with tempfile.TemporaryDirectory() as d:
-            save_checkpoint(d, self.model, self.cfg, metrics["threshold"], metrics, epoch, {
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "early_stopping": self.stopper.state_dict(), "epoch": epoch}, val_precision=self.precision,
-                temperature=metrics["temperature"], logit_bias=metrics["logit_bias"],
-                preprocessing=self.preprocessing)
+            save_checkpoint(d, self.model, self.cfg, metrics["threshold"], metrics, epoch,
+                            train_state(self.optimizer, self.scheduler, self.stopper, epoch, self.schedule),
+                            val_precision=self.precision, temperature=metrics["temperature"],
+                            logit_bias=metrics["logit_bias"], preprocessing=self.preprocessing)
             ray.train.report(scalars, checkpoint=ray.train.Checkpoint.from_directory(d))
         self.progress.emit("epoch", epoch=epoch, metrics=scalars)
 
@@ -336,6 +333,7 @@ def check_resources(cfg: ExperimentConfig, trials: int = 1, data_cpus: float = 1
 
 
 # Keys that may differ when a run is resumed: where and how fast it runs, not what it learns.
+# (train.num_workers only between 0 and 1, one process either way: see check_resume_workers.)
 RESUMABLE_CHANGES = ("train.cpus_per_worker", "train.torch_threads", "train.data_cpus", "train.num_workers",
                      "train.gpus_per_worker", "train.max_failures", "train.storage_path", "train.name",
                      "data.cache_dir", "data.materialize_gb", "storage.endpoint_url", "train.amp")
@@ -362,11 +360,26 @@ def check_run_dir(cfg: ExperimentConfig, run_dir: str, resume: bool) -> None:
                 f"train.name for a new run, or continue that one with: cxr-ray train --resume {run_dir}")
         return
     saved = read_run_config(run_dir)
+    check_resume_workers(saved, cfg, run_dir)
     changed = [d for d in config_diff(saved, cfg) if d.split(":", 1)[0] not in RESUMABLE_CHANGES]
     if changed:
         raise ConfigError(f"--resume {run_dir!r}: the config differs from the run's config.yaml in "
                           f"{'; '.join(changed)}; a resumed run must train the same thing (start a new "
                           f"run with another train.name instead)")
+
+
+def check_resume_workers(saved: ExperimentConfig, cfg: ExperimentConfig, run_dir: str) -> None:
+    """:class:`ConfigError` when resuming ``run_dir`` (config ``saved``) on another number of
+    training processes: the LR schedule counts optimizer steps per epoch, which the workers
+    share, so a restored step count would not fit the rebuilt schedule (the workers check the
+    checkpoint's own record again, ``engine.check_resumed_schedule``)."""
+    old, new = max(1, saved.train.num_workers), max(1, cfg.train.num_workers)
+    if old != new:
+        raise ConfigError(f"--resume {run_dir!r}: train.num_workers was {saved.train.num_workers} when the run "
+                          f"started and is {cfg.train.num_workers} now; the learning-rate schedule and the "
+                          f"steps it has taken are counted per worker, so a run resumes on as many workers as it "
+                          f"trained on (set train.num_workers={saved.train.num_workers}, or start a new run with "
+                          f"another train.name)")
 
 
 def run_training(cfg: ExperimentConfig, cache: Any, resume: bool = False, progress: bool = True):
@@ -386,8 +399,12 @@ def run_training(cfg: ExperimentConfig, cache: Any, resume: bool = False, progre
     check_shared_paths({"train.storage_path": storage})
     io.write_bytes(io.join(run_dir, "config.yaml"), yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
     trainer = build_trainer(cfg, inputs, name, storage)
-    if not progress:
-        return trainer.fit()
-    with ProgressPrinter(cfg.metric.selection) as printer:
-        inputs.loop_config["progress"] = printer.queue
-        return trainer.fit()
+    held = this_jobs_placement_groups()
+    try:
+        if not progress:
+            return trainer.fit()
+        with ProgressPrinter(cfg.metric.selection) as printer:
+            inputs.loop_config["progress"] = printer.queue
+            return trainer.fit()
+    finally:  # the stages after training (TTA, evaluation) need the CPUs its worker group held
+        release_placement_groups(held, "train")

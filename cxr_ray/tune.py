@@ -38,7 +38,7 @@ from cxr_ray.config import ConfigError, ExperimentConfig, valid_keys
 from cxr_ray.data import io
 from cxr_ray.data.cache import open_cache
 from cxr_ray.metrics import SELECTION_METRIC, SELECTION_METRICS
-from cxr_ray.runtime import check_shared_paths
+from cxr_ray.runtime import check_shared_paths, release_placement_groups, this_jobs_placement_groups
 from cxr_ray.train import build_trainer, check_resources, resolve_resources, training_inputs
 
 log = logging.getLogger(__name__)
@@ -405,7 +405,11 @@ def run_tune(cfg: ExperimentConfig, cache_uri: str, name: str, resume: bool = Fa
         write_experiment_config(cfg, cache_uri, exp_uri)
         tuner = build_tuner(cfg, cache_uri, storage, name, callbacks)
     log.info("[tune] experiment %s: %d trials, up to %d at once", exp_uri, cfg.tune.num_samples, concurrent)
-    grid = tuner.fit()
+    held = this_jobs_placement_groups()
+    try:
+        grid = tuner.fit()
+    finally:  # a trial stopped while its worker group was starting leaves that group reserved
+        release_placement_groups(held, "tune")
     table = trials_table(grid, cfg)
     io.write_bytes(io.join(exp_uri, "trials.csv"), table.to_csv(index=False).encode())
     best = export_best(table, exp_uri)

@@ -39,7 +39,7 @@ from cxr_ray.data import io
 from cxr_ray.data.catalog import (CLASSES, SPLIT_ALGORITHM, DataError, assign_splits, load_catalog,
                                   split_leaks)
 from cxr_ray.data.decode import decode_path
-from cxr_ray.data.lease import Lease, LeaseHeld, acquire
+from cxr_ray.data.lease import Lease, LeaseHeld, LeaseLost, acquire
 from cxr_ray.data.preprocessing import Preprocessing, resolve_preprocessing
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,8 @@ def cache_uri(catalog_root: str, cfg: ExperimentConfig, fp: str, size: int) -> s
     return io.join(cfg.data.resolved_cache_dir, f"{name}-{size}px-{fp}")
 
 
-def decode_batch(batch: pd.DataFrame, size: int, max_pixels: int, timeout_s: float) -> pa.Table:
+def decode_batch(batch: pd.DataFrame, size: int, max_pixels: int, timeout_s: float, max_file_mb: float
+                 ) -> pa.Table:
     """Ray Data UDF: catalog rows -> cache rows (``CACHE_SCHEMA``; see ``CACHE_SCHEMA_DOC``).
 
     A file that the listing refused (its ``error``), or that cannot be read or decoded for
@@ -108,7 +109,7 @@ def decode_batch(batch: pd.DataFrame, size: int, max_pixels: int, timeout_s: flo
     dropped, so every input is accounted for.
     """
     listed = batch["error"] if "error" in batch else pd.Series("", index=batch.index)
-    decoded = [decode_path(p, size, max_pixels, timeout_s, err) for p, err in zip(batch["path"], listed)]
+    decoded = [decode_path(p, size, max_pixels, timeout_s, err, max_file_mb) for p, err in zip(batch["path"], listed)]
     result = batch[["path", "label", "patient", "split", "source_split"]].reset_index(drop=True)
     result["key"] = [zlib.crc32(p.encode("utf-8", "surrogateescape")) for p in result["path"]]
     result["width"] = [d.width for d in decoded]
@@ -177,7 +178,7 @@ def prepare_cache(cfg: ExperimentConfig, catalog: pd.DataFrame | None = None,
         with _build_lease(uri) as lease:
             meta = _read_meta(uri)  # built by the job we waited for
             if meta is None:
-                meta = _build(cfg, catalog, uri, fp, lease.run_id, size)
+                meta = _build(cfg, catalog, uri, fp, lease, size)
                 return PreparedCache(uri, meta)
     log.info("[prepare] reusing cache %s (%d images)", uri, meta["n_images"])
     return PreparedCache(uri, meta)
@@ -197,9 +198,9 @@ def _build_lease(uri: str, poll_s: float = 2.0) -> Lease:
             time.sleep(poll_s)
 
 
-def _build(cfg: ExperimentConfig, catalog: pd.DataFrame, uri: str, fp: str, run_id: str, size: int
+def _build(cfg: ExperimentConfig, catalog: pd.DataFrame, uri: str, fp: str, lease: Lease, size: int
            ) -> dict[str, Any]:
-    """Decode every image at side ``size`` into the cache at ``uri`` (the caller holds its lease); its meta.
+    """Decode every image at side ``size`` into the cache at ``uri`` (the caller holds ``lease``); its meta.
 
     Local caches are built in ``<uri>.tmp-<run>`` and renamed into place once meta.json is
     written, so no reader ever sees a half-built folder; on object stores (no folder rename)
@@ -207,7 +208,7 @@ def _build(cfg: ExperimentConfig, catalog: pd.DataFrame, uri: str, fp: str, run_
     """
     import ray
 
-    from cxr_ray.runtime import check_shared_paths
+    from cxr_ray.runtime import check_shared_paths, watchdog
 
     # Decode tasks on any node read the images and write the cache: both must be shared.
     check_shared_paths({"data.root": catalog["path"].iat[0], "data.cache_dir": cfg.data.resolved_cache_dir})
@@ -216,7 +217,7 @@ def _build(cfg: ExperimentConfig, catalog: pd.DataFrame, uri: str, fp: str, run_
         uri = io.resolve(uri)[1]  # absolute, ~ expanded: os.rename below sees what pyarrow wrote
         for old in glob.glob(glob.escape(uri) + ".tmp-*"):  # interrupted builds (we hold the lease)
             shutil.rmtree(old, ignore_errors=True)
-    build = f"{uri}.tmp-{run_id}" if local else uri
+    build = f"{uri}.tmp-{lease.run_id}" if local else uri
     _delete(uri)  # an interrupted build leaves data without meta.json
     log.info("[prepare] decoding %d images at %dpx into %s", len(catalog), size, uri)
     # Rows are written in a seeded random order, so every block (and so every training batch
@@ -227,20 +228,25 @@ def _build(cfg: ExperimentConfig, catalog: pd.DataFrame, uri: str, fp: str, run_
     parts = [catalog.iloc[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
     ds = ray.data.from_pandas(parts).map_batches(
         decode_batch, batch_format="pandas", batch_size=64,
-        fn_kwargs={"size": size, "max_pixels": cfg.data.max_pixels, "timeout_s": cfg.data.read_timeout_s})
+        fn_kwargs={"size": size, "max_pixels": cfg.data.max_pixels, "timeout_s": cfg.data.read_timeout_s,
+                   "max_file_mb": cfg.data.max_file_mb})
     try:
-        ds.write_parquet(io.join(build, "data"))
+        # progress: the part files the write has made so far
+        with watchdog("prepare", cfg.data.stall_timeout_s, probe=lambda: io.count_files(io.join(build, "data"))):
+            ds.write_parquet(io.join(build, "data"))
         meta = summarize_cache(build, size, fp, cfg.data.root)
         if meta["n_bad"] > cfg.data.max_bad_fraction * meta["n_images"]:
             listing = "\n".join(f"  {b['path']}: {b['error']}" for b in meta["bad_files"][:50])
             raise DataError(
                 f"{meta['n_bad']} of {meta['n_images']} images could not be decoded, more than "
                 f"data.max_bad_fraction={cfg.data.max_bad_fraction}:\n{listing}")
+        lease.check()  # commit (meta.json, then the rename) only while the lease is still ours
         io.write_bytes(io.join(build, "meta.json"), json.dumps(meta, indent=1).encode())
         if local:
             os.rename(build, uri)  # atomic: the cache appears whole, meta.json included
-    except BaseException:
-        _delete(build)
+    except BaseException as e:
+        if local or not isinstance(e, LeaseLost):  # in place: the folder is the new holder's now
+            _delete(build)
         raise
     return meta
 

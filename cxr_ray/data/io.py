@@ -164,6 +164,13 @@ def write_bytes(path: str, data: bytes) -> None:
         f.write(data)
 
 
+def count_files(path: str) -> int:
+    """How many files there are under folder ``path`` (local or URI; 0 when it does not exist)."""
+    fs, p = resolve(path)
+    infos = fs.get_file_info(pafs.FileSelector(p, recursive=True, allow_not_found=True))
+    return sum(1 for i in infos if i.type == pafs.FileType.File)
+
+
 def exists(path: str) -> bool:
     """True when a file or folder exists at the local path or URI."""
     fs, p = resolve(path)

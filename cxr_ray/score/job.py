@@ -18,9 +18,9 @@ from cxr_ray.config import DataConfig, ScoreConfig
 from cxr_ray.data import io
 from cxr_ray.data.catalog import CLASSES, patient_id
 from cxr_ray.data.preprocessing import Preprocessing
-from cxr_ray.data.lease import LeaseHeld, acquire
+from cxr_ray.data.lease import Lease, LeaseHeld, acquire
 from cxr_ray.data.listing import UNKNOWN_LABEL, PathSet, check_inputs, iter_inputs
-from cxr_ray.runtime import check_shared_paths, cpu_share
+from cxr_ray.runtime import check_shared_paths, cpu_share, watched
 from cxr_ray.score.output import (
     JOB_FILE,
     LEASE_FILE,
@@ -188,7 +188,7 @@ def build_dataset(blocks: list[Any], checkpoint: str, contract: Preprocessing, s
     """The streaming Ray Dataset of scored rows for the input ``blocks`` (see :func:`list_todo`).
 
     Preprocessing comes from the checkpoint's contract; the input-safety limits
-    (``data.max_pixels``, ``data.read_timeout_s``) from the user's (``limits``)."""
+    (``data.max_pixels``, ``data.max_file_mb``, ``data.read_timeout_s``) from the user's (``limits``)."""
     import ray
 
     pool = (ray.data.ActorPoolStrategy(min_size=score.num_actors, max_size=score.max_actors)
@@ -197,7 +197,8 @@ def build_dataset(blocks: list[Any], checkpoint: str, contract: Preprocessing, s
     ds = ds.map_batches(read_and_decode, batch_size=score.decode_batch_size, batch_format="numpy",
                         num_cpus=score.decode_cpus,
                         fn_kwargs={"cache_size": contract.cache_size, "image_size": contract.image_size,
-                                   "max_pixels": limits.max_pixels, "timeout_s": limits.read_timeout_s})
+                                   "max_pixels": limits.max_pixels, "timeout_s": limits.read_timeout_s,
+                                   "max_file_mb": limits.max_file_mb})
     return ds.map_batches(Predictor, batch_size=score.batch_size, batch_format="numpy", compute=pool,
                           num_cpus=score.cpus_per_actor, num_gpus=score.gpus_per_actor or None,
                           # Reserving memory per actor also keeps Ray Data from fusing decoding into
@@ -208,11 +209,13 @@ def build_dataset(blocks: list[Any], checkpoint: str, contract: Preprocessing, s
                                                  "score": dataclasses.asdict(score)})
 
 
-def _stream(ds, writer: PartWriter, with_labels: bool, failures: list[tuple[str, str]]
-            ) -> Iterator[tuple[int, int]]:
-    """Write every batch the pipeline yields; yields (scored, failed) per batch."""
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+def _stream(ds, writer: PartWriter, with_labels: bool, failures: list[tuple[str, str]], lease: Lease,
+            stall_s: float) -> Iterator[tuple[int, int]]:
+    """Write every batch the pipeline yields (while ``lease`` is ours); yields (scored, failed) per
+    batch. No batch for ``stall_s`` seconds: :class:`~cxr_ray.runtime.StageStalled`."""
+    for batch in watched(ds.iter_batches(batch_size=None, batch_format="numpy"), "score", stall_s):
         table = to_output_table(batch, with_labels)
+        lease.check()  # before ``add``, which may commit a part
         writer.add(table)
         errors = table.column("error").to_pylist()
         bad = [(p, e) for p, e in zip(table.column("path").to_pylist(), errors) if e is not None]
@@ -248,11 +251,11 @@ def run_score(checkpoint: str | LoadedCheckpoint, inputs: list[str], output: str
         raise ScoreError(f"--output {output!r} is in use: {e}; wait for that job to finish (then "
                          f"--resume), or choose another --output") from e
     with lease:
-        return _run_leased(ckpt, out, inputs, score, resume, with_labels, limits)
+        return _run_leased(ckpt, out, inputs, score, resume, with_labels, limits, lease)
 
 
 def _run_leased(ckpt: LoadedCheckpoint, out: OutputFolder, inputs: list[str], score: ScoreConfig,
-                resume: bool, with_labels: bool, limits: DataConfig | None) -> ScoreSummary:
+                resume: bool, with_labels: bool, limits: DataConfig | None, lease: Lease) -> ScoreSummary:
     """:func:`run_score`'s work, with the output's lease held (no other job writes there)."""
     checkpoint, output = ckpt.path, out.uri
     out.clear_tmp()  # temp files of an interrupted run (never committed, never read; ours now)
@@ -272,6 +275,7 @@ def _run_leased(ckpt: LoadedCheckpoint, out: OutputFolder, inputs: list[str], sc
     job = out.read_job() or {"started_at": datetime.now(timezone.utc).isoformat(), "runs": []}
     job.update(checkpoint=str(checkpoint), model=ckpt.model_id, threshold=ckpt.threshold,
                with_labels=with_labels, inputs=list(inputs), score=dataclasses.asdict(score))
+    lease.check()  # listing may have taken long: write only while the output is still ours
     out.write_json(JOB_FILE, job)
     writer = PartWriter(out, output_schema(with_labels), score.rows_per_file)
     scored = failed = 0
@@ -281,13 +285,15 @@ def _run_leased(ckpt: LoadedCheckpoint, out: OutputFolder, inputs: list[str], sc
         if todo.blocks:
             last_log = start
             ds = build_dataset(todo.blocks, checkpoint, ckpt.preprocessing, score, limits or DataConfig())
-            for s, f in _stream(ds, writer, with_labels, failures):
+            stall_s = (limits or DataConfig()).stall_timeout_s
+            for s, f in _stream(ds, writer, with_labels, failures, lease, stall_s):
                 scored, failed = scored + s, failed + f
                 if time.perf_counter() - last_log > 30:
                     last_log = time.perf_counter()
                     log.info("scored %d/%d files (%.1f images/s)", scored + failed, todo.files,
                              (scored + failed) / (last_log - start))
     finally:
+        lease.check()  # lost: leave the output (its temp files, the job record) to the job holding it now
         writer.close()  # complete rows only: also on Ctrl-C, so --resume redoes less
         out.clear_tmp()
         seconds = time.perf_counter() - start
@@ -302,6 +308,7 @@ def _run_leased(ckpt: LoadedCheckpoint, out: OutputFolder, inputs: list[str], sc
         summary.metrics = labelled_metrics(out, ckpt.threshold)
         if summary.metrics is not None:
             summary.metrics["tta"] = ckpt.tta
+            lease.check()
             out.write_json(METRICS_FILE, summary.metrics)
     return summary
 

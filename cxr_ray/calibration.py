@@ -169,7 +169,7 @@ def fit_decision(logits: np.ndarray, labels: np.ndarray, groups: np.ndarray | No
     temperature, bias = fit_calibration(logits, labels, metric.calibration if metric.calibrate else "none")
     probs = probabilities(logits, temperature, bias)  # the threshold is chosen on the calibrated scale
     out = validation_metrics(labels, probs, metric.min_specificity, groups=groups, rule=metric.threshold_rule,
-                             val_loss=val_loss)
+                             val_loss=val_loss, target_recall=metric.target_recall)
     out.update(val_loss=val_loss, temperature=temperature, logit_bias=bias,
                val_ece_before=ece(labels, probabilities(logits)), val_ece=ece(labels, probs))
     return out

@@ -231,7 +231,7 @@ class TrainConfig:
 
 
 SELECTIONS = ("selection_score", "pauc", "recall_at_specificity", "roc_auc")
-THRESHOLD_RULES = ("spec_lower_bound", "point")
+THRESHOLD_RULES = ("spec_lower_bound", "point", "recall_target")
 
 
 @dataclass(frozen=True)
@@ -244,8 +244,11 @@ class MetricConfig:
     # >= min_specificity with a validation-loss tie-break (does not saturate; chance = 0.5)
     selection: str = "selection_score"
     # spec_lower_bound: lowest threshold whose 95% patient-bootstrap lower bound of validation
-    # specificity >= min_specificity; point: the point estimate (sits on one image)
+    # specificity >= min_specificity; point: the point estimate (sits on one image);
+    # recall_target: highest threshold whose validation recall >= target_recall (a margin above
+    # the NORMAL scores for a new site's drift)
     threshold_rule: str = "spec_lower_bound"
+    target_recall: float = 0.95  # recall_target's recall: the product's target (Kermany 2018: 0.932)
     # temperature scaling: fit T on each validation pass's logits (stored in the checkpoint,
     # applied by evaluate and score), so probabilities are calibrated; false keeps T = 1
     calibrate: bool = True
@@ -267,6 +270,7 @@ class MetricConfig:
         _check(self.selection in SELECTIONS, "metric.selection", f"one of {list(SELECTIONS)}", self.selection)
         _check(self.threshold_rule in THRESHOLD_RULES, "metric.threshold_rule",
                f"one of {list(THRESHOLD_RULES)}", self.threshold_rule)
+        _check(0.0 < self.target_recall < 1.0, "metric.target_recall", "a float in (0, 1)", self.target_recall)
 
 
 def default_search_space() -> dict[str, dict[str, Any]]:

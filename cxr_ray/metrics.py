@@ -16,8 +16,11 @@ outweigh a pAUC difference larger than 0.001.
 which the lower end of the 95% patient-bootstrap CI of validation specificity still reaches
 ``min_specificity``, so the threshold does not sit on the single lowest-scoring image that a
 point estimate would pick; ``point`` is that point estimate (the highest recall whose
-validation specificity >= ``min_specificity``). See ``benchmarks/real_accuracy.py`` for how each
-holds on a shifted copy of the validation images.
+validation specificity >= ``min_specificity``); ``recall_target`` takes the *highest* threshold
+whose validation recall still reaches ``target_recall``: recall first, and every NORMAL score
+below the threshold's margin is room for NORMAL films to drift up at a new site (the
+specificity rules sit at the lowest threshold they allow, on the edge of the NORMAL scores).
+See ``benchmarks/real_accuracy.py`` for how each holds on a shifted copy of the validation images.
 
 **Decision** (:func:`is_positive`, the one rule training, evaluate, score, explain and the export's
 contract apply): PNEUMONIA where ``float32(prob) >= float32(threshold)``. Probabilities are
@@ -38,7 +41,7 @@ from cxr_ray.data.catalog import CLASSES
 
 SELECTION_METRIC = "selection_score"
 SELECTION_METRICS = (SELECTION_METRIC, "pauc", "recall_at_specificity", "roc_auc")  # metric.selection choices
-THRESHOLD_RULES = ("spec_lower_bound", "point")
+THRESHOLD_RULES = ("spec_lower_bound", "point", "recall_target")
 CI_METRICS = ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc")
 LOSS_TIE_BREAK = 1e-3
 DECISION_DTYPE = np.float32  # probabilities and thresholds are compared in this dtype, everywhere
@@ -170,18 +173,31 @@ def threshold_spec_lower_bound(labels: np.ndarray, probs: np.ndarray, min_specif
     return float(min(candidates[i], NOTHING_POSITIVE)), float(lower[i])
 
 
+def threshold_recall_target(labels: np.ndarray, probs: np.ndarray, target_recall: float) -> float:
+    """The highest threshold at which validation recall is still >= ``target_recall``: the
+    ``ceil(target_recall * n_pneumonia)``-th highest PNEUMONIA score (float32, as every decision)."""
+    labels = np.asarray(labels).astype(int)
+    require_both_classes(labels, "threshold selection")
+    pos = np.sort(decision_scores(probs)[labels == 1])[::-1]
+    k = max(1, int(np.ceil(target_recall * len(pos) - 1e-9)))
+    return float(pos[k - 1])
+
+
 def validation_metrics(labels: np.ndarray, probs: np.ndarray, min_specificity: float,
                        groups: np.ndarray | None = None, rule: str = "spec_lower_bound",
-                       val_loss: float = float("nan")) -> dict[str, Any]:
+                       val_loss: float = float("nan"), target_recall: float = 0.95) -> dict[str, Any]:
     """Metrics at the threshold ``rule`` chooses on this set (see the module doc), plus
     ``pauc``, ``selection_score``, ``recall_at_specificity``, ``threshold_rule`` and
-    ``specificity_lower_bound`` (the 95% bootstrap lower bound at the chosen threshold)."""
+    ``specificity_lower_bound`` (the 95% bootstrap lower bound at the chosen threshold).
+    ``target_recall``: what ``recall_target`` keeps."""
     if rule not in THRESHOLD_RULES:
         raise ValueError(f"threshold rule {rule!r}: expected one of {list(THRESHOLD_RULES)}")
     best_recall, threshold = threshold_for_specificity(labels, probs, min_specificity)
     if rule == "spec_lower_bound":
         threshold, lower = threshold_spec_lower_bound(labels, probs, min_specificity, groups)
     else:
+        if rule == "recall_target":
+            threshold = threshold_recall_target(labels, probs, target_recall)
         lower = float(spec_lower_bounds(labels, probs, np.array([threshold]), groups)[0])
     metrics = binary_metrics(labels, probs, threshold)
     pauc = partial_auc(labels, probs, min_specificity)

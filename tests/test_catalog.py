@@ -159,3 +159,21 @@ def test_official_split_keeps_folders(tmp_path):
     root = _layout(tmp_path)
     df = assign_splits(load_catalog(str(root)), DataConfig(val_split="official"))
     assert (df["split"] == df["source_split"]).all()
+
+
+def test_hospital_file_names_without_patients_are_said_loudly(tmp_path):
+    """A hospital export (``scan_0001.png``) names no patient: the split falls back to images,
+    and the report says so before anything trains; a manifest's patient column silences it."""
+    for split in ("train", "test"):
+        for label in ("NORMAL", "PNEUMONIA"):
+            for i in range(6):
+                _img(tmp_path / "site" / split / label / f"scan_{split}_{label}_{i:04d}.png")
+    df = assign_splits(load_catalog(str(tmp_path / "site")), DataConfig(val_fraction=0.3))
+    lines = check_patient_leaks(df)
+    assert lines[0].startswith("WARNING: 24 of 24 images (100%) name no patient") and "'patient' column" in lines[0]
+    paths = sorted(str(p.relative_to(tmp_path / "site")) for p in (tmp_path / "site").rglob("*.png"))
+    pd.DataFrame({"path": paths, "label": [0 if "NORMAL" in p else 1 for p in paths],
+                  "split": [p.split("/")[0] for p in paths],
+                  "patient": [f"P{i // 2}" for i in range(len(paths))]}).to_csv(tmp_path / "site" / "m.csv", index=False)
+    named = assign_splits(load_catalog(str(tmp_path / "site" / "m.csv")), DataConfig(val_fraction=0.3))
+    assert not any(line.startswith("WARNING") for line in check_patient_leaks(named))

@@ -68,6 +68,25 @@ def test_threshold_rules_point_sits_on_one_image_lower_bound_keeps_a_margin():
     assert robust["specificity_lower_bound"] >= 0.9 > point["specificity_lower_bound"]
 
 
+def test_recall_target_takes_the_highest_threshold_that_keeps_the_recall():
+    """On a separable validation set the specificity rule sits among the highest NORMAL scores
+    (the lowest threshold its bound allows); recall_target sits as high as the PNEUMONIA scores
+    allow (a margin for NORMAL films that drift up at a new site), its recall still on target."""
+    from cxr_ray.metrics import threshold_recall_target
+
+    y = np.array([0] * 50 + [1] * 100)
+    p = np.concatenate([np.linspace(0.0, 0.30, 50), np.linspace(0.40, 1.0, 100)]).astype(np.float32)
+    target = validation_metrics(y, p, 0.9, rule="recall_target", target_recall=0.95)
+    spec = validation_metrics(y, p, 0.9, rule="spec_lower_bound")
+    assert target["threshold_rule"] == "recall_target" and target["recall"] >= 0.95
+    assert target["recall"] < 0.96  # the highest such threshold: one more step up loses the target
+    assert target["threshold"] == threshold_recall_target(y, p, 0.95) == p[y == 1][5]
+    assert target["threshold"] > spec["threshold"] and target["specificity"] == 1.0 > spec["specificity"]
+    # ties: every PNEUMONIA image at one score keeps recall 1.0 at that score
+    tied = np.where(y == 1, 0.8, 0.2).astype(np.float32)
+    assert threshold_recall_target(y, tied, 0.95) == pytest.approx(0.8)
+
+
 def test_bootstrap_ci_contains_point_estimate():
     rng = np.random.default_rng(1)
     y = rng.integers(0, 2, 300)

@@ -293,6 +293,7 @@ def check_patient_leaks(df: pd.DataFrame) -> list[str]:
     patients. A patient shared with ``test`` is reported as a warning line (``test``
     figures would be optimistic) but does not stop training.
     """
+    lines = unnamed_patients_warning(df)
     leaks = shared_patients(df, "train", "val")
     if leaks:
         examples = [f"{p} ({', '.join(df.loc[df['patient'] == p, 'path'].head(2))})" for p in leaks[:5]]
@@ -300,12 +301,34 @@ def check_patient_leaks(df: pd.DataFrame) -> list[str]:
             f"{len(leaks)} patient(s) have images in both train and val, so validation would grade "
             f"images of patients the model trained on; e.g. {'; '.join(examples)}. Use "
             f"data.val_split=grouped (carves val by patient) or fix the manifest's split column.")
-    lines = ["patients shared between train and val: 0"]
+    lines.append("patients shared between train and val: 0")
     if (df["split"] == "test").any():
         shared = sorted(set(shared_patients(df, "train", "test")) | set(shared_patients(df, "val", "test")))
         lines.append(f"patients shared between train/val and test: {len(shared)}"
                      + (f" (WARNING: test figures will be optimistic; e.g. {shared[:5]})" if shared else ""))
     return lines
+
+
+# above this share of images without a patient id, the split by patient is a split by image
+UNNAMED_PATIENTS_WARN = 0.5
+
+
+def unnamed_patients_warning(df: pd.DataFrame) -> list[str]:
+    """A loud line when most images name no patient: their file names are not Kermany's
+    (``person12_bacteria_45``, ``IM-0115-0001``), no manifest ``patient`` column and no DICOM
+    PatientID gave one, so each such image is its own patient (its file stem). The split by
+    patient then falls back to a split by image, and "patients shared: 0" is no reassurance."""
+    if df.empty:
+        return []
+    stems = df["path"].map(lambda p: PurePosixPath(str(p).replace("\\", "/")).stem)
+    unnamed = int((df["patient"].astype(str) == stems).sum())
+    if unnamed <= UNNAMED_PATIENTS_WARN * len(df):
+        return []
+    return [f"WARNING: {unnamed} of {len(df)} images ({unnamed / len(df):.0%}) name no patient (file names "
+            f"are not Kermany's, no manifest 'patient' column, no DICOM PatientID): each is its own patient, "
+            f"so the split by patient falls back to a split by image and images of one patient may sit in "
+            f"both train and val (validation would be optimistic). Give a manifest with a 'patient' column "
+            f"(--data manifest.csv with path,label,patient)"]
 
 
 def split_leaks(df: pd.DataFrame) -> list[str]:

@@ -123,7 +123,14 @@ class AugmentConfig:
     enabled: bool = True
     hflip_p: float = 0.5  # probability of a horizontal flip
     rotation_deg: float = 10.0  # uniform rotation in [-deg, deg]
-    scale_min: float = 0.9  # random zoom-in crop keeping [scale_min, 1] of the side
+    scale_min: float = 0.9  # random zoom: the side shows [scale_min, scale_max] of the image's side;
+    scale_max: float = 1.0  # > 1 zooms out, padding with black (framing: looser and tighter films)
+    translate: float = 0.0  # shift by up to this share of the side in x and y (black fill)
+    aspect: float = 0.0  # aspect-ratio jitter: width x exp(u), height / exp(u), u in [-aspect, aspect]
+    # black bands at the borders (as collimation or a margin adds): with this probability per
+    # side, a band of up to border_max of the side
+    border_p: float = 0.0
+    border_max: float = 0.15
     brightness: float = 0.1  # additive jitter in [-b, b] on the [0, 1] image
     contrast: float = 0.1  # multiplicative jitter in [1 - c, 1 + c] around the image mean
     # Acquisition differences between scanners and sites (0 switches each off):
@@ -137,6 +144,11 @@ class AugmentConfig:
         _check(0.0 <= self.rotation_deg <= 180.0, "augment.rotation_deg", "a float in [0, 180]",
                self.rotation_deg)
         _check(0.0 < self.scale_min <= 1.0, "augment.scale_min", "a float in (0, 1]", self.scale_min)
+        _check(1.0 <= self.scale_max <= 2.0, "augment.scale_max", "a float in [1, 2]", self.scale_max)
+        _check(0.0 <= self.translate <= 0.5, "augment.translate", "a float in [0, 0.5]", self.translate)
+        _check(0.0 <= self.aspect <= 0.5, "augment.aspect", "a float in [0, 0.5]", self.aspect)
+        _check(0.0 <= self.border_p <= 1.0, "augment.border_p", "a float in [0, 1]", self.border_p)
+        _check(0.0 <= self.border_max <= 0.4, "augment.border_max", "a float in [0, 0.4]", self.border_max)
         _check(0.0 <= self.brightness < 1.0, "augment.brightness", "a float in [0, 1)", self.brightness)
         _check(0.0 <= self.contrast < 1.0, "augment.contrast", "a float in [0, 1)", self.contrast)
         _check(0.0 <= self.gamma <= 1.0, "augment.gamma", "a float in [0, 1]", self.gamma)

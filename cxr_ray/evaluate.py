@@ -242,7 +242,7 @@ def evaluate_checkpoint(ckpt: LoadedCheckpoint, data_root: str, split: str, out_
     data_cfg = dataclasses.replace(ckpt.cfg.data, root=data_root,
                                    cache_dir=cache_dir or ckpt.cfg.data.cache_dir)
     cfg = dataclasses.replace(ckpt.cfg, data=data_cfg)
-    cache = prepare_cache(cfg, preprocessing=ckpt.preprocessing)
+    cache = prepare_cache(cfg, preprocessing=ckpt.preprocessing, training=False)  # any labelled folder
     precision = ckpt.precision(amp, torch.device("cpu"))
     preds = predict_split(ckpt, cache, split, precision=precision)
     preds["prediction"] = predicted_classes(preds["probability"], ckpt.threshold)
@@ -251,8 +251,11 @@ def evaluate_checkpoint(ckpt: LoadedCheckpoint, data_root: str, split: str, out_
                    val_precision=ckpt.val_precision, preprocessing=ckpt.preprocessing.to_dict(),
                    calibration=calibration_report(preds["label"].to_numpy(), preds["logit"].to_numpy(),
                                                   ckpt.temperature, ckpt.logit_bias))
-    val = preds if split == "val" else predict_split(ckpt, cache, "val", precision=precision)
-    metrics["operating_points"] = operating_table(ckpt, val, preds, prevalences)
+    if split != "val" and min(cache.split_counts("val")) == 0:  # a labelled sample has no validation split
+        val = None
+    else:
+        val = preds if split == "val" else predict_split(ckpt, cache, "val", precision=precision)
+    metrics["operating_points"] = operating_table(ckpt, val, preds, prevalences) if val is not None else None
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) if io.is_uri(out_dir) else Path(out_dir)  # URIs: write locally, then upload
         out.mkdir(parents=True, exist_ok=True)

@@ -174,6 +174,7 @@ def test_hospital_file_names_without_patients_are_said_loudly(tmp_path):
     paths = sorted(str(p.relative_to(tmp_path / "site")) for p in (tmp_path / "site").rglob("*.png"))
     pd.DataFrame({"path": paths, "label": [0 if "NORMAL" in p else 1 for p in paths],
                   "split": [p.split("/")[0] for p in paths],
-                  "patient": [f"P{i // 2}" for i in range(len(paths))]}).to_csv(tmp_path / "site" / "m.csv", index=False)
+                  "patient": [f"P{i // 2}" for i in range(len(paths))]}
+                 ).to_csv(tmp_path / "site" / "m.csv", index=False)
     named = assign_splits(load_catalog(str(tmp_path / "site" / "m.csv")), DataConfig(val_fraction=0.3))
     assert not any(line.startswith("WARNING") for line in check_patient_leaks(named))

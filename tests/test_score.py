@@ -160,6 +160,23 @@ def test_scores_equal_evaluate_no_preprocessing_drift(ray_local, checkpoint, tmp
     assert (sc.loc[ev.index, "prediction"] == ev["prediction"]).all()
 
 
+def test_a_labelled_sample_without_train_split_evaluates(ray_local, checkpoint, tmp_path):
+    """A hospital's sample is class folders only (SITE/{NORMAL,PNEUMONIA}): evaluate needs no
+    training images; there is no validation split, so no operating-point table."""
+    import json
+
+    from cxr_ray.evaluate import evaluate_checkpoint
+
+    root = make_synthetic_dataset(tmp_path / "syn", n=120, size=110, seed=3)
+    ckpt = load_checkpoint(checkpoint)
+    whole = evaluate_checkpoint(ckpt, str(root), "test", str(tmp_path / "eval"), cache_dir=str(tmp_path / "cache"))
+    site = evaluate_checkpoint(ckpt, str(root / "test"), "test", str(tmp_path / "site"),
+                               cache_dir=str(tmp_path / "cache"))
+    assert site["n"] == whole["n"] >= 15 and site["roc_auc"] == pytest.approx(whole["roc_auc"])
+    assert site["operating_points"] is None
+    assert json.loads((tmp_path / "site" / "metrics.json").read_text())["data"] == str(root / "test")
+
+
 @pytest.mark.slow
 def test_resume_after_kill_loses_nothing_duplicates_nothing(checkpoint, tmp_path):
     root = make_synthetic_dataset(tmp_path / "syn", n=900, size=64, seed=5)

@@ -110,3 +110,31 @@ def test_per_image_normalisation_cancels_exposure_and_contrast():
     batch = _batch(4, 32)
     out, _ = Collate(PER_IMAGE, "cpu")(batch)
     assert torch.allclose(out, normalize(torch.from_numpy(batch["image"]), PER_IMAGE))
+
+
+OFF = dict(hflip_p=0, rotation_deg=0, scale_min=1.0, brightness=0, contrast=0)
+
+
+@pytest.mark.parametrize("knob, value", [("scale_max", 1.4), ("translate", 0.15), ("aspect", 0.3),
+                                         ("border_p", 1.0)])
+def test_framing_augmentations_move_where_the_film_ends(knob, value):
+    """Zoom out, translation, aspect jitter and border bands change how much black margin a
+    film shows and where the body sits (the class cues of the Kaggle framing): on a white
+    image each adds black, varies by image, and is reproducible under a seed."""
+    x = torch.full((16, 1, 32, 32), 255, dtype=torch.uint8)
+    cfg = AugmentConfig(**OFF, **{knob: value})
+    out = augment(x, cfg, torch.Generator().manual_seed(0))
+    again = augment(x, cfg, torch.Generator().manual_seed(0))
+    assert torch.equal(out, again) and out.min() >= 0 and out.max() <= 1
+    black = (out < 0.05).float().mean(dim=(1, 2, 3))
+    assert black.max() > 0.02 and black.std() > 0  # margins added, a different amount per image
+    assert torch.equal(augment(x, AugmentConfig(**OFF), torch.Generator().manual_seed(0)), x.float() / 255)
+
+
+def test_framing_knobs_off_keep_earlier_runs_reproducible():
+    """With the framing knobs off the random draws are the ones before they existed: the
+    pinned values are what the code before zoom-out/translation/aspect/borders gave."""
+    x = torch.randint(0, 256, (4, 1, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    out = augment(x, AugmentConfig(), torch.Generator().manual_seed(3))
+    assert out.double().sum().item() == pytest.approx(1969.5956570580602, abs=1e-3)
+    assert torch.allclose(out[0, 0, 5, :4], torch.tensor([0.0606, 0.4107, 0.5925, 0.7304]), atol=1e-4)

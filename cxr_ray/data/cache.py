@@ -157,10 +157,11 @@ def summarize_cache(uri: str, size: int, fp: str, root: str) -> dict[str, Any]:
 
 
 def prepare_cache(cfg: ExperimentConfig, catalog: pd.DataFrame | None = None,
-                  preprocessing: Preprocessing | None = None) -> PreparedCache:
+                  preprocessing: Preprocessing | None = None, training: bool = True) -> PreparedCache:
     """Build (or reuse) the decode-once cache for ``cfg.data.root`` at the cache size of the
     ``preprocessing`` contract (default: resolved from ``cfg``; a checkpoint passes its own);
-    starts Ray if needed.
+    starts Ray if needed. ``training=False``: a dataset without training images is fine
+    (evaluation and calibration on a labelled sample, see ``catalog.assign_splits``).
 
     Raises :class:`DataError` before any decoding for a malformed dataset, and after it
     when more than ``data.max_bad_fraction`` of the images cannot be decoded (the bad files
@@ -169,7 +170,7 @@ def prepare_cache(cfg: ExperimentConfig, catalog: pd.DataFrame | None = None,
     """
     root = cfg.data.root
     if catalog is None:
-        catalog = assign_splits(load_catalog(root), cfg.data)
+        catalog = assign_splits(load_catalog(root), cfg.data, training=training)
     size = (preprocessing or resolve_preprocessing(cfg)).cache_size
     fp = fingerprint(catalog, cfg, size)
     uri = cache_uri(root, cfg, fp, size)

@@ -125,21 +125,27 @@ def _stat(path: str) -> tuple[int, int]:
 
 
 def scan_layout(root: str) -> pd.DataFrame:
-    """List ``ROOT/{train,val,test}/{NORMAL,PNEUMONIA}/*`` (class folders case-insensitive).
+    """List ``ROOT/{train,val,test}/{NORMAL,PNEUMONIA}/*`` (class folders case-insensitive), or
+    a labelled sample with only class folders, ``ROOT/{NORMAL,PNEUMONIA}/*`` (a hospital's
+    sample to evaluate or calibrate on: its images are its ``test`` split).
 
-    Raises :class:`DataError` naming the path for a missing root, no split folders, an
+    Raises :class:`DataError` naming the path for a missing root, no split or class folders, an
     unknown class folder, a missing or empty class folder.
     """
     fs, base = io.resolve(root)
     info = fs.get_file_info(base)
     if info.type != pafs.FileType.Directory:
         raise DataError(f"data root {root!r} does not exist or is not a folder")
-    splits = {i.base_name.lower(): i for i in _list_dir(fs, base) if i.type == pafs.FileType.Directory}
+    entries = [i for i in _list_dir(fs, base) if i.type == pafs.FileType.Directory]
+    splits = {i.base_name.lower(): i for i in entries}
     found = [s for s in SPLITS if s in splits]
+    if not found and {i.base_name.upper() for i in entries} & set(CLASSES):  # ROOT/{NORMAL,PNEUMONIA}
+        splits, found = {"test": info}, ["test"]
     if not found:
         raise DataError(
             f"data root {root!r} has no split folders; expected ROOT/{{train,val,test}}/"
-            f"{{NORMAL,PNEUMONIA}}/*.jpeg, found {sorted(splits) or 'nothing'}"
+            f"{{NORMAL,PNEUMONIA}}/*.jpeg (or a labelled sample ROOT/{{NORMAL,PNEUMONIA}}/*), found "
+            f"{sorted(splits) or 'nothing'}"
         )
     rows = []
     for split in found:
@@ -153,7 +159,7 @@ def scan_layout(root: str) -> pd.DataFrame:
                 )
             classes[c.base_name.upper()] = c
         for name in CLASSES:
-            where = io.join(root, splits[split].base_name, name)
+            where = io.join(root, splits[split].base_name, name) if splits[split] is not info else io.join(root, name)
             if name not in classes:
                 raise DataError(f"missing class folder {where!r} (expected {list(CLASSES)} in each split)")
             files = _scan_class_folder(fs, classes[name], root)
@@ -256,25 +262,27 @@ def _carve_val(df: pd.DataFrame, fraction: float, seed: int) -> pd.Series:
     return df["patient"].isin(val_patients)
 
 
-def assign_splits(catalog: pd.DataFrame, cfg: DataConfig) -> pd.DataFrame:
+def assign_splits(catalog: pd.DataFrame, cfg: DataConfig, training: bool = True) -> pd.DataFrame:
     """Add the ``split`` column cxr_ray trains and reports on.
 
     ``grouped`` (default): pool the source train and val images and carve a validation split
     of ~``val_fraction`` of each class's images, whole patients at a time, seeded. The
     official val split has only 16 images, too few to select models or thresholds on.
     ``official``: keep the folders' splits. Test images always stay in ``test``.
+    ``training=False`` (evaluation, calibration): a dataset without train or val images is
+    fine (a hospital's labelled sample is all ``test``).
     """
     df = catalog.copy()
     if cfg.val_split == "official":
         df["split"] = df["source_split"]
-        if not (df["split"] == "val").any():
+        if training and not (df["split"] == "val").any():
             raise DataError("data.val_split='official' but the dataset has no val images")
     else:
         pool = df["source_split"] != "test"
         df["split"] = df["source_split"]
         is_val = _carve_val(df[pool], cfg.val_fraction, cfg.seed)
         df.loc[pool, "split"] = np.where(is_val, "val", "train")
-    if not (df["split"] == "train").any():
+    if training and not (df["split"] == "train").any():
         raise DataError("the dataset has no training images")
     return df
 

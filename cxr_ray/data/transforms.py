@@ -125,13 +125,32 @@ def _acquisition(x: torch.Tensor, cfg: AugmentConfig, uniform: Any, generator: t
     return x
 
 
-def augment(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
-    """Random flip, rotation, zoom-crop, acquisition changes (gamma, blur/sharpen, noise) and
-    brightness/contrast on a ``(B, 1, H, W)`` batch.
+def _borders(x: torch.Tensor, cfg: AugmentConfig, uniform: Any, generator: torch.Generator) -> torch.Tensor:
+    """Black bands at each side with probability ``border_p``, up to ``border_max`` of the side:
+    where the film ends (collimation, margins) must not tell the class."""
+    b, _, h, w = x.shape
+    keep = torch.ones_like(x)
+    rows = torch.arange(h).view(1, h, 1)
+    cols = torch.arange(w).view(1, 1, w)
+    for side in range(4):
+        on = torch.rand(b, generator=generator) < cfg.border_p
+        depth = (uniform(0.0, cfg.border_max) * (h if side < 2 else w)).floor().long() * on
+        d = depth.view(b, 1, 1)
+        band = {0: rows < d, 1: rows >= h - d, 2: cols < d, 3: cols >= w - d}[side]
+        keep[:, 0] *= (~band).to(x.dtype).to(x.device)
+    return x * keep
 
-    Input uint8 or float in [0, 1]; output float in [0, 1]. Flip, rotation and zoom are one
-    affine warp per image (a single batched ``grid_sample``); parameters come from
-    ``generator`` so a seeded generator gives the same result.
+
+def augment(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
+    """Random flip, rotation, zoom in and out, translation, aspect jitter, black borders,
+    acquisition changes (gamma, blur/sharpen, noise) and brightness/contrast on a
+    ``(B, 1, H, W)`` batch.
+
+    Input uint8 or float in [0, 1]; output float in [0, 1]. Flip, rotation, zoom, translation
+    and aspect are one affine warp per image (a single batched ``grid_sample``; what falls
+    outside the film is black, as a margin is); parameters come from ``generator`` so a seeded
+    generator gives the same result. The geometric ones break framing cues (where the body sits,
+    how much margin and neck a film shows), which differ by class in the Kaggle data.
     """
     x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
     b = x.shape[0]
@@ -142,17 +161,20 @@ def augment(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator) -> 
         return lo + (hi - lo) * torch.rand(b, generator=generator)
 
     angle = uniform(-cfg.rotation_deg, cfg.rotation_deg) * (math.pi / 180.0)
-    scale = uniform(cfg.scale_min, 1.0)  # fraction of the side kept: a zoom-in crop
+    scale = uniform(cfg.scale_min, cfg.scale_max)  # share of the image's side shown: < 1 zooms in, > 1 out
     flip = torch.where(torch.rand(b, generator=generator) < cfg.hflip_p, -1.0, 1.0)
-    slack = 1.0 - scale  # room to move the crop window inside the image
+    slack = (1.0 - scale).clamp(min=0.0) + cfg.translate * 2  # room to move the window (in [-1, 1] units)
     tx, ty = uniform(-1, 1) * slack, uniform(-1, 1) * slack
+    stretch = torch.exp(uniform(-cfg.aspect, cfg.aspect)) if cfg.aspect > 0 else torch.ones(b)
     cos, sin = torch.cos(angle) * scale, torch.sin(angle) * scale
     theta = torch.stack([
-        torch.stack([cos * flip, -sin, tx], 1),
-        torch.stack([sin * flip, cos, ty], 1),
+        torch.stack([cos * flip / stretch, -sin / stretch, tx], 1),
+        torch.stack([sin * flip * stretch, cos * stretch, ty], 1),
     ], 1).to(x.device)
     grid = _affine_grid(theta, x.shape[-2], x.shape[-1])
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    if cfg.border_p > 0:
+        x = _borders(x, cfg, uniform, generator)
     x = _acquisition(x, cfg, uniform, generator)
     brightness = uniform(-cfg.brightness, cfg.brightness).to(x.device).view(b, 1, 1, 1)
     contrast = uniform(1 - cfg.contrast, 1 + cfg.contrast).to(x.device).view(b, 1, 1, 1)

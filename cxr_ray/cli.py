@@ -246,6 +246,39 @@ def cmd_fit_tta(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """Refit a checkpoint's calibration and threshold on a labelled sample from a new site; prints
+    cross-fitted figures; last line: the new checkpoint."""
+    import torch
+
+    from cxr_ray.checkpoint import load_checkpoint
+    from cxr_ray.data import io
+    from cxr_ray.data.cache import prepare_cache
+    from cxr_ray.evaluate import predict_split
+    from cxr_ray.runtime import init_ray
+    from cxr_ray.site_calibration import (calibrate_on_sample, format_calibration, provenance, sample_catalog,
+                                          write_calibrated)
+
+    refuse_model_settings(args, "calibrate")
+    ckpt = load_checkpoint(args.checkpoint)
+    catalog = sample_catalog(args.data)  # too small a sample is refused before Ray
+    io.check_location(args.out, "--out")
+    if io.exists(args.out):
+        raise ConfigError(f"--out {args.out} exists; choose a new folder (a checkpoint is never written over)")
+    cfg = ckpt.cfg.replace(**{"data.root": args.data, "data.cache_dir": args.cache or ckpt.cfg.data.cache_dir})
+    init_ray(args.address)
+    cache = prepare_cache(cfg, catalog, preprocessing=ckpt.preprocessing, training=False)
+    precision = ckpt.precision(args.amp, torch.device("cpu"))
+    preds = predict_split(ckpt, cache, "test", precision=precision)
+    shutdown_ray()
+    result = calibrate_on_sample(ckpt, preds)
+    out = write_calibrated(ckpt, result, provenance(catalog, args.data, ckpt), args.out, precision)
+    for line in format_calibration(result):
+        print(line)
+    print(out)
+    return 0
+
+
 def cmd_ensemble(args: argparse.Namespace) -> int:
     """Build an ensemble checkpoint from a tune experiment's top trials or named checkpoints;
     last line: the ensemble checkpoint."""
@@ -679,6 +712,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model precision (default auto: the checkpoint threshold's own, where fast)")
     _config_and_address(p)
     p.set_defaults(func=cmd_fit_tta)
+
+    p = sub.add_parser("calibrate", help="refit a checkpoint's calibration and threshold on a new site's "
+                                         "labelled sample; last line: the new checkpoint")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder or URI (from train, tune or ensemble)")
+    p.add_argument("--data", required=True,
+                   help="the site's labelled sample: SITE/{NORMAL,PNEUMONIA}/*, a root with split folders "
+                        "(all its images), or a CSV/Parquet manifest with path,label[,patient]")
+    p.add_argument("--out", required=True, help="new folder or URI for the calibrated checkpoint")
+    p.add_argument("--cache", help="cache folder (default: the checkpoint config's)")
+    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="model precision (default auto: the checkpoint threshold's own, where fast)")
+    _config_and_address(p)
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("ensemble", help="one checkpoint averaging the logits of a tune run's top trials")
     p.add_argument("--from", dest="from_experiment", metavar="EXPERIMENT",

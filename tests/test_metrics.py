@@ -125,3 +125,16 @@ def test_patient_bootstrap_is_wider_than_image_bootstrap_for_correlated_images()
     clustered = bootstrap_ci(y, p, 0.5, n_boot=300, groups=patients)
     for k in ("accuracy", "roc_auc"):
         assert np.diff(clustered[k])[0] > 1.5 * np.diff(images[k])[0], k
+
+
+def test_rank_auc_equals_sklearn_with_ties():
+    from sklearn.metrics import roc_auc_score
+
+    from cxr_ray.metrics import rank_auc
+
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        y = rng.integers(0, 2, 60)
+        y[:2] = [0, 1]
+        p = np.round(rng.random(60), 1)  # many ties
+        assert rank_auc(y, p) == pytest.approx(roc_auc_score(y, p), abs=1e-12)

@@ -67,6 +67,7 @@ MEMBERS_DIR = "members"  # an ensemble's members
 FORMAT_VERSION = 2
 DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
 MAX_MEMBERS = 64  # an ensemble's members (each is fetched and loaded)
+MAX_FILE_BYTES = 4 << 30  # one weights or config file of a checkpoint (ResNet-50: ~100 MB)
 
 
 class CheckpointError(RuntimeError):
@@ -137,6 +138,34 @@ def _sha256_file(path: Path) -> str:
     return f"sha256:{h.hexdigest()}"
 
 
+def _sha256(data: bytes) -> str:
+    import hashlib
+
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def read_files(folder: Path, names: list[str]) -> dict[str, bytes]:
+    """Each of ``names`` in ``folder`` read once, through one handle (what is hashed is what is
+    loaded); a missing, non-regular or oversized (:data:`MAX_FILE_BYTES`) file is a
+    :class:`CheckpointError`."""
+    import stat
+
+    out = {}
+    for name in names:
+        path = folder / name
+        try:
+            with os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as f:
+                st = os.fstat(f.fileno())
+                if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_FILE_BYTES:
+                    raise CheckpointError(f"{path}: not a regular file of at most {MAX_FILE_BYTES >> 30} GiB")
+                out[name] = f.read(MAX_FILE_BYTES + 1)
+        except FileNotFoundError:
+            raise CheckpointError(f"{folder} is not a cxr_ray checkpoint: {name} is missing") from None
+        if len(out[name]) > MAX_FILE_BYTES:
+            raise CheckpointError(f"{path}: grew past {MAX_FILE_BYTES >> 30} GiB while read")
+    return out
+
+
 def meta_digest(meta: dict[str, Any], without: tuple[str, ...] = ()) -> str:
     """``sha256:<hex>`` of a format-2 ``checkpoint.json``'s content: every field (the files'
     hashes, threshold, calibration, preprocessing, class map, positive class, precision, TTA
@@ -174,14 +203,16 @@ def check_digest_string(digest: Any, where: str) -> str:
     return digest
 
 
-def verify_meta(folder: Path, meta: dict[str, Any]) -> str:
+def verify_meta(folder: Path, meta: dict[str, Any], blobs: dict[str, bytes] | None = None) -> str:
     """The digest of the checkpoint in ``folder`` after checking it against its files and its
     checkpoint.json; :class:`CheckpointError` when anything changed after it was saved, or a
     format-2 checkpoint has no (or a malformed) digest. Checkpoints written before format 2
-    keep that time's digest (computed when they predate digests)."""
+    keep that time's digest (computed when they predate digests). ``blobs``: the files' bytes
+    already read (:func:`read_files`; default: read here)."""
+    blobs = blobs if blobs is not None else read_files(folder, checkpoint_files(meta))
     version = meta.get("format_version")
     if version is None:  # before format 2: that time's digest of files and a few fields
-        actual = expected_digest(folder, meta)
+        actual = expected_digest(folder, meta, blobs)
         if "digest" in meta and check_digest_string(meta["digest"], str(folder)) != actual:
             raise _changed(folder, actual, meta["digest"])
         return actual
@@ -196,8 +227,8 @@ def verify_meta(folder: Path, meta: dict[str, Any]) -> str:
     if not isinstance(files, dict) or sorted(files) != sorted(checkpoint_files(meta)):
         raise CheckpointError(f"{folder}: {META_FILE} does not list the hashes of {checkpoint_files(meta)}")
     for name, expected in files.items():
-        if _sha256_file(folder / name) != expected:
-            raise _changed(folder, f"{name} {_sha256_file(folder / name)}", f"{name} {expected}")
+        if _sha256(blobs[name]) != expected:
+            raise _changed(folder, f"{name} {_sha256(blobs[name])}", f"{name} {expected}")
     actual = meta_digest(meta)
     if actual != stored:
         raise _changed(folder, actual, stored)
@@ -227,7 +258,7 @@ def checkpoint_files(meta: dict[str, Any]) -> list[str]:
 
 def content_digest(folder: Path, threshold: float, temperature: float | None = None,
                    files: list[str] | None = None, bias: float | None = None,
-                   preprocessing: dict[str, Any] | None = None) -> str:
+                   preprocessing: dict[str, Any] | None = None, blobs: dict[str, bytes] | None = None) -> str:
     """``sha256:<hex>`` of the weight and config ``files`` (default model.pt, config.yaml), the
     threshold, and the temperature, bias and preprocessing contract (when the checkpoint has
     them): what decides every score."""
@@ -235,9 +266,7 @@ def content_digest(folder: Path, threshold: float, temperature: float | None = N
 
     h = hashlib.sha256()
     for name in files or (MODEL_FILE, CONFIG_FILE):
-        with open(folder / name, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
+        h.update(blobs[name] if blobs is not None else (folder / name).read_bytes())
     h.update(repr(float(threshold)).encode())
     if temperature is not None:
         h.update(f"T={float(temperature)!r}".encode())
@@ -258,10 +287,10 @@ def tta_digest(base: str, tta: dict[str, Any]) -> str:
     return "sha256:" + hashlib.sha256(f"{base}|tta={json.dumps(decisions)}".encode()).hexdigest()
 
 
-def expected_digest(folder: Path, meta: dict[str, Any]) -> str:
-    """What ``meta["digest"]`` must be for the files in ``folder``."""
+def expected_digest(folder: Path, meta: dict[str, Any], blobs: dict[str, bytes] | None = None) -> str:
+    """What a checkpoint from before format 2's ``meta["digest"]`` must be for the files in ``folder``."""
     base = content_digest(folder, float(meta["threshold"]), meta.get("temperature"), checkpoint_files(meta),
-                          meta.get("logit_bias"), meta.get("preprocessing"))
+                          meta.get("logit_bias"), meta.get("preprocessing"), blobs)
     return tta_digest(base, meta["tta"]) if meta.get("tta") else base
 
 
@@ -288,10 +317,13 @@ def _jsonable(metrics: dict[str, Any]) -> dict[str, Any]:
             for k, v in metrics.items()}
 
 
-def safe_load(path: str | os.PathLike) -> Any:
-    """``torch.load(weights_only=True)``; a file that would run code on load is refused."""
+def safe_load(path: str | os.PathLike, data: bytes | None = None) -> Any:
+    """``torch.load(weights_only=True)`` of the file at ``path`` (or of its bytes ``data``, already
+    read); a file that would run code on load is refused."""
+    import io as _io
+
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(_io.BytesIO(data) if data is not None else path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"{path}: refused to load, the file holds more than tensors and plain "
                               f"data (it could run code on load): {e}") from e
@@ -419,17 +451,21 @@ def fetch_checkpoint(uri: str) -> Path:
         raise CheckpointError(f"{uri}: {META_FILE} is not a JSON object")
     if "digest" in meta or meta.get("format_version"):  # it names a cache folder: only sha256:<64 hex>
         check_digest_string(meta.get("digest"), uri)
-        if (cache / _digest_key(meta["digest"]) / META_FILE).is_file():
-            return cache / _digest_key(meta["digest"])
-    cache.mkdir(parents=True, exist_ok=True)
+        hit = _cached_copy(cache / _digest_key(meta["digest"]), meta["digest"])
+        if hit is not None:
+            return hit
+    cache.mkdir(mode=0o700, parents=True, exist_ok=True)  # private: a copy placed here is trusted by name
     tmp = Path(tempfile.mkdtemp(prefix="fetch.tmp", dir=cache))  # one per fetch: actors on a node race
-    for name in checkpoint_files(meta):
-        if fs.get_file_info(f"{src}/{name}").type != pafs.FileType.File:
-            raise CheckpointError(f"{uri} is not a cxr_ray checkpoint: {name} is missing")
-        (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp / name).write_bytes(io.read_bytes(io.join(uri, name)))
-    (tmp / META_FILE).write_text(json.dumps(meta))  # the same meta whose digest keys the copy
     try:
+        for name in checkpoint_files(meta):
+            info = fs.get_file_info(f"{src}/{name}")
+            if info.type != pafs.FileType.File:
+                raise CheckpointError(f"{uri} is not a cxr_ray checkpoint: {name} is missing")
+            if info.size is not None and info.size > MAX_FILE_BYTES:
+                raise CheckpointError(f"{uri}/{name} is {info.size} bytes, over {MAX_FILE_BYTES >> 30} GiB")
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / name).write_bytes(io.read_bytes(io.join(uri, name)))
+        (tmp / META_FILE).write_text(json.dumps(meta))  # the same meta whose digest keys the copy
         local = cache / _digest_key(verify_meta(tmp, meta))  # a copy that does not match is never cached
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -438,14 +474,34 @@ def fetch_checkpoint(uri: str) -> Path:
         tmp.rename(local)
     except OSError:  # another process on this node placed the same copy first
         shutil.rmtree(tmp, ignore_errors=True)
-        if not (local / META_FILE).is_file():
+        if _cached_copy(local, json.loads((local / META_FILE).read_text())["digest"]) is None:
             raise
     return local
 
 
+def _cached_copy(local: Path, digest: str) -> Path | None:
+    """``local`` when it is a cached copy whose checkpoint.json claims ``digest`` (the load then
+    checks its files and content against it); a stale or foreign folder is removed, None."""
+    import shutil
+
+    try:
+        cached = json.loads((local / META_FILE).read_text())
+    except (OSError, ValueError):
+        cached = None
+    if isinstance(cached, dict) and cached.get("digest") == digest and not local.is_symlink():
+        return local
+    if local.exists() or local.is_symlink():
+        log.warning("checkpoint cache %s does not hold %s; fetching it again", local, digest[:19])
+        if local.is_symlink():
+            local.unlink()
+        else:
+            shutil.rmtree(local, ignore_errors=True)
+    return None
+
+
 def _digest_key(digest: str) -> str:
-    """The cache folder name of a checked digest (:func:`check_digest_string`)."""
-    return digest.split(":", 1)[-1][:24]
+    """The cache folder name of a checked digest (:func:`check_digest_string`): all 64 hex digits."""
+    return digest.split(":", 1)[-1]
 
 
 def load_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
@@ -465,18 +521,16 @@ def load_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
     meta = json.loads((folder / META_FILE).read_text())
     if not isinstance(meta, dict):
         raise CheckpointError(f"{folder}: {META_FILE} is not a JSON object")
-    for name in checkpoint_files(meta):
-        if not (folder / name).is_file():
-            raise CheckpointError(f"{folder} is not a cxr_ray checkpoint: {name} is missing")
-    meta["digest"] = verify_meta(folder, meta)  # before any file is unpickled; older ones: computed
-    cfg = ExperimentConfig.from_saved(yaml.safe_load((folder / CONFIG_FILE).read_text()))
+    blobs = read_files(folder, checkpoint_files(meta))  # read once: what is verified is what is loaded
+    meta["digest"] = verify_meta(folder, meta, blobs)  # before any file is unpickled; older ones: computed
+    cfg = ExperimentConfig.from_saved(yaml.safe_load(blobs[CONFIG_FILE].decode()))
     if meta.get("kind") == "ensemble":
         from cxr_ray.ensemble import EnsembleModel
 
-        members = [_load_model(folder / MEMBERS_DIR / str(i)) for i in range(len(meta["members"]))]
+        members = [_load_model(folder, blobs, f"{MEMBERS_DIR}/{i}/") for i in range(len(meta["members"]))]
         model: nn.Module = EnsembleModel([m for m, _ in members], [c.model.name for _, c in members])
     else:
-        model, cfg = _load_model(folder)
+        model, cfg = _load_model(folder, blobs)
     try:
         stored_preprocessing(meta, cfg)
     except PreprocessingError as e:
@@ -485,17 +539,19 @@ def load_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
     return LoadedCheckpoint(str(path), model, cfg, float(meta["threshold"]), meta)
 
 
-def _load_model(folder: Path) -> tuple[nn.Module, ExperimentConfig]:
-    """The model in ``folder``'s model.pt, built from its config.yaml (no pretrained download)."""
+def _load_model(folder: Path, blobs: dict[str, bytes], prefix: str = "") -> tuple[nn.Module, ExperimentConfig]:
+    """The model of ``prefix`` model.pt, built from its config.yaml (no pretrained download),
+    from the bytes already read and verified (``blobs``, keyed by path in ``folder``)."""
     from cxr_ray.models import build_model
 
-    cfg = ExperimentConfig.from_saved(yaml.safe_load((folder / CONFIG_FILE).read_text()))
+    cfg = ExperimentConfig.from_saved(yaml.safe_load(blobs[prefix + CONFIG_FILE].decode()))
     model = build_model(dataclasses.replace(cfg.model, weights="none"))
-    state = safe_load(folder / MODEL_FILE)  # first: a file that would run code is refused as such
+    where = folder / (prefix + MODEL_FILE)
+    state = safe_load(where, blobs[prefix + MODEL_FILE])  # a file that would run code is refused as such
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        raise CheckpointError(f"{folder / MODEL_FILE} does not match model {cfg.model.name!r}: {e}") from e
+        raise CheckpointError(f"{where} does not match model {cfg.model.name!r}: {e}") from e
     return model, cfg
 
 

@@ -5,17 +5,23 @@ TorchXRayVision's DenseNet release files are whole models saved with ``torch.sav
 ``torch.load(weights_only=True)`` refuses them, and ``weights_only=False`` lets the file call
 anything it names. This module reads them with a restricted unpickler instead:
 
-- ``find_class`` is the only way a pickle reaches a Python object (GLOBAL, STACK_GLOBAL, INST
-  and the EXT opcodes all go through it). It answers only for tensor data (torch's own
-  rebuild functions, behind wrappers that check their arguments), plain containers, and
-  ``torch.nn`` / TorchXRayVision ``nn.Module`` classes; anything else refuses the file.
+- The unpickler is Python's own pure-Python one (its memo is a dict: the C unpickler's memo
+  array grows to any index a 43-byte file names). ``find_class`` is the only way a pickle
+  reaches a Python object (GLOBAL, STACK_GLOBAL, INST and the EXT opcodes all go through it).
+  It answers only for tensor data (torch's own rebuild functions, behind wrappers that check
+  their arguments and the tensor's extent), plain containers, and ``torch.nn`` /
+  TorchXRayVision ``nn.Module`` classes; anything else refuses the file. BUILD is allowed on
+  the placeholders only, so no object the reader hands out can be modified by the file.
 - A module class is never returned: its name maps to an inert placeholder class that only
   keeps the state BUILD hands it (no constructor, no ``__setstate__`` of the real class runs;
   the real TorchXRayVision constructors would read a second file with ``weights_only=False``).
   The state dict is then taken from the placeholders' ``_parameters`` / ``_buffers`` /
   ``_modules``, as ``nn.Module.state_dict`` would.
-- Storages are allocated only at the sizes the file's bytes can fill; the pickle must be read
-  to its last byte (zip: ``data.pkl`` exactly; legacy: the five pickles and every storage).
+- Storages are allocated only at the sizes the file's bytes can fill, and cannot be resized
+  (a tensor reaching past its storage is refused); the pickle must be read to its last byte
+  (zip: ``data.pkl`` exactly; legacy: the five pickles and every storage). Refusals describe
+  what the file brought by type and position, never by ``repr`` (a file can make that
+  exponentially large), and a module tree must be a tree (no module reached twice).
 
 The caller reads the file once and hands over its bytes: nothing is reopened by path.
 """
@@ -37,6 +43,7 @@ LEGACY_MAGIC, LEGACY_PROTOCOL = 0x1950A86A20F9469CFC6C, 1001
 # modules whose nn.Module classes may be named (mapped to placeholders, never imported as code to run)
 MODULE_NAMESPACES = ("torch.nn.modules.", "torchxrayvision.models")
 _MAX_DEPTH = 64  # nesting of submodules in the state-dict walk (a crafted cycle must not recurse forever)
+_MAX_TENSORS = 100_000  # entries of one state dict (DenseNet-121 has ~1,000)
 
 
 class PickleRefused(ValueError):
@@ -46,6 +53,8 @@ class PickleRefused(ValueError):
 
 class _StorageType:
     """What ``torch.FloatStorage`` & co. stand for in a pickle: only their dtype."""
+
+    __slots__ = ("name", "dtype")
 
     def __init__(self, name: str, dtype: torch.dtype):
         self.name, self.dtype = name, dtype
@@ -82,23 +91,39 @@ def _check_hooks(hooks: Any) -> OrderedDict:
     return OrderedDict()
 
 
-def _check_storage(storage: Any) -> None:
+def _ints(value: Any, what: str) -> tuple[int, ...]:
+    """``value`` as a tuple of at most 16 ints (a tensor's size or stride)."""
+    if not isinstance(value, (tuple, list)) or len(value) > 16 or not all(type(v) is int for v in value):
+        raise PickleRefused(f"a tensor's {what} is a {type(value).__name__}, not a short tuple of ints")
+    return tuple(value)
+
+
+def _check_extent(storage: Any, offset: Any, size: Any, stride: Any) -> tuple[int, tuple, tuple]:
+    """The tensor's offset, size and stride, checked to lie inside ``storage`` (a storage of
+    the file), so no tensor reads past the bytes the file brought."""
     if not isinstance(storage, torch.storage.TypedStorage):
         raise PickleRefused(f"a tensor is built on a {type(storage).__name__}, not on a storage of the file")
+    size, stride = _ints(size, "size"), _ints(stride, "stride")
+    if type(offset) is not int or offset < 0 or len(size) != len(stride) or min(size, default=0) < 0 \
+            or min(stride, default=0) < 0:
+        raise PickleRefused("a tensor's offset, size or stride is negative or mismatched")
+    numel = storage._untyped_storage.nbytes() // torch._utils._element_size(storage.dtype)
+    if all(size) and offset + sum((n - 1) * st for n, st in zip(size, stride)) >= numel:
+        raise PickleRefused(f"a tensor reaches past its storage ({numel} elements)")
+    return offset, size, stride
 
 
 def _rebuild_tensor(storage: Any, offset: int, size: Any, stride: Any) -> torch.Tensor:
-    _check_storage(storage)
-    return torch._utils._rebuild_tensor(storage, int(offset), tuple(size), tuple(stride))
+    return torch._utils._rebuild_tensor(storage, *_check_extent(storage, offset, size, stride))
 
 
 def _rebuild_tensor_v2(storage: Any, offset: int, size: Any, stride: Any, requires_grad: Any,
                        hooks: Any, metadata: Any = None) -> torch.Tensor:
-    _check_storage(storage)
+    offset, size, stride = _check_extent(storage, offset, size, stride)
     if metadata is not None and not (isinstance(metadata, dict) and
                                      all(isinstance(k, str) and isinstance(v, bool) for k, v in metadata.items())):
         raise PickleRefused("a tensor's metadata is not a dict of flags")
-    return torch._utils._rebuild_tensor_v2(storage, int(offset), tuple(size), tuple(stride), bool(requires_grad),
+    return torch._utils._rebuild_tensor_v2(storage, offset, size, stride, bool(requires_grad),
                                            _check_hooks(hooks), metadata)
 
 
@@ -144,13 +169,33 @@ def _module_class_exists(module: str, name: str) -> bool:
     return isinstance(obj, type) and issubclass(obj, torch.nn.Module)
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    """A pickle reader that resolves only the names above; storages come from ``storages``."""
+def _describe(value: Any) -> str:
+    """A refused value by its type only: its repr could be exponentially large."""
+    return f"a {type(value).__name__}" + (f" of {len(value)} items" if isinstance(value, (tuple, list)) else "")
+
+
+class _RestrictedUnpickler(pickle._Unpickler):  # the pure-Python unpickler: a dict memo
+    """A pickle reader that resolves only the names above; storages come from ``storages``;
+    BUILD only on model placeholders."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
 
     def __init__(self, stream: io.BytesIO, storages: "_Storages"):
         super().__init__(stream, encoding="utf-8")
         self._storages = storages
         self._placeholders: dict[tuple[str, str], type] = {}
+
+    def load_build(self) -> None:
+        """BUILD: only a model placeholder takes state (a module's ``__dict__``); on anything
+        else (a rebuild function, a tensor, a storage type) it would change what this reader
+        hands out, in this file and the next."""
+        state = self.stack.pop()
+        inst = self.stack[-1]
+        if not isinstance(inst, InertModule):
+            raise PickleRefused(f"BUILD on {_describe(inst)}: only model classes take state")
+        inst.__setstate__(state)
+
+    dispatch[pickle.BUILD[0]] = load_build
 
     def find_class(self, module: str, name: str) -> Any:
         key = (module, name)
@@ -177,8 +222,9 @@ class _Storages:
         self.by_key: dict[str, torch.storage.TypedStorage] = {}
 
     def load(self, pid: Any) -> Any:
-        if not isinstance(pid, tuple) or not pid or pid[0] not in ("storage", b"storage", "module", b"module"):
-            raise PickleRefused(f"unknown persistent id {str(pid)[:80]!r}")
+        if not isinstance(pid, tuple) or not pid or not isinstance(pid[0], (str, bytes)) \
+                or pid[0] not in ("storage", b"storage", "module", b"module"):
+            raise PickleRefused(f"unknown persistent id: {_describe(pid)}")
         if pid[0] in ("module", b"module"):  # legacy files name module classes with their source
             if len(pid) < 2 or not (isinstance(pid[1], type) and issubclass(pid[1], InertModule)):
                 raise PickleRefused("a module entry does not name a model class")
@@ -189,22 +235,27 @@ class _Storages:
 
     @staticmethod
     def _fields(pid: tuple, n: int) -> tuple:
-        if len(pid) != n or not isinstance(pid[1], _StorageType):
-            raise PickleRefused(f"malformed storage entry {str(pid)[:80]!r}")
+        if len(pid) != n or not isinstance(pid[1], _StorageType) or type(pid[2]) is not str or len(pid[2]) > 64:
+            raise PickleRefused(f"malformed storage entry: {_describe(pid)}")
         return pid[1:]
 
-    def _new(self, key: Any, dtype: torch.dtype, numel: Any) -> torch.storage.TypedStorage:
-        if not isinstance(numel, int) or numel < 0:
-            raise PickleRefused(f"storage {key!r} has {numel!r} elements")
+    def _new(self, key: str, dtype: torch.dtype, numel: Any, data: bytes | None = None) -> torch.storage.TypedStorage:
+        """A storage of ``numel`` elements that cannot be resized: ``data`` when given, else zeros."""
+        if type(numel) is not int or numel < 0:
+            raise PickleRefused(f"storage {key!r} has {_describe(numel)} for its element count")
         nbytes = numel * torch._utils._element_size(dtype)
         if nbytes > self.budget:
             raise PickleRefused(f"storage {key!r} claims {nbytes} bytes, more than the file holds")
         self.budget -= nbytes
-        return torch.storage.TypedStorage(wrap_storage=torch.UntypedStorage(nbytes), dtype=dtype, _internal=True)
+        buffer = bytearray(data) if data is not None else bytearray(nbytes)
+        if len(buffer) != nbytes:
+            raise PickleRefused(f"storage {key!r} holds {len(buffer)} bytes, its pickle says {nbytes}")
+        untyped = (torch.frombuffer(buffer, dtype=torch.uint8).untyped_storage() if nbytes
+                   else torch.empty(0, dtype=torch.uint8).untyped_storage())  # empty: _check_extent allows no element
+        return torch.storage.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
 
     def _zip_storage(self, pid: tuple) -> torch.storage.TypedStorage:
         storage_type, key, _location, numel = self._fields(pid, 5)
-        key = str(key)
         if key not in self.by_key:
             name = f"{self.prefix}/data/{key}"
             try:
@@ -212,12 +263,7 @@ class _Storages:
             except KeyError:
                 raise PickleRefused(f"storage {key!r} has no record {name}") from None
             self.budget = info.file_size
-            storage = self._new(key, storage_type.dtype, numel)
-            if info.file_size != storage._untyped_storage.nbytes():
-                raise PickleRefused(f"record {name} holds {info.file_size} bytes, its storage "
-                                    f"{storage._untyped_storage.nbytes()}")
-            _fill(storage, self.zip.read(name))
-            self.by_key[key] = storage
+            self.by_key[key] = self._new(key, storage_type.dtype, numel, self.zip.read(name))
         storage = self.by_key[key]
         if storage.dtype != storage_type.dtype:
             raise PickleRefused(f"storage {key!r} is read as two dtypes")
@@ -232,8 +278,9 @@ class _Storages:
             raise PickleRefused(f"storage {key!r} is read as two dtypes")
         if view is None:
             return storage
-        if not (isinstance(view, tuple) and len(view) == 3 and all(isinstance(v, int) and v >= 0 for v in view[1:])):
-            raise PickleRefused(f"malformed storage view {str(view)[:80]!r}")
+        if not (isinstance(view, tuple) and len(view) == 3 and type(view[0]) is str
+                and all(type(v) is int and v >= 0 for v in view[1:])):
+            raise PickleRefused(f"malformed storage view: {_describe(view)}")
         size = torch._utils._element_size(storage.dtype)
         start, stop = view[1] * size, (view[1] + view[2]) * size
         if stop > storage._untyped_storage.nbytes():
@@ -258,7 +305,8 @@ def _unpickle(stream: io.BytesIO, storages: _Storages, what: str) -> Any:
     except PickleRefused:
         raise
     except Exception as e:  # UnpicklingError, EOFError, TypeError from a wrong-shaped REDUCE, ...
-        raise PickleRefused(f"malformed {what} at byte {stream.tell()}: {type(e).__name__}: {e}") from e
+        # by type only: the message could hold the repr of the file's objects (of any size)
+        raise PickleRefused(f"malformed {what} at byte {stream.tell()}: {type(e).__name__}") from e
 
 
 def _load_zip(data: bytes) -> Any:
@@ -295,7 +343,8 @@ def _load_legacy(data: bytes) -> Any:
         raise PickleRefused("the tensors are not stored little-endian")
     result = _unpickle(stream, storages, "the model's pickle")
     keys = _unpickle(stream, storages, "the storage keys")
-    if not isinstance(keys, list) or sorted(map(str, keys)) != sorted(map(str, storages.by_key)):
+    if not (isinstance(keys, list) and all(type(k) is str for k in keys) and len(keys) == len(set(keys))
+            and set(keys) == set(storages.by_key)):
         raise PickleRefused("the storage keys do not match the storages the pickle uses")
     view = memoryview(data)
     for key in keys:
@@ -316,32 +365,60 @@ def load_pickled(data: bytes) -> Any:
     """The object a ``torch.save`` file (zip or legacy format) holds, read from ``data`` by the
     restricted unpickler: tensors, containers and :class:`InertModule` placeholders. Raises
     :class:`PickleRefused` (one line: what was refused) for anything else."""
-    if zipfile.is_zipfile(io.BytesIO(data)):
-        return _load_zip(data)
-    return _load_legacy(data)
+    try:
+        return _load_zip(data) if zipfile.is_zipfile(io.BytesIO(data)) else _load_legacy(data)
+    except PickleRefused:
+        raise
+    except Exception as e:  # a malformed archive or storage tail: still a refusal, by type only
+        raise PickleRefused(f"malformed file: {type(e).__name__}") from e
 
 
-def module_state_dict(obj: Any, prefix: str = "", depth: int = 0) -> dict[str, torch.Tensor]:
+def module_state_dict(top: Any) -> dict[str, torch.Tensor]:
     """``state_dict()`` of a placeholder model: its parameters and persistent buffers, then its
-    submodules' under ``name.``, as ``nn.Module.state_dict`` orders them."""
-    if depth > _MAX_DEPTH:
-        raise PickleRefused(f"modules nested deeper than {_MAX_DEPTH} (a cycle?) at {prefix!r}")
-    state = obj.__dict__.get("_pickled_state")
-    if state is None:
-        raise PickleRefused(f"{obj.module_class} at {prefix or 'the top'!r} was never given its state")
+    submodules' under ``name.``, as ``nn.Module.state_dict`` orders them. The modules must form
+    a tree (``torch.save`` writes one): a module reached twice, deeper than 64 levels, or more
+    than 100,000 tensors is refused (a crafted graph could make the walk exponential)."""
     out: dict[str, torch.Tensor] = {}
-    skip = state.get("_non_persistent_buffers_set") or set()
-    for group in ("_parameters", "_buffers"):
-        for name, value in (state.get(group) or {}).items():
-            if value is None or (group == "_buffers" and name in skip):
-                continue
-            if not isinstance(value, torch.Tensor):
-                raise PickleRefused(f"{prefix}{name} is a {type(value).__name__}, not a tensor")
-            out[prefix + str(name)] = value.detach()
-    for name, child in (state.get("_modules") or {}).items():
-        if child is None:
-            continue
-        if not isinstance(child, InertModule):
-            raise PickleRefused(f"submodule {prefix}{name} is a {type(child).__name__}, not a model class")
-        out.update(module_state_dict(child, f"{prefix}{name}.", depth + 1))
+    seen: set[int] = set()
+    stack = [(top, "", 0)]
+    while stack:
+        obj, prefix, depth = stack.pop()
+        if id(obj) in seen or depth > _MAX_DEPTH:
+            raise PickleRefused(f"the module graph is not a tree of depth <= {_MAX_DEPTH} (at {prefix[:200]!r})")
+        seen.add(id(obj))
+        state = obj.__dict__.get("_pickled_state")
+        if state is None:
+            raise PickleRefused(f"{obj.module_class} at {prefix[:200] or 'the top'!r} was never given its state")
+        skip = _str_set(state.get("_non_persistent_buffers_set"), prefix)
+        for group in ("_parameters", "_buffers"):
+            for name, value in _str_dict(state.get(group), prefix, group).items():
+                if value is None or (group == "_buffers" and name in skip):
+                    continue
+                if not isinstance(value, torch.Tensor):
+                    raise PickleRefused(f"{prefix[:200]}{name[:100]} is {_describe(value)}, not a tensor")
+                out[prefix + name] = value.detach()
+                if len(out) > _MAX_TENSORS:
+                    raise PickleRefused(f"more than {_MAX_TENSORS} tensors")
+        children = [(n, c) for n, c in _str_dict(state.get("_modules"), prefix, "_modules").items() if c is not None]
+        for name, child in reversed(children):  # a stack: the first child is walked first
+            if not isinstance(child, InertModule):
+                raise PickleRefused(f"submodule {prefix[:200]}{name[:100]} is {_describe(child)}, not a model class")
+            stack.append((child, f"{prefix}{name}.", depth + 1))
     return out
+
+
+def _str_dict(value: Any, prefix: str, what: str) -> dict[str, Any]:
+    """A module's ``_parameters`` / ``_buffers`` / ``_modules``: a dict with str keys (or None)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(type(k) is str for k in value):
+        raise PickleRefused(f"{what} of {prefix[:200] or 'the top'!r} is {_describe(value)}, not a dict of names")
+    return value
+
+
+def _str_set(value: Any, prefix: str) -> set[str]:
+    if value is None:
+        return set()
+    if not isinstance(value, (set, frozenset)) or not all(type(k) is str for k in value):
+        raise PickleRefused(f"the non-persistent buffers of {prefix[:200] or 'the top'!r} are not a set of names")
+    return set(value)

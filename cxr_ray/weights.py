@@ -202,10 +202,11 @@ def read_state_file(path: str, what: str, txrv: bool = False) -> dict[str, Any]:
                            f"{str(e).splitlines()[0] if str(e) else ''})") from e
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise WeightsError(f"{what}: {path} holds a {type(state).__name__}, not a state dict of tensors")
+    if not isinstance(state, dict) or not all(type(k) is str and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise WeightsError(f"{what}: {path} holds a {type(state).__name__}, not a state dict of named tensors")
     # TorchXRayVision's ResNet wraps torchvision's as .model; their operating points are no weights
-    return {k.removeprefix("model."): v for k, v in state.items() if k != "op_threshs"}
+    return {k.removeprefix("model."): v.detach() for k, v in state.items() if k != "op_threshs"}
 
 
 def _load_pickled_model(data: bytes, path: str, what: str) -> Any:
@@ -221,6 +222,8 @@ def _load_pickled_model(data: bytes, path: str, what: str) -> Any:
     except PickleRefused as e:
         raise WeightsError(f"{what}: {path} refused, it is not a model made only of tensors and torch / "
                            f"TorchXRayVision model classes (it could run code on load): {e}") from e
+    except Exception as e:  # anything else a crafted file provokes is a refusal too, by type only
+        raise WeightsError(f"{what}: {path} refused: reading it failed with {type(e).__name__}") from e
 
 
 def pretrained_state(model_name: str, weights: str, weights_format: str = "") -> dict[str, Any] | None:

@@ -126,6 +126,25 @@ def test_a_remote_digest_that_is_not_a_hash_never_names_a_folder(tmp_path, monke
     assert not (tmp_path / "x").exists() and not list((tmp_path / "cache" / "checkpoints").glob("*/model.pt"))
 
 
+def test_a_foreign_folder_under_a_cached_digest_is_fetched_again(tmp_path, monkeypatch):
+    """The fetch cache is keyed by the full digest; a folder there that holds another
+    checkpoint (planted, or left by a crash) is replaced, not trusted by its name."""
+    import shutil
+
+    monkeypatch.setenv("CXR_RAY_CACHE", str(tmp_path / "cache"))
+    cfg = _cfg()
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "a", build_model(cfg.model).eval(), cfg, 0.5, {}, epoch=1)
+    torch.manual_seed(1)
+    save_checkpoint(tmp_path / "b", build_model(cfg.model).eval(), cfg, 0.5, {}, epoch=1)
+    first = fetch_checkpoint(f"file://{tmp_path}/a")
+    assert len(first.name) == 64
+    shutil.rmtree(first)
+    shutil.copytree(tmp_path / "b", first)  # another model under a's digest
+    again = load_checkpoint(f"file://{tmp_path}/a")
+    assert again.digest == load_checkpoint(tmp_path / "a").digest != load_checkpoint(tmp_path / "b").digest
+
+
 def test_actors_fetching_one_uri_checkpoint_at_once_do_not_collide(tmp_path, monkeypatch):
     """Several processes on one node fetch the same checkpoint into the cache at the same time."""
     import multiprocessing as mp

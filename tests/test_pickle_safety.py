@@ -198,3 +198,81 @@ def test_no_torch_load_with_weights_only_false_in_the_code():
                 depth += {"(": 1, ")": -1}.get(text[end], 0)
                 end += 1
             assert "weights_only=True" in text[start:end], (path, text[start:end])
+
+
+def test_a_memo_index_cannot_make_the_reader_allocate(tmp_path):
+    """LONG_BINPUT 0xFFFFFFF0: the C unpickler grows its memo array to that index (~64 GiB from
+    a 43-byte file); the reader's memo is a dict."""
+    import resource
+
+    path = tmp_path / "memo.pt"
+    path.write_bytes(b"\x80\x02Nr\xf0\xff\xff\xff0ctorchxrayvision.models\nDenseNet\n.")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(WeightsError, match="memo.pt"):
+        _read_declared(path)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KiB
+
+
+def _nested(depth: int) -> list:
+    a: list = []
+    for _ in range(depth):
+        a = [a, a]  # pickled once per level (memo), 2**depth elements when printed
+    return a
+
+
+def test_refusals_never_print_what_the_file_built(tmp_path):
+    """A persistent id of nested shared lists is 2**40 items when printed: described by type."""
+    import time
+
+    path = tmp_path / "pid.pt"
+    body = pickle.dumps(_nested(40), protocol=2)[2:-1]  # without PROTO and STOP
+    path.write_bytes(b"\x80\x02" + body + b"Q.")  # BINPERSID on it
+    start = time.perf_counter()
+    with pytest.raises(WeightsError, match="unknown persistent id: a list of 2 items"):
+        _read_declared(path)
+    assert time.perf_counter() - start < 5
+
+
+def test_a_module_graph_that_is_not_a_tree_is_refused(tmp_path):
+    """One submodule under two names, 40 levels deep: 2**40 paths to walk; torch.save writes trees."""
+    import time
+
+    import torch.nn as nn
+
+    m: nn.Module = nn.Linear(1, 1)
+    for _ in range(40):
+        m = nn.Sequential(m, m)
+    path = tmp_path / "dag.pt"
+    torch.save(m, path)
+    start = time.perf_counter()
+    with pytest.raises(WeightsError, match="not a tree"):
+        _read_declared(path)
+    assert time.perf_counter() - start < 5
+
+
+def test_build_cannot_change_what_the_reader_hands_out(tmp_path):
+    """BUILD on an allowed rebuild function would set its __defaults__ for every later file
+    (e.g. metadata {'neg': True}: every later tensor negated); BUILD is for model classes only."""
+    from cxr_ray import pickled_model
+
+    path = tmp_path / "build.pt"
+    # BUILD(_rebuild_tensor_v2, (None, {"__defaults__": ({"neg": True},)})): setattr of the slot state
+    path.write_bytes(b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\nN}X\x0c\x00\x00\x00__defaults__"
+                     b"}X\x03\x00\x00\x00neg\x88s\x85s\x86b.")
+    with pytest.raises(WeightsError, match="BUILD on a function"):
+        _read_declared(path)
+    assert pickled_model._rebuild_tensor_v2.__defaults__ == (None,)
+
+
+def test_a_tensor_cannot_reach_past_its_storage(tmp_path):
+    """A 16-byte storage read as a 2**20-element tensor: torch would resize the storage
+    (uninitialised memory in the weights); refused."""
+    long = (b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\n(("
+            b"X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x04"
+            b"tQK\x00J\x00\x00\x10\x00\x85K\x01\x85\x89ccollections\nOrderedDict\n)RtR.")
+    path = tmp_path / "long.pt"
+    _zip_file(path, long, records={"archive/data/0": b"\x00" * 16})
+    with pytest.raises(PickleRefused, match="reaches past its storage"):
+        load_pickled(path.read_bytes())
+    with pytest.raises(WeightsError, match="long.pt"):
+        _read_declared(path)

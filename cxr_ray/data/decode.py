@@ -376,9 +376,20 @@ def _open_checked(path: str, max_file_mb: float) -> Iterator[pa.NativeFile]:
     before its first byte is read when its size is over ``max_file_mb``: the size of the open
     handle is ``fstat``'s for a local file, and for an object store its metadata (the
     Content-Length of the HEAD request the open makes: no request is added)."""
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+
     from cxr_ray.data import io
 
     fs, inner = io.resolve(path)
+    if isinstance(fs, pafs.LocalFileSystem):  # one descriptor: checked is what is read
+        fd = os.open(inner, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO swapped in must not block
+        with pa.PythonFile(os.fdopen(fd, "rb"), mode="r") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ImageDecodeError(path, "not a regular file (it changed after it was listed)")
+            check_file_size(path, f.size(), max_file_mb)
+            yield f
+        return
     with fs.open_input_file(inner) as f:
         check_file_size(path, f.size(), max_file_mb)
         yield f

@@ -40,6 +40,7 @@ import json
 import logging
 import os
 import socket
+import stat
 import threading
 import time
 import uuid
@@ -55,6 +56,7 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 15.0  # how often the holder refreshes its lease (read at each use: tests patch it)
 STALE_AFTER_S = 120.0  # a lease not rewritten for this long (store's clock) may be taken over
+MAX_LEASE_BYTES = 1 << 16  # a lease record is ~200 bytes; more is not one
 SETTLE_S = 1.0  # after writing over a lease without an exclusive create, wait this long, then read it back
 
 
@@ -148,7 +150,7 @@ def _decode(data: bytes) -> dict[str, Any] | None:
     """A lease record from the file's bytes; None when it is not one."""
     try:
         record = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested past the parser's depth
         return None
     return record if isinstance(record, dict) else None
 
@@ -160,12 +162,13 @@ def read_lease_file(uri: str) -> LeaseFile | None:
     while the lease is being replaced.
     """
     if not io.is_uri(uri):
-        try:
-            with open(io.absolute(uri), "rb") as f:
-                data, mtime_ns = f.read(), os.fstat(f.fileno()).st_mtime_ns
+        try:  # non-blocking: a FIFO placed as the lease must not hang the heartbeat (it holds the lock)
+            with os.fdopen(os.open(io.absolute(uri), os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as f:
+                st = os.fstat(f.fileno())
+                data = f.read(MAX_LEASE_BYTES) if stat.S_ISREG(st.st_mode) else b""
         except FileNotFoundError:
             return None
-        return LeaseFile(_decode(data), mtime_ns / 1e9)
+        return LeaseFile(_decode(data), st.st_mtime_ns / 1e9)
     fs, p = io.resolve(uri)
     try:
         data = io.read_bytes(uri)

@@ -163,6 +163,7 @@ def fit_decision(logits: np.ndarray, labels: np.ndarray, groups: np.ndarray | No
     ``metric.calibrate``), then the threshold by ``metric.threshold_rule`` on the calibrated
     probabilities over patients ``groups``, with the validation metrics at it
     (``metrics.validation_metrics``) and ECE raw -> calibrated."""
+    from cxr_ray.drift import reference_summary
     from cxr_ray.engine import probabilities
     from cxr_ray.metrics import validation_metrics
 
@@ -171,5 +172,6 @@ def fit_decision(logits: np.ndarray, labels: np.ndarray, groups: np.ndarray | No
     out = validation_metrics(labels, probs, metric.min_specificity, groups=groups, rule=metric.threshold_rule,
                              val_loss=val_loss, target_recall=metric.target_recall)
     out.update(val_loss=val_loss, temperature=temperature, logit_bias=bias,
-               val_ece_before=ece(labels, probabilities(logits)), val_ece=ece(labels, probs))
+               val_ece_before=ece(labels, probabilities(logits)), val_ece=ece(labels, probs),
+               drift_reference=reference_summary(logits, labels, probs, out["threshold"]))
     return out

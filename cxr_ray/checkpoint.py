@@ -113,6 +113,8 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, cfg: ExperimentCo
     torch.save(state, out / MODEL_FILE)
     cfg.to_yaml(out / CONFIG_FILE)
     contract = (preprocessing or resolve_preprocessing(cfg)).to_dict()
+    metrics = dict(metrics)
+    drift_reference = metrics.pop("drift_reference", None)  # the validation pass's summary (cxr_ray/drift.py)
     meta = {"preprocessing": contract, "threshold": float(threshold),
             "threshold_rule": metrics.get("threshold_rule", "given"),
             "val_precision": val_precision, "class_map": {str(i): c for i, c in enumerate(CLASSES)},
@@ -122,6 +124,8 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, cfg: ExperimentCo
         meta["temperature"] = float(temperature)
     if logit_bias is not None:
         meta["logit_bias"] = float(logit_bias)
+    if drift_reference is not None:
+        meta["drift_reference"] = drift_reference
     write_meta(out, meta)
     if train_state is not None:
         torch.save(train_state, out / STATE_FILE)
@@ -373,6 +377,12 @@ class LoadedCheckpoint:
     def preprocessing(self) -> Preprocessing:
         """The contract from file to model input it was trained with (see ``data/preprocessing.py``)."""
         return stored_preprocessing(self.meta, self.cfg)
+
+    @property
+    def drift_reference(self) -> dict[str, Any] | None:
+        """The summary of its validation pass that new images are compared with (``cxr_ray/drift.py``);
+        None for checkpoints saved before it existed, and under TTA (its logits are another model's)."""
+        return None if self.tta != "none" else self.meta.get("drift_reference")
 
     @property
     def is_ensemble(self) -> bool:

@@ -246,6 +246,27 @@ def cmd_fit_tta(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    """Acquisition and framing cues by class and split, and how well they alone separate the
+    classes (a shortcut a network could learn); last line: the report folder."""
+    from cxr_ray.audit import audit_catalog, format_report, write_report
+    from cxr_ray.data.catalog import load_catalog
+    from cxr_ray.runtime import init_ray
+
+    cfg = config_from_args(args)
+    catalog = load_catalog(cfg.data.root)  # a bad dataset fails before Ray
+    out = args.out or os.path.join(os.getcwd(), "audit")
+    init_ray(args.address)
+    print(f"[audit] measuring {len(catalog)} images of {cfg.data.root}", flush=True)
+    cues = audit_catalog(catalog, cfg.data.stall_timeout_s)
+    shutdown_ray()
+    summary = write_report(cues, out)
+    for line in format_report(summary):
+        print(f"[audit] {line}")
+    print(out)
+    return 0
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     """Refit a checkpoint's calibration and threshold on a labelled sample from a new site; prints
     cross-fitted figures; last line: the new checkpoint."""
@@ -380,6 +401,11 @@ def cmd_score(args: argparse.Namespace) -> int:
             print(f"  ... and {summary.failed - 20} more: read them with error IS NOT NULL")
     if summary.metrics is not None:
         print(format_table(summary.metrics, f"[score] metrics over the labelled rows of {args.output}"))
+    if summary.drift is not None:
+        from cxr_ray.drift import format_drift
+
+        for line in format_drift(summary.drift):
+            print(f"[score] {line}")
     print(summary.format())
     if explained is not None:
         print(f"[score] Grad-CAM of {explained['what']}: {explained['explained']} overlay(s), "
@@ -712,6 +738,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model precision (default auto: the checkpoint threshold's own, where fast)")
     _config_and_address(p)
     p.set_defaults(func=cmd_fit_tta)
+
+    p = sub.add_parser("audit", help="acquisition/framing cues by class and split, and a cue-only classifier "
+                                     "(could a network separate the classes without the lungs?)")
+    _common(p)
+    p.add_argument("--out", help="report folder (default ./audit): cues.parquet, compare.csv, cues.png, summary.json")
+    p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("calibrate", help="refit a checkpoint's calibration and threshold on a new site's "
                                          "labelled sample; last line: the new checkpoint")

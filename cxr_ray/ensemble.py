@@ -156,7 +156,8 @@ def build_ensemble(sources: list[str | LoadedCheckpoint], out: str, cache: Any =
                 "val_precision": precision, "temperature": decision["temperature"],
                 "logit_bias": decision["logit_bias"],
                 "class_map": {str(i): c for i, c in enumerate(CLASSES)}, "positive_class": CLASSES[1],
-                "epoch": -1, "metrics": decision, "versions": versions()}
+                "epoch": -1, "metrics": {k: v for k, v in decision.items() if k != "drift_reference"},
+                "drift_reference": decision.get("drift_reference"), "versions": versions()}
         write_meta(folder, meta)
         fit_tta_decisions(str(folder), cache, parse_modes(first.cfg.metric.tta), amp=precision)
         io.copy_tree(str(folder), out)

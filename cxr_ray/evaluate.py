@@ -57,6 +57,17 @@ def predict_split(ckpt: LoadedCheckpoint, cache: Any, split: str, batch_size: in
                         ).sort_values("path", ignore_index=True)
 
 
+def drift_report(ckpt: LoadedCheckpoint, logits: np.ndarray, probs: np.ndarray, data: str) -> dict[str, Any] | None:
+    """These images' logits against the checkpoint's validation (``drift.compare``, label-free);
+    None when the checkpoint has no summary (saved before it existed) or applies TTA."""
+    from cxr_ray.drift import compare
+
+    ref = ckpt.drift_reference
+    if ref is None or len(logits) == 0:
+        return None
+    return compare(ref, logits, probs=probs, threshold=ckpt.threshold, checkpoint=str(ckpt.path), data=data)
+
+
 def metrics_report(preds: pd.DataFrame, threshold: float, n_boot: int = 1000) -> dict[str, Any]:
     """metrics.json content: top-level numbers, the confusion matrix, ``ci`` (95%) and ``ci_method``.
 
@@ -218,6 +229,10 @@ def format_table(metrics: dict[str, Any], title: str) -> str:
                      f"(from validation); ECE "
                      f"{c['ece_before']:.4f} -> {c['ece_after']:.4f}, Brier {c['brier_before']:.4f} -> "
                      f"{c['brier_after']:.4f} (raw -> calibrated)")
+    if metrics.get("drift"):
+        from cxr_ray.drift import format_drift
+
+        lines += [f"drift: {line}" if i == 0 else line for i, line in enumerate(format_drift(metrics["drift"]))]
     return "\n".join(lines)
 
 
@@ -247,6 +262,7 @@ def evaluate_checkpoint(ckpt: LoadedCheckpoint, data_root: str, split: str, out_
     preds = predict_split(ckpt, cache, split, precision=precision)
     preds["prediction"] = predicted_classes(preds["probability"], ckpt.threshold)
     metrics = metrics_report(preds, ckpt.threshold)
+    metrics["drift"] = drift_report(ckpt, preds["logit"].to_numpy(), preds["probability"].to_numpy(), data_root)
     metrics.update(split=split, checkpoint=ckpt.path, data=data_root, amp=precision, tta=ckpt.tta,
                    val_precision=ckpt.val_precision, preprocessing=ckpt.preprocessing.to_dict(),
                    calibration=calibration_report(preds["label"].to_numpy(), preds["logit"].to_numpy(),

@@ -271,12 +271,15 @@ def _fast_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, f
 
 def rank_auc(y: np.ndarray, p: np.ndarray) -> float:
     """ROC-AUC as the Mann-Whitney statistic (ties count half), equal to sklearn's
-    ``roc_auc_score`` for binary labels, ~50x faster on a bootstrap's small samples."""
+    ``roc_auc_score`` for binary labels, ~50x faster on a bootstrap's small samples; NaN
+    without both classes."""
     from scipy.stats import rankdata
 
-    pos = y == 1
-    n_pos, n_neg = int(pos.sum()), int(len(y) - pos.sum())
-    return float((rankdata(p)[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    pos = np.asarray(y) == 1
+    n_pos, n_neg = int(pos.sum()), int(len(pos) - pos.sum())
+    if not n_pos or not n_neg:
+        return float("nan")
+    return float((rankdata(np.asarray(p, dtype=np.float64))[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 # Operating points chosen on validation, reported on the evaluated split (evaluate's table).

@@ -144,6 +144,7 @@ def write_calibrated(ckpt: LoadedCheckpoint, result: dict[str, Any], provenance:
         meta.update(preprocessing=ckpt.preprocessing.to_dict(), val_precision=precision,
                     threshold=float(d["threshold"]), temperature=float(d["temperature"]),
                     logit_bias=float(d["logit_bias"]), threshold_rule=d["threshold_rule"],
+                    drift_reference=d.get("drift_reference"),  # the site is the new reference
                     metrics={k: v for k, v in result["after"].items() if k != "ci"} | {"ci": result["after"]["ci"]},
                     site_calibration={**provenance, "before": _short(result["before"]),
                                       "after": _short(result["after"])})

@@ -56,6 +56,9 @@ def test_train_two_workers_then_evaluate(synthetic_root, tmp_path):
     for key in ("roc_auc", "pr_auc", "accuracy", "recall", "specificity", "precision", "f1", "threshold"):
         assert meta["metrics"][key] == pytest.approx(val_metrics[key], abs=1e-6), key
     assert meta["metrics"]["confusion_matrix"] == val_metrics["confusion_matrix"]
+    # the checkpoint keeps a summary of this validation pass; the same images show no drift
+    assert meta["drift_reference"]["n"] == meta["metrics"]["n"] and "drift_reference" not in meta["metrics"]
+    assert val_metrics["drift"] is not None and not val_metrics["drift"]["warn"], val_metrics["drift"]
     # The workers trained under the contract the driver resolved; it is stored and evaluate used it.
     from cxr_ray.checkpoint import load_checkpoint
     from cxr_ray.data.preprocessing import resolve_preprocessing
@@ -93,6 +96,7 @@ def test_train_two_workers_then_evaluate(synthetic_root, tmp_path):
     plots = {"confusion_matrix.png", "roc_curve.png", "pr_curve.png", "reliability.png"}
     assert plots <= {p.name for p in out.iterdir()}
     assert "roc_auc" in ev.stdout and "95% CI" in ev.stdout and "calibration: temperature" in ev.stdout
+    assert not metrics["drift"]["warn"] and "drift:" in ev.stdout  # held-out images of the same distribution
 
 
 def _worker_pids() -> list[int]:

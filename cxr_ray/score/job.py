@@ -56,6 +56,7 @@ class ScoreSummary:
     total_rows: int
     failures: list[tuple[str, str]]  # the first MAX_LOGGED_FAILURES (path, reason) of this run
     metrics: dict[str, Any] | None = None
+    drift: dict[str, Any] | None = None  # the scored images against the checkpoint's validation
 
     @property
     def images_per_s(self) -> float:
@@ -304,6 +305,11 @@ def _run_leased(ckpt: LoadedCheckpoint, out: OutputFolder, inputs: list[str], sc
         out.write_json(JOB_FILE, job)
     summary = ScoreSummary(output, todo.files_seen, todo.already_done, scored, failed, seconds,
                            len(done) + writer.rows_written, failures)
+    summary.drift = output_drift(ckpt, out, inputs)
+    if summary.drift is not None:
+        job["drift"] = summary.drift
+        lease.check()
+        out.write_json(JOB_FILE, job)
     if with_labels:
         summary.metrics = labelled_metrics(out, ckpt.threshold)
         if summary.metrics is not None:
@@ -311,6 +317,23 @@ def _run_leased(ckpt: LoadedCheckpoint, out: OutputFolder, inputs: list[str], sc
             lease.check()
             out.write_json(METRICS_FILE, summary.metrics)
     return summary
+
+
+def output_drift(ckpt: LoadedCheckpoint, out: OutputFolder, inputs: list[str]) -> dict[str, Any] | None:
+    """Every scored row of the output against the checkpoint's validation (``drift.compare``,
+    label-free); None without a reference (older checkpoints, TTA). The raw logits are
+    recovered from the stored probabilities (``logit = T * (log(p / (1 - p)) - b)``; float32
+    probabilities saturate near |logit| 16, which only clips the far tails)."""
+    from cxr_ray.drift import compare
+
+    ref = ckpt.drift_reference
+    if ref is None:
+        return None
+    probs = [b.column("prob_pneumonia").drop_null().to_numpy() for b in out.batches(["prob_pneumonia"])]
+    p = np.clip(np.concatenate(probs).astype(np.float64) if probs else np.empty(0), 1e-7, 1 - 1e-7)
+    logits = ckpt.temperature * (np.log(p / (1 - p)) - ckpt.logit_bias)
+    return compare(ref, logits, probs=p, threshold=ckpt.threshold, checkpoint=str(ckpt.path),
+                   data=", ".join(inputs)[:200])
 
 
 def labelled_metrics(out: OutputFolder, threshold: float) -> dict[str, Any] | None:

@@ -4,6 +4,7 @@ and no preprocessing drift against ``evaluate``."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import shutil
@@ -20,7 +21,7 @@ import torch
 from conftest import run_cli, start_cli
 from PIL import Image
 
-from cxr_ray.checkpoint import load_checkpoint, save_checkpoint
+from cxr_ray.checkpoint import load_checkpoint, save_checkpoint, write_meta
 from cxr_ray.config import ScoreConfig
 from cxr_ray.data.listing import list_inputs
 from cxr_ray.data.synthetic import chest_image, make_synthetic_dataset, write_dicom
@@ -163,8 +164,6 @@ def test_scores_equal_evaluate_no_preprocessing_drift(ray_local, checkpoint, tmp
 def test_a_labelled_sample_without_train_split_evaluates(ray_local, checkpoint, tmp_path):
     """A hospital's sample is class folders only (SITE/{NORMAL,PNEUMONIA}): evaluate needs no
     training images; there is no validation split, so no operating-point table."""
-    import json
-
     from cxr_ray.evaluate import evaluate_checkpoint
 
     root = make_synthetic_dataset(tmp_path / "syn", n=120, size=110, seed=3)
@@ -235,8 +234,8 @@ def test_defaults_size_the_job_from_the_cluster_and_keep_the_checkpoint_precisio
     fp32 = load_checkpoint(checkpoint)  # saved with val_precision fp32
     bf16_dir = tmp_path / "bf16"
     shutil.copytree(checkpoint, bf16_dir)
-    meta = bf16_dir / "checkpoint.json"
-    meta.write_text(meta.read_text().replace('"val_precision": "fp32"', '"val_precision": "bf16"'))
+    meta = json.loads((bf16_dir / "checkpoint.json").read_text())
+    write_meta(bf16_dir, {**meta, "val_precision": "bf16"})  # val_precision is in the digest: sealed anew
     bf16 = load_checkpoint(bf16_dir)
     for fast in (True, False):
         monkeypatch.setattr(engine, "cpu_runs_bf16_fast", lambda fast=fast: fast)

@@ -475,8 +475,10 @@ def fetch_checkpoint(uri: str) -> Path:
                 raise CheckpointError(f"{uri}/{name} is {info.size} bytes, over {MAX_FILE_BYTES >> 30} GiB")
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             (tmp / name).write_bytes(io.read_bytes(io.join(uri, name)))
-        (tmp / META_FILE).write_text(json.dumps(meta))  # the same meta whose digest keys the copy
-        local = cache / _digest_key(verify_meta(tmp, meta))  # a copy that does not match is never cached
+        digest = verify_meta(tmp, meta)  # a copy that does not match is never cached
+        # the same meta, with the digest that keys the copy (computed for checkpoints from before digests)
+        (tmp / META_FILE).write_text(json.dumps({**meta, "digest": digest}))
+        local = cache / _digest_key(digest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -484,7 +486,7 @@ def fetch_checkpoint(uri: str) -> Path:
         tmp.rename(local)
     except OSError:  # another process on this node placed the same copy first
         shutil.rmtree(tmp, ignore_errors=True)
-        if _cached_copy(local, json.loads((local / META_FILE).read_text())["digest"]) is None:
+        if _cached_copy(local, digest) is None:
             raise
     return local
 

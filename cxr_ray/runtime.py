@@ -7,6 +7,7 @@ import contextlib
 import logging
 import math
 import os
+import signal
 import threading
 import time
 import uuid
@@ -194,6 +195,10 @@ def watchdog(stage: str, stall_s: float = DEFAULT_STALL_S, probe: Callable[[], A
         yield progress
         return
     stop = threading.Event()
+    # interrupt_main raises KeyboardInterrupt only under Python's own SIGINT handler: a job started
+    # in the background (`cmd &`) inherits SIGINT ignored, and the watchdog would do nothing there
+    sigint = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def watch() -> None:
         seen = _probe(probe)
@@ -221,7 +226,13 @@ def watchdog(stage: str, stall_s: float = DEFAULT_STALL_S, probe: Callable[[], A
         raise
     finally:
         stop.set()
-        thread.join()
+        try:
+            thread.join()
+        except KeyboardInterrupt:  # the watchdog fired just as the stage ended: the stall stands
+            if not fired:
+                raise
+        finally:
+            signal.signal(signal.SIGINT, sigint if sigint is not None else signal.SIG_DFL)
 
 
 def _probe(probe: Callable[[], Any] | None) -> Any:
@@ -276,7 +287,11 @@ def release_placement_groups(keep: set[str], stage: str) -> list[str]:
 
     removed = []
     for pg_id in sorted(this_jobs_placement_groups() - keep):
-        ray.util.remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(pg_id))))
+        try:
+            ray.util.remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(pg_id))))
+        except Exception as e:  # gone meanwhile: must not replace the stage's own result or error
+            log.warning("[%s] cannot release placement group %s: %s", stage, pg_id[:12], e)
+            continue
         removed.append(pg_id)
     if removed:
         log.warning("[%s] released %d placement group(s) its trials left reserved: %s", stage, len(removed),

@@ -102,7 +102,9 @@ def figures(labels: np.ndarray, probs: np.ndarray, thresholds: np.ndarray, patie
     positive = (probs.astype(np.float32) >= thresholds.astype(np.float32)).astype(float)
     # binary_metrics at 0.5 on the decisions themselves: each image was decided by its own fold's threshold
     m = binary_metrics(labels, positive, 0.5)
-    m["roc_auc"] = binary_metrics(labels, probs, 0.5)["roc_auc"]
+    ranked = binary_metrics(labels, probs, 0.5)
+    m.update(roc_auc=ranked["roc_auc"], pr_auc=ranked["pr_auc"])
+    del m["threshold"]  # each image was decided at its own fold's threshold: there is no one threshold
     ci = bootstrap_ci(labels, positive, 0.5, groups=patients)
     ci["roc_auc"] = bootstrap_ci(labels, probs, 0.5, groups=patients)["roc_auc"]
     m["ci"] = {k: list(v) for k, v in ci.items()}

@@ -145,6 +145,20 @@ def test_a_foreign_folder_under_a_cached_digest_is_fetched_again(tmp_path, monke
     assert again.digest == load_checkpoint(tmp_path / "a").digest != load_checkpoint(tmp_path / "b").digest
 
 
+def test_a_uri_checkpoint_from_before_digests_loads_again_and_again(tmp_path, monkeypatch):
+    """No digest to key the cache on before fetching: each load fetches, computes it, and finds
+    the copy already placed by the one before."""
+    monkeypatch.setenv("CXR_RAY_CACHE", str(tmp_path / "cache"))
+    cfg = _cfg()
+    save_checkpoint(tmp_path / "old", build_model(cfg.model).eval(), cfg, 0.5, {}, epoch=1)
+    meta = json.loads((tmp_path / "old" / "checkpoint.json").read_text())
+    for key in ("digest", "base_digest", "format_version", "files"):
+        del meta[key]
+    (tmp_path / "old" / "checkpoint.json").write_text(json.dumps(meta))
+    first = load_checkpoint(f"file://{tmp_path}/old")
+    assert load_checkpoint(f"file://{tmp_path}/old").digest == first.digest == load_checkpoint(tmp_path / "old").digest
+
+
 def test_actors_fetching_one_uri_checkpoint_at_once_do_not_collide(tmp_path, monkeypatch):
     """Several processes on one node fetch the same checkpoint into the cache at the same time."""
     import multiprocessing as mp

@@ -267,12 +267,17 @@ def this_jobs_placement_groups() -> set[str]:
     from ray.util.state import list_placement_groups
 
     job = ray.get_runtime_context().get_job_id()
-    try:
-        mine = list_placement_groups(filters=[("creator_job_id", "=", job)], limit=10_000, detail=False,
-                                     raise_on_missing_output=False)
-    except Exception as e:  # no dashboard (ray minimal): nothing is released, say so
-        log.warning("cannot list this job's placement groups (%s); none released", str(e).splitlines()[0][:200])
-        return set()
+    for attempt in range(5):  # the state API answers once the dashboard is up (seconds after ray.init)
+        try:
+            mine = list_placement_groups(filters=[("creator_job_id", "=", job)], limit=10_000, detail=False,
+                                         raise_on_missing_output=False)
+            break
+        except Exception as e:  # no dashboard (ray minimal): nothing is released, say so
+            if attempt == 4:
+                log.warning("cannot list this job's placement groups (%s); none released",
+                            str(e).splitlines()[0][:200])
+                return set()
+            time.sleep(2)
     return {str(p.placement_group_id) for p in mine if str(p.state) in ("CREATED", "PENDING", "RESCHEDULING")}
 
 

@@ -59,8 +59,12 @@ def test_a_slow_consumer_is_not_a_stall(ray_local):
 
 def test_stage_releases_only_the_placement_groups_it_left(ray_local):
     ray = ray_local
+    import time
+
     before_stage = _leak(ray, 0.25, "held-before")
-    held = this_jobs_placement_groups()
+    deadline = time.time() + 60
+    while before_stage.id.hex() not in (held := this_jobs_placement_groups()) and time.time() < deadline:
+        time.sleep(1)  # the state API answers once the dashboard is up (seconds after ray.init)
     assert before_stage.id.hex() in held
     left = _leak(ray, 0.25, "left-by-stage")
     removed = release_placement_groups(held, "tune")

@@ -132,16 +132,6 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, cfg: ExperimentCo
     return out
 
 
-def _sha256_file(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return f"sha256:{h.hexdigest()}"
-
-
 def _sha256(data: bytes) -> str:
     import hashlib
 
@@ -188,7 +178,7 @@ def seal(folder: Path, meta: dict[str, Any]) -> dict[str, Any]:
     decisions) and ``digest`` (everything). The one place checkpoint.json is made."""
     meta = {k: v for k, v in meta.items() if k not in ("digest", "base_digest")}
     meta["format_version"] = FORMAT_VERSION
-    meta["files"] = {name: _sha256_file(folder / name) for name in checkpoint_files(meta)}
+    meta["files"] = {name: _sha256(data) for name, data in read_files(folder, checkpoint_files(meta)).items()}
     return {**meta, "base_digest": meta_digest(meta, without=("tta",)), "digest": meta_digest(meta)}
 
 

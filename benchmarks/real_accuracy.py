@@ -12,8 +12,10 @@ checking only: nothing is trained, selected or tuned on them.
 
 Prints, for the stored threshold and for each threshold rule (each chosen on the clean
 validation split only): ROC-AUC, recall, specificity and accuracy with 95% patient-bootstrap
-CIs on every copy, recall and specificity per simulated shift, the acquisition cues (sharpness and
-darkest-5% grey level per class on the training images), the minutes it took, and the targets:
+CIs on every copy, recall and specificity per simulated shift; the shortcut audit of the
+training images (cue-only ROC-AUC, cross-validated by patient, and its top cues); the model's
+validation ROC-AUC within strata of a cue-only classifier fitted on the training images (does it
+separate the classes where the cues cannot?); the minutes it took; and the targets:
 clean ROC-AUC >= 0.97 and recall >= 0.95 at specificity >= 0.90 (the best threshold on the clean
 split: what the model can do there); shifted specificity >= 0.80 with recall >= 0.90 at the
 stored threshold (what a user gets on new images). ``--json FILE`` also writes everything.
@@ -37,6 +39,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import real_root  # noqa: E402
 
+from cxr_ray.audit import (apply_cue_model, cue_only_auc, fit_cue_model, format_report,  # noqa: E402
+                           format_strata, strata_report)
 from cxr_ray.checkpoint import load_checkpoint  # noqa: E402
 from cxr_ray.config import load_config  # noqa: E402
 from cxr_ray.data.decode import decode_image  # noqa: E402
@@ -48,22 +52,6 @@ from cxr_ray.metrics import THRESHOLD_RULES, validation_metrics  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "scratch_cnn_cpu.yaml"
 SHOWN = ("roc_auc", "recall", "specificity", "accuracy")
-
-
-def acquisition_cues(paths: list[str], labels: np.ndarray, per_class: int = 300) -> dict:
-    """Mean |Laplacian| (sharpness) and the darkest-5% grey level per class, on 224 px images."""
-    rng = np.random.default_rng(0)
-    out = {}
-    for label, name in ((0, "NORMAL"), (1, "PNEUMONIA")):
-        idx = np.flatnonzero(labels == label)
-        chosen = rng.choice(idx, min(per_class, len(idx)), replace=False)
-        lap, p5 = [], []
-        for i in chosen:
-            a = np.asarray(Image.open(paths[i]).convert("L"), dtype=np.float32)
-            lap.append(np.abs(4 * a[1:-1, 1:-1] - a[:-2, 1:-1] - a[2:, 1:-1] - a[1:-1, :-2] - a[1:-1, 2:]).mean())
-            p5.append(np.percentile(a, 5))
-        out[name] = {"n": len(chosen), "mean_abs_laplacian": float(np.mean(lap)), "p5_grey": float(np.mean(p5))}
-    return out
 
 
 def model_input(gray_224: np.ndarray, cache_size: int, image_size: int) -> np.ndarray:
@@ -105,6 +93,7 @@ def main(argv=None) -> int:
                                f"train.storage_path={tempfile.mkdtemp(prefix='cxr-acc-runs-')}", *args.set])
     import ray
 
+    from cxr_ray.audit import audit_catalog
     from cxr_ray.data.cache import prepare_cache
     from cxr_ray.evaluate import predict_split
     from cxr_ray.runtime import init_ray
@@ -117,6 +106,7 @@ def main(argv=None) -> int:
     ckpt = load_checkpoint(result.get_best_checkpoint(cfg.metric.selection, "max").path)
     clean = predict_split(ckpt, cache, "val")
     train_minutes = (time.perf_counter() - start) / 60
+    cues = audit_catalog(cache_catalog(cache), cfg.data.stall_timeout_s)
     ray.shutdown()
 
     gray = np.stack([np.asarray(Image.open(f).convert("L").resize((224, 224))) for f in clean["path"]])
@@ -167,11 +157,9 @@ def main(argv=None) -> int:
     }
     figures["targets"] = targets
     print("  targets (stored threshold): " + "; ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in targets.items()))
-    cat = cache_paths_labels(cache)
-    figures["acquisition_cues"] = acquisition_cues(*cat)
-    print("  acquisition cues on training images (224 px): " + "; ".join(
-        f"{k}: mean |Laplacian| {v['mean_abs_laplacian']:.2f}, darkest-5% grey {v['p5_grey']:.1f} (n={v['n']})"
-        for k, v in figures["acquisition_cues"].items()))
+    figures["audit"] = shortcut_figures(cues, clean)
+    print("  shortcut audit of the training images: " + "; ".join(format_report(figures["audit"]["train"])))
+    print(f"  validation, cue model fitted on the training images: {format_strata(figures['audit']['val_strata'])}")
     figures["minutes"] = (time.perf_counter() - start) / 60
     print(f"  total {figures['minutes']:.1f} min")
     if args.json:
@@ -179,16 +167,27 @@ def main(argv=None) -> int:
     return 0
 
 
-def cache_paths_labels(cache) -> tuple[list[str], np.ndarray]:
-    """Paths and labels of the cache's decodable training images (from its metadata columns)."""
+def cache_catalog(cache) -> pd.DataFrame:
+    """``path, label, split, patient`` of the cache's decodable images (its metadata columns)."""
     import pyarrow.parquet as pq
 
     from cxr_ray.data import io
 
     fs, path = io.resolve(cache.data_uri)
-    t = pq.read_table(path, columns=["path", "label", "split", "error"], filesystem=fs).to_pandas()
-    t = t[(t["split"] == "train") & t["error"].isna()]
-    return t["path"].tolist(), t["label"].to_numpy()
+    t = pq.read_table(path, columns=["path", "label", "split", "patient", "error"], filesystem=fs).to_pandas()
+    return t[t["error"].isna()].drop(columns="error").reset_index(drop=True)
+
+
+def shortcut_figures(cues: pd.DataFrame, clean: pd.DataFrame) -> dict:
+    """The audit on the training images (cue-only AUC by patient folds, top cues) and the model's
+    validation AUC within strata of a cue model fitted on the training images."""
+    train = cues[cues["split"] == "train"].reset_index(drop=True)
+    summary = cue_only_auc(train)
+    val = clean[["path", "probability"]].merge(cues, on="path", how="left", validate="one_to_one")
+    scores = apply_cue_model(fit_cue_model(train), val)
+    strata = strata_report(val, scores, val["probability"].to_numpy(),
+                           source="cue-only classifier fitted on the training images")
+    return {"train": summary, "val_strata": strata}
 
 
 if __name__ == "__main__":

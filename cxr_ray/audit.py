@@ -41,12 +41,6 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 from scipy import ndimage  # scipy and threadpoolctl: scikit-learn dependencies
-from sklearn.ensemble import HistGradientBoostingClassifier
-from sklearn.impute import SimpleImputer
-from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import StratifiedGroupKFold
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
 from cxr_ray.data.catalog import CLASSES
@@ -348,7 +342,14 @@ def compare_cues(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def _classifier(model: str, seed: int):
-    """A NaN-tolerant cue classifier: gradient-boosted trees, or a standardised logistic regression."""
+    """A NaN-tolerant cue classifier: gradient-boosted trees, or a standardised logistic regression.
+    (imported here, where a classifier is fitted.)"""
+    from sklearn.ensemble import HistGradientBoostingClassifier
+    from sklearn.impute import SimpleImputer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
     if model == "hgb":
         return HistGradientBoostingClassifier(max_iter=150, learning_rate=0.05, max_leaf_nodes=8,
                                               l2_regularization=1.0, early_stopping=False, random_state=seed)
@@ -365,6 +366,8 @@ def cue_scores(df: pd.DataFrame, cues: Sequence[str] = CLASSIFIER_CUES, n_splits
     sides). Scores are indexed like ``df`` (NaN for rows with an ``error``); importance is the
     mean drop in held-out ROC-AUC when one cue is shuffled (5 repeats per fold).
     """
+    from sklearn.model_selection import StratifiedGroupKFold
+
     missing = [c for c in ("label", "patient", *cues) if c not in df]
     if missing:
         raise ValueError(f"cue table lacks column(s) {missing}; found {list(df.columns)}")
@@ -478,6 +481,70 @@ def cue_strata(cues_df: pd.DataFrame, n_bins: int = 5, score: str = "cue_score",
     weighted = float(np.average(table.loc[used, "roc_auc"], weights=pairs[used])) if used.any() else float("nan")
     return {"strata": table, "weighted_auc": weighted, "overall_auc": fast_auc(y_all, data[prob].to_numpy()),
             "pairs_share": float(pairs[used].sum() / total_pairs) if total_pairs else float("nan")}
+
+
+def fit_cue_model(df: pd.DataFrame, cues: Sequence[str] = CLASSIFIER_CUES, seed: int = 0,
+                  model: str = "hgb") -> Any:
+    """A cue-only classifier fitted on every measured row of ``df`` (e.g. the training split),
+    to score other images with :func:`apply_cue_model`: how much each looks like a PNEUMONIA
+    film *by its cues alone*, in the training data's terms."""
+    data = _usable(df)
+    y = data["label"].to_numpy(int)
+    if not 0 < y.sum() < len(y):
+        raise ValueError(f"a cue model needs both classes, got {len(y)} image(s) with {int(y.sum())} PNEUMONIA")
+    with threadpool_limits(limits=1, user_api="openmp"):
+        return _classifier(model, seed).fit(data[list(cues)].to_numpy(np.float64), y), tuple(cues)
+
+
+def apply_cue_model(fitted: Any, df: pd.DataFrame) -> pd.Series:
+    """Cue scores of ``df``'s rows from :func:`fit_cue_model`'s result (NaN where unmeasured)."""
+    clf, cues = fitted
+    data = _usable(df)
+    with threadpool_limits(limits=1, user_api="openmp"):
+        scores = clf.predict_proba(data[list(cues)].to_numpy(np.float64))[:, 1] if len(data) else np.empty(0)
+    return pd.Series(scores, index=data.index).reindex(df.index)
+
+
+def strata_report(cues_df: pd.DataFrame, scores: pd.Series, probs: Sequence[float], n_bins: int = 5,
+                  source: str = "") -> dict[str, Any]:
+    """JSON-ready :func:`cue_strata` of the model's ``probs`` against cue ``scores`` (both
+    aligned with ``cues_df``'s rows), plus the cue-only ROC-AUC on these images and where the
+    cue scores came from (``source``). ``weighted_auc`` near ``model_auc``: the model ranks
+    the classes as well where the cues cannot; near 0.5: it reads the cues."""
+    table = cues_df[["label"]].assign(cue_score=np.asarray(scores, np.float64), prob=np.asarray(probs, np.float64))
+    s = cue_strata(table, n_bins=n_bins)
+    ok = table["cue_score"].notna()
+    y = table.loc[ok, "label"].to_numpy(int)
+    cue_auc = float(fast_auc(y, table.loc[ok, "cue_score"].to_numpy())) if 0 < y.sum() < len(y) else float("nan")
+    return _finite({"model_auc": s["overall_auc"], "weighted_auc": s["weighted_auc"],
+                    "pairs_share": s["pairs_share"], "cue_only_auc": cue_auc, "n_bins": n_bins,
+                    "n": int(ok.sum()), "cue_scores": source, "strata": s["strata"].to_dict("records")})
+
+
+def model_within_cues(cues_df: pd.DataFrame, probs: Sequence[float], n_bins: int = 5, n_splits: int = 5,
+                      seed: int = 0) -> dict[str, Any]:
+    """:func:`strata_report` with cue scores cross-fitted on these images themselves
+    (:func:`cue_scores`, folds by patient): for a labelled set with no training cues at hand
+    (``cxr-ray evaluate --cue-strata``). ``ValueError`` with fewer than ``n_splits``
+    patients per class."""
+    scores, _ = cue_scores(cues_df, CLASSIFIER_CUES, n_splits, seed)
+    return strata_report(cues_df, scores, probs, n_bins,
+                         source=f"cue-only classifier cross-fitted on these images ({n_splits} patient folds)")
+
+
+def format_strata(report: dict[str, Any]) -> str:
+    """One line: the model's ROC-AUC overall and within cue-matched strata."""
+    return (f"model ROC-AUC {_fmt3(report['model_auc'])} overall, {_fmt3(report['weighted_auc'])} within "
+            f"{report['n_bins']} cue-matched strata ({_pct(report['pairs_share'])} of NORMAL/PNEUMONIA pairs "
+            f"compared; cue-only ROC-AUC here {_fmt3(report['cue_only_auc'])})")
+
+
+def _fmt3(value: Any) -> str:
+    return "n/a" if value is None or not np.isfinite(value) else f"{value:.3f}"
+
+
+def _pct(value: Any) -> str:
+    return "n/a" if value is None or not np.isfinite(value) else f"{100 * value:.0f}%"
 
 
 def write_report(df: pd.DataFrame, out_dir: str | os.PathLike, n_splits: int = 5, seed: int = 0,

@@ -157,12 +157,13 @@ def calibration_report(labels: np.ndarray, logits: np.ndarray, temperature: floa
 
 
 def fit_decision(logits: np.ndarray, labels: np.ndarray, groups: np.ndarray | None, metric: Any,
-                 val_loss: float = float("nan")) -> dict[str, Any]:
+                 val_loss: float = float("nan"), acquisition: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
     """What a validation pass decides for one way of computing logits (a model, a TTA mode, an
     ensemble): the temperature and bias (``metric.calibration``, nothing without
     ``metric.calibrate``), then the threshold by ``metric.threshold_rule`` on the calibrated
     probabilities over patients ``groups``, with the validation metrics at it
-    (``metrics.validation_metrics``) and ECE raw -> calibrated."""
+    (``metrics.validation_metrics``), ECE raw -> calibrated, and the drift reference
+    (``drift.reference_summary``, with the images' ``acquisition`` statistics when given)."""
     from cxr_ray.drift import reference_summary
     from cxr_ray.engine import probabilities
     from cxr_ray.metrics import validation_metrics
@@ -173,5 +174,5 @@ def fit_decision(logits: np.ndarray, labels: np.ndarray, groups: np.ndarray | No
                              val_loss=val_loss, target_recall=metric.target_recall)
     out.update(val_loss=val_loss, temperature=temperature, logit_bias=bias,
                val_ece_before=ece(labels, probabilities(logits)), val_ece=ece(labels, probs),
-               drift_reference=reference_summary(logits, labels, probs, out["threshold"]))
+               drift_reference=reference_summary(logits, labels, probs, out["threshold"], acquisition))
     return out

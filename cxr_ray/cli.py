@@ -275,6 +275,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from cxr_ray.checkpoint import load_checkpoint
     from cxr_ray.data import io
     from cxr_ray.data.cache import prepare_cache
+    from cxr_ray.drift import StatsCollector
     from cxr_ray.evaluate import predict_split
     from cxr_ray.runtime import init_ray
     from cxr_ray.site_calibration import (calibrate_on_sample, format_calibration, provenance, sample_catalog,
@@ -290,9 +291,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     init_ray(args.address)
     cache = prepare_cache(cfg, catalog, preprocessing=ckpt.preprocessing, training=False)
     precision = ckpt.precision(args.amp, torch.device("cpu"))
-    preds = predict_split(ckpt, cache, "test", precision=precision)
+    stats = StatsCollector()  # the site's images become the new checkpoint's drift reference
+    preds = predict_split(ckpt, cache, "test", precision=precision, stats=stats)
     shutdown_ray()
-    result = calibrate_on_sample(ckpt, preds)
+    result = calibrate_on_sample(ckpt, preds, stats.result())
     out = write_calibrated(ckpt, result, provenance(catalog, args.data, ckpt), args.out, precision)
     for line in format_calibration(result):
         print(line)
@@ -344,7 +346,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.explain < 0:
         raise ConfigError(f"--explain: expected a count >= 0, got {args.explain}")
     metrics = evaluate_checkpoint(ckpt, root, args.split, args.out, cache_dir=args.cache or "", amp=args.amp,
-                                  prevalences=prevalences, explain=args.explain)
+                                  prevalences=prevalences, explain=args.explain, cue_strata=args.cue_strata)
     shutdown_ray()  # no worker log lines may arrive after the report folder below
     print(format_table(metrics, f"[evaluate] {args.split} split of {root}"))
     if args.explain:
@@ -691,6 +693,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "positives, false positives and false negatives (needs the explain extra)")
     p.add_argument("--prevalence", default="", metavar="P[,P...]",
                    help="also give PPV/NPV of each operating point at these shares of PNEUMONIA, e.g. 0.05,0.2")
+    p.add_argument("--cue-strata", action="store_true",
+                   help="also measure the audit's acquisition/framing cues of every image and report the "
+                        "model's ROC-AUC within cue-matched strata (does it still separate the classes "
+                        "where the cues cannot?); needs >= 5 patients per class")
     _tta_flag(p)
     _config_and_address(p)  # only the config's storage: section applies (the model brings its own)
     p.set_defaults(func=cmd_evaluate)

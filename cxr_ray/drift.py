@@ -21,8 +21,11 @@ model, TTA mode or ensemble.
 - **Predicted-positive rate** (with ``probs``, at the summary's threshold) against ``pi * recall +
   (1 - pi) * (1 - specificity)`` from validation at EM's prevalence: a gap means the operating
   point moved.
-- **Acquisition statistics** (named 1-D arrays computed elsewhere, e.g. exposure percentiles):
-  KS against their stored quantiles, and the median's shift in reference IQRs.
+- **Acquisition statistics** (:func:`acquisition_stats`: the audit's exposure, texture and body-field
+  cues of :data:`ACQUISITION_STATS`, measured on the model-input images, i.e. after the
+  checkpoint's own decode and resize, at most MAX_STAT_IMAGES per pass): KS against their stored
+  quantiles, and the median's shift in reference IQRs. They say *what* moved at the site
+  (exposure, sharpness, framing) where the logits say *that* the model sees something new.
 
 Each check that fires adds a reason; any reason warns:
 
@@ -48,7 +51,7 @@ from a change of prevalence; the estimate is then the only sign, hence it is alw
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -68,6 +71,47 @@ EM_MAX_ITER, EM_TOL = 1000, 1e-7
 PREVALENCE_CLIP = (0.001, 0.999)
 WHAT_TO_DO = ("Recall and specificity at the stored threshold may not hold here: label a sample of "
               "these images and run `cxr-ray calibrate --checkpoint {checkpoint} --data {data} --out DIR`")
+
+
+# cues of cxr_ray.audit.pixel_cues that vary smoothly (no mass at one value, unlike the margins) and
+# say what a site changed: exposure (grey percentiles), sharpness and noise, body field size
+ACQUISITION_STATS = ("p5", "p50", "p95", "sharpness", "noise", "body_w", "body_h")
+MAX_STAT_IMAGES = 1000  # ~4 ms an image at 128 px: a few seconds per pass at most
+
+
+def acquisition_stats(images: np.ndarray) -> dict[str, np.ndarray]:
+    """:data:`ACQUISITION_STATS` of uint8 model-input images ``(B, 1, N, N)`` or ``(B, N, N)``,
+    one float64 array per name (``cxr_ray.audit.pixel_cues``, as the audit measures them)."""
+    from cxr_ray.audit import pixel_cues
+
+    arr = np.asarray(images)
+    rows = [pixel_cues(a) for a in arr.reshape(len(arr), arr.shape[-2], arr.shape[-1])]
+    return {k: np.array([r[k] for r in rows], np.float64) for k in ACQUISITION_STATS}
+
+
+class StatsCollector:
+    """Measures :func:`acquisition_stats` of the first ``limit`` images that pass through
+    :meth:`watch` (numpy batches with an ``image`` column, e.g. before a ``Collate``)."""
+
+    def __init__(self, limit: int = MAX_STAT_IMAGES):
+        self.limit = limit
+        self.parts: list[dict[str, np.ndarray]] = []
+        self.n = 0
+
+    def watch(self, batches: Iterable[Mapping[str, Any]]) -> Iterator[Mapping[str, Any]]:
+        """Yield every batch unchanged, measuring its images until ``limit`` are measured."""
+        for batch in batches:
+            if self.n < self.limit:
+                images = np.asarray(batch["image"])[: self.limit - self.n]
+                self.parts.append(acquisition_stats(images))
+                self.n += len(images)
+            yield batch
+
+    def result(self) -> dict[str, np.ndarray] | None:
+        """The statistics measured so far (None before any image)."""
+        if not self.n:
+            return None
+        return {k: np.concatenate([p[k] for p in self.parts]) for k in ACQUISITION_STATS}
 
 
 def reference_summary(logits: np.ndarray, labels: np.ndarray, probs: np.ndarray, threshold: float,

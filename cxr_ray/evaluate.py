@@ -22,6 +22,7 @@ from cxr_ray.checkpoint import LoadedCheckpoint
 from cxr_ray.data import io
 from cxr_ray.data.catalog import CLASSES
 from cxr_ray.data.transforms import Collate
+from cxr_ray.drift import StatsCollector
 from cxr_ray.engine import predict_logits, prefers_channels_last, probabilities
 from cxr_ray.metrics import binary_metrics, bootstrap_ci, is_positive, operating_points, predicted_classes
 from cxr_ray.runtime import watched
@@ -32,11 +33,12 @@ TABLE_METRICS = ("accuracy", "precision", "recall", "f1", "roc_auc", "specificit
 
 
 def predict_split(ckpt: LoadedCheckpoint, cache: Any, split: str, batch_size: int = 64,
-                  precision: str = "fp32") -> pd.DataFrame:
+                  precision: str = "fp32", stats: StatsCollector | None = None) -> pd.DataFrame:
     """``path, patient, label, logit, probability`` for every decodable image of ``split``
     (driver process, CPU), in ``precision`` (``"bf16"`` / ``"fp32"``, see
     ``LoadedCheckpoint.precision``); ``probability`` is the calibrated
-    ``sigmoid(logit / ckpt.temperature + ckpt.logit_bias)``."""
+    ``sigmoid(logit / ckpt.temperature + ckpt.logit_bias)``. ``stats`` measures the model-input
+    images' acquisition statistics on the way (the drift report's)."""
     from cxr_ray.data.pipeline import check_cache_size, collated_keeping, split_dataset
 
     device = torch.device("cpu")
@@ -49,6 +51,8 @@ def predict_split(ckpt: LoadedCheckpoint, cache: Any, split: str, batch_size: in
     collate = Collate(contract, device, channels_last=channels_last)
     stream = watched(ds.iter_batches(batch_size=batch_size, batch_format="numpy"), f"predict {split}",
                      ckpt.cfg.data.stall_timeout_s)
+    if stats is not None:
+        stream = stats.watch(stream)
     batches = collated_keeping(stream, collate, ("path", "patient"), kept)
     logits, labels, _ = predict_logits(model, batches, device, precision)
     return pd.DataFrame({"path": kept.get("path", []), "patient": kept.get("patient", []),
@@ -57,15 +61,35 @@ def predict_split(ckpt: LoadedCheckpoint, cache: Any, split: str, batch_size: in
                         ).sort_values("path", ignore_index=True)
 
 
-def drift_report(ckpt: LoadedCheckpoint, logits: np.ndarray, probs: np.ndarray, data: str) -> dict[str, Any] | None:
-    """These images' logits against the checkpoint's validation (``drift.compare``, label-free);
-    None when the checkpoint has no summary (saved before it existed) or applies TTA."""
+def drift_report(ckpt: LoadedCheckpoint, logits: np.ndarray, probs: np.ndarray, data: str,
+                 acquisition: dict[str, np.ndarray] | None = None) -> dict[str, Any] | None:
+    """These images' logits (and ``acquisition`` statistics) against the checkpoint's validation
+    (``drift.compare``, label-free); None when the checkpoint has no summary (saved before it
+    existed) or applies TTA."""
     from cxr_ray.drift import compare
 
     ref = ckpt.drift_reference
     if ref is None or len(logits) == 0:
         return None
-    return compare(ref, logits, probs=probs, threshold=ckpt.threshold, checkpoint=str(ckpt.path), data=data)
+    return compare(ref, logits, acquisition, probs=probs, threshold=ckpt.threshold, checkpoint=str(ckpt.path),
+                   data=data)
+
+
+def cue_strata_report(preds: pd.DataFrame, stall_s: float = 600.0) -> dict[str, Any]:
+    """Does the model separate the classes where acquisition and framing cues cannot?
+
+    Measures the audit's cues of every predicted image (Ray Data, ``audit.audit_catalog``),
+    cross-fits a cue-only classifier on them by patient, and reports the model's ROC-AUC
+    within strata of that cue score (``audit.model_within_cues``). ``{"error": reason}`` when
+    there are too few patients per class for the folds."""
+    from cxr_ray.audit import audit_catalog, model_within_cues
+
+    cues = audit_catalog(preds[["path", "label", "patient"]].assign(split="evaluated"), stall_s)
+    cues = preds[["path"]].merge(cues, on="path", how="left", validate="one_to_one")
+    try:
+        return model_within_cues(cues, preds["probability"].to_numpy())
+    except ValueError as e:
+        return {"error": str(e)}
 
 
 def metrics_report(preds: pd.DataFrame, threshold: float, n_boot: int = 1000) -> dict[str, Any]:
@@ -233,6 +257,11 @@ def format_table(metrics: dict[str, Any], title: str) -> str:
         from cxr_ray.drift import format_drift
 
         lines += [f"drift: {line}" if i == 0 else line for i, line in enumerate(format_drift(metrics["drift"]))]
+    strata = metrics.get("cue_strata")
+    if strata:
+        from cxr_ray.audit import format_strata
+
+        lines.append(f"cue strata: {strata['error']}" if "error" in strata else f"cue strata: {format_strata(strata)}")
     return "\n".join(lines)
 
 
@@ -243,7 +272,7 @@ def _with_ci(row: dict[str, Any], key: str) -> str:
 
 def evaluate_checkpoint(ckpt: LoadedCheckpoint, data_root: str, split: str, out_dir: str,
                         cache_dir: str = "", amp: str = "auto", prevalences: tuple[float, ...] = (),
-                        explain: int = 0) -> dict[str, Any]:
+                        explain: int = 0, cue_strata: bool = False) -> dict[str, Any]:
     """Run the full evaluation; writes metrics.json, predictions.parquet and plots to ``out_dir``.
 
     ``amp`` (``auto`` | ``bf16`` | ``fp32``): ``auto`` is the precision the checkpoint's
@@ -251,7 +280,8 @@ def evaluate_checkpoint(ckpt: LoadedCheckpoint, data_root: str, split: str, out_
     The operating-point table's thresholds are chosen on the validation split of the same
     data root; ``prevalences`` adds PPV / NPV at those shares of PNEUMONIA. ``explain`` > 0
     writes a Grad-CAM gallery (``explain/index.html``) of the most confident true positives,
-    false positives and false negatives, that many of each."""
+    false positives and false negatives, that many of each. ``cue_strata`` measures the audit's
+    cues of every image and adds ``metrics["cue_strata"]`` (:func:`cue_strata_report`)."""
     from cxr_ray.data.cache import prepare_cache
 
     data_cfg = dataclasses.replace(ckpt.cfg.data, root=data_root,
@@ -259,10 +289,13 @@ def evaluate_checkpoint(ckpt: LoadedCheckpoint, data_root: str, split: str, out_
     cfg = dataclasses.replace(ckpt.cfg, data=data_cfg)
     cache = prepare_cache(cfg, preprocessing=ckpt.preprocessing, training=False)  # any labelled folder
     precision = ckpt.precision(amp, torch.device("cpu"))
-    preds = predict_split(ckpt, cache, split, precision=precision)
+    compared = (ckpt.drift_reference or {}).get("acquisition")  # older references have none: measure nothing
+    stats = StatsCollector() if compared else None
+    preds = predict_split(ckpt, cache, split, precision=precision, stats=stats)
     preds["prediction"] = predicted_classes(preds["probability"], ckpt.threshold)
     metrics = metrics_report(preds, ckpt.threshold)
-    metrics["drift"] = drift_report(ckpt, preds["logit"].to_numpy(), preds["probability"].to_numpy(), data_root)
+    metrics["drift"] = drift_report(ckpt, preds["logit"].to_numpy(), preds["probability"].to_numpy(), data_root,
+                                    stats.result() if stats else None)
     metrics.update(split=split, checkpoint=ckpt.path, data=data_root, amp=precision, tta=ckpt.tta,
                    val_precision=ckpt.val_precision, preprocessing=ckpt.preprocessing.to_dict(),
                    calibration=calibration_report(preds["label"].to_numpy(), preds["logit"].to_numpy(),
@@ -272,6 +305,8 @@ def evaluate_checkpoint(ckpt: LoadedCheckpoint, data_root: str, split: str, out_
     else:
         val = preds if split == "val" else predict_split(ckpt, cache, "val", precision=precision)
     metrics["operating_points"] = operating_table(ckpt, val, preds, prevalences) if val is not None else None
+    if cue_strata:
+        metrics["cue_strata"] = cue_strata_report(preds, ckpt.cfg.data.stall_timeout_s)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) if io.is_uri(out_dir) else Path(out_dir)  # URIs: write locally, then upload
         out.mkdir(parents=True, exist_ok=True)

@@ -111,17 +111,19 @@ def figures(labels: np.ndarray, probs: np.ndarray, thresholds: np.ndarray, patie
     return m
 
 
-def calibrate_on_sample(ckpt: LoadedCheckpoint, preds: pd.DataFrame) -> dict[str, Any]:
+def calibrate_on_sample(ckpt: LoadedCheckpoint, preds: pd.DataFrame,
+                        acquisition: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
     """What a site sample says: the checkpoint's own decision there (``before``), the cross-fitted
     figures of a decision refitted on the site (``after``), and that decision fitted on the whole
     sample (``decision``: temperature, bias, threshold). ``preds``: ``evaluate.predict_split``'s
-    columns (``logit``, ``label``, ``patient``, ``probability``)."""
+    columns (``logit``, ``label``, ``patient``, ``probability``); ``acquisition``: the sample's
+    acquisition statistics, stored in the new drift reference."""
     logits, labels = preds["logit"].to_numpy(np.float64), preds["label"].to_numpy()
     patients = preds["patient"].to_numpy().astype(str)
     before = figures(labels, preds["probability"].to_numpy(), np.full(len(preds), ckpt.threshold), patients)
     oof = cross_fitted(logits, labels, patients, ckpt.cfg.metric)
     after = figures(labels, oof[:, 0], oof[:, 1], patients)
-    decision = fit_decision(logits, labels, patients, ckpt.cfg.metric)
+    decision = fit_decision(logits, labels, patients, ckpt.cfg.metric, acquisition=acquisition)
     return {"before": before, "after": after, "decision": decision}
 
 

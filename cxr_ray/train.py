@@ -35,6 +35,7 @@ from cxr_ray.data.catalog import DataError
 from cxr_ray.data.preprocessing import Preprocessing, resolve_preprocessing
 from cxr_ray.data.pipeline import (TorchCollate, check_cache_size, collated_keeping, epoch_batches,
                                    split_datasets)
+from cxr_ray.drift import StatsCollector
 from cxr_ray.engine import (EarlyStopping, make_optimizer, make_scheduler, pos_weight_from_counts,
                             predict_logits, prefers_channels_last, resolve_precision, restore_train_state,
                             schedule_geometry, train_one_epoch, train_state)
@@ -110,6 +111,7 @@ class TrainLoopRunner:
         self.loss_fn = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
         self.stopper = EarlyStopping(t.patience, t.min_delta)
         self.start_epoch = 0
+        self.val_acquisition: dict[str, np.ndarray] | None = None  # measured on the first validation pass
         self.train_data = ray.train.get_dataset_shard("train")
         self.val_data = ray.train.get_dataset_shard("val")
 
@@ -147,11 +149,18 @@ class TrainLoopRunner:
         """
         kept: dict[str, list] = {}
         collate = TorchCollate(self.preprocessing, self.device, channels_last=self.channels_last)
-        batches = collated_keeping(self.val_data.iter_batches(batch_size=self.cfg.train.batch_size,
-                                                              batch_format="numpy"), collate, ("patient",), kept)
+        stream = self.val_data.iter_batches(batch_size=self.cfg.train.batch_size, batch_format="numpy")
+        stats = None
+        if self.val_acquisition is None:  # the drift report's acquisition reference: the images never change
+            stats = StatsCollector()
+            stream = stats.watch(stream)
+        batches = collated_keeping(stream, collate, ("patient",), kept)
         logits, labels, val_loss = predict_logits(unwrap(self.model), batches, self.device, self.precision,
                                                   loss_fn=self.loss_fn)
-        return fit_decision(logits, labels, np.asarray(kept.get("patient", [])), self.cfg.metric, val_loss)
+        if stats is not None:
+            self.val_acquisition = stats.result()
+        return fit_decision(logits, labels, np.asarray(kept.get("patient", [])), self.cfg.metric, val_loss,
+                            acquisition=self.val_acquisition)
 
     def run_epoch(self, epoch: int) -> dict[str, Any]:
         """Train one epoch, validate on the whole validation split, return the metrics."""

@@ -180,3 +180,46 @@ def test_logits_beyond_every_validation_logit_keep_their_side(summary):
 def test_the_ks_critical_value_has_a_floor_and_shrinks_with_n():
     assert ks_critical(100, 600) > ks_critical(300, 600) > ks_critical(100_000, 600) > 0
     assert ks_critical(10**6, 10**6) == pytest.approx(0.1)
+
+
+def _films(n: int, seed: int, gamma: float = 1.0, blur: float = 0.0) -> np.ndarray:
+    """``n`` synthetic uint8 chest films ``(n, 1, 64, 64)``, half with opacities; ``gamma`` and
+    ``blur`` play another site's exposure curve and sharpness."""
+    from PIL import Image, ImageFilter
+
+    from cxr_ray.data.synthetic import chest_image
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        img = Image.fromarray(chest_image(64, i % 2 == 1, rng))
+        img = img.point([int(round(255 * (v / 255) ** gamma)) for v in range(256)])
+        out.append(np.asarray(img.filter(ImageFilter.GaussianBlur(blur)) if blur else img))
+    return np.stack(out)[:, None]
+
+
+def test_acquisition_stats_of_images_flag_another_site_and_not_held_out_films():
+    """The drift report's acquisition statistics, measured on model-input images as training,
+    evaluate and score measure them: held-out films of the reference's kind do not move them;
+    another exposure curve and a softer image do, by name."""
+    from cxr_ray.drift import ACQUISITION_STATS, StatsCollector, acquisition_stats
+
+    z, y = _logits(300, 0.5, seed=11)
+    films = _films(300, seed=1)
+    capped = StatsCollector(limit=100)
+    batches = list(capped.watch({"image": films[i:i + 64]} for i in range(0, 300, 64)))
+    assert len(batches) == 5 and np.array_equal(batches[0]["image"], films[:64])  # passed through unchanged
+    assert capped.n == 100 and all(len(v) == 100 for v in capped.result().values())  # the first 100 only
+    collector = StatsCollector(limit=1000)
+    list(collector.watch({"image": films[i:i + 64, 0]} for i in range(0, 300, 64)))  # (B, N, N) too
+    ref_stats = collector.result()
+    assert set(ref_stats) == set(ACQUISITION_STATS) and all(len(v) == 300 for v in ref_stats.values())
+    ref = reference_summary(z, y, sigmoid(z), 0.5, ref_stats)
+    z_new, _ = _logits(300, 0.5, seed=12)
+    same = compare(ref, z_new, acquisition_stats(_films(300, seed=2)))
+    assert not same["warn"], same["reasons"]
+    assert not any(a["drift"] for a in same["acquisition"].values()), same["acquisition"]
+    other = compare(ref, z_new, acquisition_stats(_films(300, seed=2, gamma=0.6, blur=1.0)))
+    moved = {k for k, a in other["acquisition"].items() if a["drift"]}
+    assert other["warn"] and {"p50", "sharpness"} <= moved, other["acquisition"]
+    assert StatsCollector(limit=10).result() is None

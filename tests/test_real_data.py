@@ -73,6 +73,14 @@ def test_scratch_cnn_learns_real_pneumonia_and_scoring_matches_evaluate(ray_loca
     for key in ("accuracy", "recall", "specificity", "precision"):
         assert summary.metrics[key] == pytest.approx(ev[key], abs=max(one, 0.02 if key == "precision" else one)), key
     assert np.abs(np.array(summary.metrics["confusion_matrix"]) - np.array(ev["confusion_matrix"])).sum() <= 2
+    # Both reports compare these images with the checkpoint's validation pass, which saw the same
+    # images: acquisition statistics measured by training, evaluate (cache) and score (the files
+    # decoded again by the scoring preprocessing) agree, so nothing drifts.
+    from cxr_ray.drift import ACQUISITION_STATS
+
+    for drift in (ev["drift"], summary.drift):
+        assert set(drift["acquisition"]) == set(ACQUISITION_STATS) and not drift["warn"], drift
+        assert max(a["ks"] for a in drift["acquisition"].values()) <= 0.05, drift["acquisition"]
 
     # Training chose the threshold in its own precision (bf16 where this CPU runs it fast), and
     # bf16 and fp32 probabilities agree on the real images: all 1,317 (the threshold sits on one

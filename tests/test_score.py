@@ -22,7 +22,7 @@ from conftest import run_cli, start_cli
 from PIL import Image
 
 from cxr_ray.checkpoint import load_checkpoint, save_checkpoint, write_meta
-from cxr_ray.config import ScoreConfig
+from cxr_ray.config import DataConfig, ScoreConfig
 from cxr_ray.data.listing import list_inputs
 from cxr_ray.data.synthetic import chest_image, make_synthetic_dataset, write_dicom
 from cxr_ray.score import OUTPUT_SCHEMA, ScoreError, output_schema, run_score
@@ -170,10 +170,63 @@ def test_a_labelled_sample_without_train_split_evaluates(ray_local, checkpoint, 
     ckpt = load_checkpoint(checkpoint)
     whole = evaluate_checkpoint(ckpt, str(root), "test", str(tmp_path / "eval"), cache_dir=str(tmp_path / "cache"))
     site = evaluate_checkpoint(ckpt, str(root / "test"), "test", str(tmp_path / "site"),
-                               cache_dir=str(tmp_path / "cache"))
+                               cache_dir=str(tmp_path / "cache"), cue_strata=True)
     assert site["n"] == whole["n"] >= 15 and site["roc_auc"] == pytest.approx(whole["roc_auc"])
     assert site["operating_points"] is None
-    assert json.loads((tmp_path / "site" / "metrics.json").read_text())["data"] == str(root / "test")
+    saved = json.loads((tmp_path / "site" / "metrics.json").read_text())
+    assert saved["data"] == str(root / "test")
+    # --cue-strata: the audit's cues of each evaluated image, matched to its prediction by path
+    # (the predictions are shuffled here: a positional join would pair the wrong rows)
+    from cxr_ray.evaluate import cue_strata_report
+
+    strata = saved["cue_strata"]
+    assert strata["n"] == site["n"] and strata["model_auc"] == pytest.approx(site["roc_auc"], abs=1e-6), strata
+    preds = pd.read_parquet(tmp_path / "site" / "predictions.parquet").sample(frac=1.0, random_state=0)
+    again = cue_strata_report(preds.reset_index(drop=True))
+    assert again["model_auc"] == pytest.approx(strata["model_auc"]) and again["strata"] == strata["strata"]
+
+
+class _Output:
+    """The part of ``OutputFolder`` that ``sampled_acquisition`` reads: committed record batches."""
+
+    def __init__(self, rows: list[tuple[str, str | None]]):
+        self.table = pa.table({"path": [r[0] for r in rows], "error": pa.array([r[1] for r in rows], pa.string())})
+
+    def batches(self, columns):
+        yield from self.table.select(columns).to_batches(max_chunksize=7)
+
+
+def test_drift_samples_only_scored_files_and_measures_them_as_scoring_does(checkpoint, tmp_path):
+    """``score``'s acquisition statistics: a seeded sample of the rows that scored (never an
+    error row), decoded again by the scoring preprocessing, capped at MAX_STAT_IMAGES."""
+    from cxr_ray import drift
+    from cxr_ray.data.decode import decode_image
+    from cxr_ray.data.transforms import to_model_size
+    from cxr_ray.score.job import sampled_acquisition
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(30):
+        path = tmp_path / f"f{i}.png"
+        Image.fromarray(chest_image(96, i % 2 == 0, rng)).save(path)
+        rows.append((str(path), None))
+    rows += [(str(tmp_path / "gone.png"), "cannot read: missing"), (str(tmp_path / "f0.png"), "refused: too big")]
+    ckpt = load_checkpoint(checkpoint)
+    got = sampled_acquisition(ckpt, _Output(rows), DataConfig())
+    c = ckpt.preprocessing
+    images = [to_model_size(decode_image(Path(p).read_bytes(), c.cache_size, p)[0][None], c.image_size)
+              for p, _ in rows[:30]]
+    expected = drift.acquisition_stats(np.concatenate(images))
+    for k in drift.ACQUISITION_STATS:  # all 30 scored files, none of the error rows, in the file order
+        np.testing.assert_allclose(np.sort(got[k]), np.sort(expected[k]), rtol=1e-6, err_msg=k)
+    old = drift.MAX_STAT_IMAGES
+    try:
+        drift.MAX_STAT_IMAGES = 12
+        capped = sampled_acquisition(ckpt, _Output(rows), DataConfig())
+    finally:
+        drift.MAX_STAT_IMAGES = old
+    assert all(len(v) == 12 for v in capped.values())
+    assert sampled_acquisition(ckpt, _Output(rows[30:]), DataConfig()) is None
 
 
 @pytest.mark.slow

@@ -91,3 +91,4 @@ def test_calibrate_command_writes_a_checkpoint_that_loads(checkpoint, tmp_path):
     assert lines[-1] == str(tmp_path / "site_ck") and any("cross-fitted" in ln for ln in lines)
     new = load_checkpoint(tmp_path / "site_ck")  # loads (and verifies) like any checkpoint
     assert new.meta["site_calibration"]["counts"]["NORMAL"] >= MIN_PER_CLASS and new.drift_reference is not None
+    assert new.drift_reference["acquisition"]["p50"]["n"] == new.drift_reference["n"]  # the site's own images

@@ -97,6 +97,11 @@ def test_train_two_workers_then_evaluate(synthetic_root, tmp_path):
     assert plots <= {p.name for p in out.iterdir()}
     assert "roc_auc" in ev.stdout and "95% CI" in ev.stdout and "calibration: temperature" in ev.stdout
     assert not metrics["drift"]["warn"] and "drift:" in ev.stdout  # held-out images of the same distribution
+    from cxr_ray.drift import ACQUISITION_STATS  # measured on the model-input images, here and in training
+
+    assert set(meta["drift_reference"]["acquisition"]) == set(metrics["drift"]["acquisition"]) == set(ACQUISITION_STATS)
+    # the validation images, measured again by evaluate, are the reference's own: nothing moved
+    assert max(a["ks"] for a in val_metrics["drift"]["acquisition"].values()) <= 0.05, val_metrics["drift"]
 
 
 def _worker_pids() -> list[int]:

@@ -5,13 +5,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Iterator
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from cxr_ray.checkpoint import LoadedCheckpoint, load_checkpoint
 from cxr_ray.config import DataConfig, ScoreConfig
@@ -305,7 +308,7 @@ def _run_leased(ckpt: LoadedCheckpoint, out: OutputFolder, inputs: list[str], sc
         out.write_json(JOB_FILE, job)
     summary = ScoreSummary(output, todo.files_seen, todo.already_done, scored, failed, seconds,
                            len(done) + writer.rows_written, failures)
-    summary.drift = output_drift(ckpt, out, inputs)
+    summary.drift = output_drift(ckpt, out, inputs, limits or DataConfig())
     if summary.drift is not None:
         job["drift"] = summary.drift
         lease.check()
@@ -319,11 +322,13 @@ def _run_leased(ckpt: LoadedCheckpoint, out: OutputFolder, inputs: list[str], sc
     return summary
 
 
-def output_drift(ckpt: LoadedCheckpoint, out: OutputFolder, inputs: list[str]) -> dict[str, Any] | None:
+def output_drift(ckpt: LoadedCheckpoint, out: OutputFolder, inputs: list[str],
+                 limits: DataConfig | None = None) -> dict[str, Any] | None:
     """Every scored row of the output against the checkpoint's validation (``drift.compare``,
     label-free); None without a reference (older checkpoints, TTA). The raw logits are
     recovered from the stored probabilities (``logit = T * (log(p / (1 - p)) - b)``; float32
-    probabilities saturate near |logit| 16, which only clips the far tails)."""
+    probabilities saturate near |logit| 16, which only clips the far tails). Acquisition
+    statistics come from a seeded sample of the scored files (:func:`sampled_acquisition`)."""
     from cxr_ray.drift import compare
 
     ref = ckpt.drift_reference
@@ -332,8 +337,46 @@ def output_drift(ckpt: LoadedCheckpoint, out: OutputFolder, inputs: list[str]) -
     probs = [b.column("prob_pneumonia").drop_null().to_numpy() for b in out.batches(["prob_pneumonia"])]
     p = np.clip(np.concatenate(probs).astype(np.float64) if probs else np.empty(0), 1e-7, 1 - 1e-7)
     logits = ckpt.temperature * (np.log(p / (1 - p)) - ckpt.logit_bias)
-    return compare(ref, logits, probs=p, threshold=ckpt.threshold, checkpoint=str(ckpt.path),
+    acquisition = sampled_acquisition(ckpt, out, limits or DataConfig()) if ref.get("acquisition") else None
+    return compare(ref, logits, acquisition, probs=p, threshold=ckpt.threshold, checkpoint=str(ckpt.path),
                    data=", ".join(inputs)[:200])
+
+
+def sampled_acquisition(ckpt: LoadedCheckpoint, out: OutputFolder, limits: DataConfig,
+                        seed: int = 0) -> dict[str, np.ndarray] | None:
+    """``drift.acquisition_stats`` of up to ``drift.MAX_STAT_IMAGES`` scored files, drawn with
+    ``seed`` from the output's scored rows and decoded again, in this process, by the scoring
+    job's own preprocessing (``read_and_decode``: the checkpoint's contract, the user's limits).
+    A file that no longer decodes is left out. None when nothing was scored."""
+    from cxr_ray.drift import MAX_STAT_IMAGES, acquisition_stats
+
+    def scored() -> Iterator[pa.Array]:  # two passes over the output: an archive's paths never sit in memory
+        for b in out.batches(["path", "error"]):
+            yield b.column("path").filter(b.column("error").is_null())
+
+    total = sum(len(part) for part in scored())
+    if not total:
+        return None
+    chosen = np.sort(np.random.default_rng(seed).choice(total, min(MAX_STAT_IMAGES, total), replace=False))
+    paths, start = [], 0
+    for part in scored():
+        mine = chosen[(chosen >= start) & (chosen < start + len(part))] - start
+        paths += part.take(pa.array(mine)).to_pylist() if len(mine) else []
+        start += len(part)
+    contract = ckpt.preprocessing
+
+    def measure(chunk: list[str]) -> dict[str, np.ndarray] | None:
+        d = read_and_decode({"path": np.array(chunk, dtype=object), "label": np.zeros(len(chunk), np.int8)},
+                            contract.cache_size, contract.image_size, limits.max_pixels, limits.read_timeout_s,
+                            limits.max_file_mb)
+        ok = d["error"] == ""
+        return acquisition_stats(d["image"][ok]) if ok.any() else None
+
+    log.info("[score] drift: measuring acquisition statistics of %d scored files", len(paths))
+    chunks = [paths[i:i + 32] for i in range(0, len(paths), 32)]
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # reads overlap; decodes share cores
+        parts = [p for p in pool.map(measure, chunks) if p is not None]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else None
 
 
 def labelled_metrics(out: OutputFolder, threshold: float) -> dict[str, Any] | None:

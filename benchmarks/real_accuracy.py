@@ -121,7 +121,8 @@ def main(argv=None) -> int:
     rules = {"stored": ckpt.threshold}
     y, prob, groups = clean["label"].to_numpy(), clean["probability"].to_numpy(), clean["patient"].to_numpy()
     for rule in THRESHOLD_RULES:
-        rules[rule] = validation_metrics(y, prob, cfg.metric.min_specificity, groups=groups, rule=rule)["threshold"]
+        rules[rule] = validation_metrics(y, prob, cfg.metric.min_specificity, groups=groups, rule=rule,
+                                         target_recall=cfg.metric.target_recall)["threshold"]
     figures: dict = {"label": args.label, "overrides": args.set, "epochs_run": int(result.metrics["epoch"]) + 1,
                      "stored_rule": ckpt.meta.get("threshold_rule"), "train_minutes": train_minutes, "rules": {}}
     print(f"\n[{args.label or 'run'}] {' '.join(args.set) or 'configs/scratch_cnn_cpu.yaml as is'}; "

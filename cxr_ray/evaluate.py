@@ -84,6 +84,7 @@ def cue_strata_report(preds: pd.DataFrame, stall_s: float = 600.0) -> dict[str, 
     there are too few patients per class for the folds."""
     from cxr_ray.audit import audit_catalog, model_within_cues
 
+    preds = preds.sort_values("path", ignore_index=True)  # the patient folds follow row order: fix it
     cues = audit_catalog(preds[["path", "label", "patient"]].assign(split="evaluated"), stall_s)
     cues = preds[["path"]].merge(cues, on="path", how="left", validate="one_to_one")
     try:

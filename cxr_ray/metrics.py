@@ -12,14 +12,15 @@ any constant) model scores 0.5, chance level. Tie-break: ``selection_score = pau
 min(val_loss, 1)``: at equal pAUC the lower validation loss wins, and the loss can never
 outweigh a pAUC difference larger than 0.001.
 
-**Threshold** (``threshold_rule``): ``spec_lower_bound`` (default) takes the lowest threshold at
-which the lower end of the 95% patient-bootstrap CI of validation specificity still reaches
-``min_specificity``, so the threshold does not sit on the single lowest-scoring image that a
-point estimate would pick; ``point`` is that point estimate (the highest recall whose
-validation specificity >= ``min_specificity``); ``recall_target`` takes the *highest* threshold
-whose validation recall still reaches ``target_recall``: recall first, and every NORMAL score
-below the threshold's margin is room for NORMAL films to drift up at a new site (the
-specificity rules sit at the lowest threshold they allow, on the edge of the NORMAL scores).
+**Threshold** (``threshold_rule``): ``recall_target`` (default) takes the *highest* threshold
+whose validation recall still reaches ``target_recall``: recall first, and as much specificity as
+that leaves. ``spec_lower_bound`` takes the lowest threshold at which the lower end of the 95%
+patient-bootstrap CI of validation specificity still reaches ``min_specificity``, so the
+threshold does not sit on the single lowest-scoring image that a point estimate would pick;
+``point`` is that point estimate (the highest recall whose validation specificity >=
+``min_specificity``). Which threshold is higher depends on the split: where the specificity
+rules leave validation recall above ``target_recall``, ``recall_target`` sits higher (room for
+NORMAL films to drift up); where they leave it below, lower (recall kept).
 See ``benchmarks/real_accuracy.py`` for how each holds on a shifted copy of the validation images.
 
 **Decision** (:func:`is_positive`, the one rule training, evaluate, score, explain and the export's
@@ -184,7 +185,7 @@ def threshold_recall_target(labels: np.ndarray, probs: np.ndarray, target_recall
 
 
 def validation_metrics(labels: np.ndarray, probs: np.ndarray, min_specificity: float,
-                       groups: np.ndarray | None = None, rule: str = "spec_lower_bound",
+                       groups: np.ndarray | None = None, rule: str = "recall_target",
                        val_loss: float = float("nan"), target_recall: float = 0.95) -> dict[str, Any]:
     """Metrics at the threshold ``rule`` chooses on this set (see the module doc), plus
     ``pauc``, ``selection_score``, ``recall_at_specificity``, ``threshold_rule`` and

@@ -54,7 +54,7 @@ def test_nothing_qualifies_gives_the_sentinel():
     assert (recall, t) == (0.0, NOTHING_POSITIVE)
     t, lower = threshold_spec_lower_bound(LABELS, PROBS, 0.99)
     assert t == NOTHING_POSITIVE and lower == 1.0
-    m = validation_metrics(LABELS, PROBS, 0.99)
+    m = validation_metrics(LABELS, PROBS, 0.99, rule="spec_lower_bound")
     assert m["threshold"] == NOTHING_POSITIVE and m["recall"] == 0.0 and m["specificity"] == 1.0
 
 

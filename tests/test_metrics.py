@@ -61,8 +61,9 @@ def test_threshold_rules_point_sits_on_one_image_lower_bound_keeps_a_margin():
     p = np.clip(np.where(y == 1, rng.normal(0.7, 0.15, 140), rng.normal(0.3, 0.15, 140)), 0, 1)
     p = p.astype(np.float32)  # as engine.probabilities makes them: thresholds are float32 scores
     point = validation_metrics(y, p, 0.9, groups=patients, rule="point")
-    robust = validation_metrics(y, p, 0.9, groups=patients)
+    robust = validation_metrics(y, p, 0.9, groups=patients, rule="spec_lower_bound")
     assert robust["threshold_rule"] == "spec_lower_bound" and point["threshold_rule"] == "point"
+    assert validation_metrics(y, p, 0.9, groups=patients)["threshold_rule"] == "recall_target"  # the default
     assert point["specificity"] >= 0.9 and point["threshold"] in set(p[y == 1])  # sits on a pneumonia score
     assert robust["threshold"] > point["threshold"] and robust["specificity"] > point["specificity"]
     assert robust["specificity_lower_bound"] >= 0.9 > point["specificity_lower_bound"]

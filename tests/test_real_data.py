@@ -66,12 +66,15 @@ def test_scratch_cnn_learns_real_pneumonia_and_scoring_matches_evaluate(ray_loca
                         ScoreConfig(cpus_per_actor=1.0, decode_cpus=0.5), with_labels=True)
     assert summary.failed == 0 and summary.scored == len(preds)
     # the stored threshold is one validation image's own float32 score, so that image sits exactly on
-    # it; the scoring actors' bf16 batches may move it by a rounding step: at most one image flips
-    one = 1.0 / len(preds) + 1e-9
+    # it; the scoring actors' bf16 batches may move it by a rounding step: at most one image flips,
+    # which moves recall or specificity by one image of its class
+    n_pos = int(preds["label"].sum())
+    one = {"accuracy": 1.0 / len(preds), "recall": 1.0 / n_pos, "specificity": 1.0 / (len(preds) - n_pos),
+           "precision": 0.02}
     for key in ("roc_auc", "threshold"):
         assert summary.metrics[key] == pytest.approx(ev[key], abs=1e-6), key
-    for key in ("accuracy", "recall", "specificity", "precision"):
-        assert summary.metrics[key] == pytest.approx(ev[key], abs=max(one, 0.02 if key == "precision" else one)), key
+    for key, tol in one.items():
+        assert summary.metrics[key] == pytest.approx(ev[key], abs=tol + 1e-9), key
     assert np.abs(np.array(summary.metrics["confusion_matrix"]) - np.array(ev["confusion_matrix"])).sum() <= 2
     # Both reports compare these images with the checkpoint's validation pass, which saw the same
     # images: acquisition statistics measured by training, evaluate (cache) and score (the files
@@ -80,7 +83,9 @@ def test_scratch_cnn_learns_real_pneumonia_and_scoring_matches_evaluate(ray_loca
 
     for drift in (ev["drift"], summary.drift):
         assert set(drift["acquisition"]) == set(ACQUISITION_STATS) and not drift["warn"], drift
-        assert max(a["ks"] for a in drift["acquisition"].values()) <= 0.05, drift["acquisition"]
+        assert not any(a["drift"] for a in drift["acquisition"].values()), drift["acquisition"]
+        shifts = [a["median_shift_iqr"] for a in drift["acquisition"].values()]
+        assert all(x is None or abs(x) < 1e-6 for x in shifts), drift["acquisition"]  # the same medians
 
     # Training chose the threshold in its own precision (bf16 where this CPU runs it fast), and
     # bf16 and fp32 probabilities agree on the real images: all 1,317 (the threshold sits on one

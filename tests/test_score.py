@@ -175,13 +175,17 @@ def test_a_labelled_sample_without_train_split_evaluates(ray_local, checkpoint, 
     assert site["operating_points"] is None
     saved = json.loads((tmp_path / "site" / "metrics.json").read_text())
     assert saved["data"] == str(root / "test")
-    # --cue-strata: the audit's cues of each evaluated image, matched to its prediction by path
-    # (the predictions are shuffled here: a positional join would pair the wrong rows)
+    # --cue-strata needs 5 patients per class for its patient folds: 3 NORMAL patients are refused, by name
+    assert "NORMAL=3" in saved["cue_strata"]["error"] and "patients per class" in saved["cue_strata"]["error"]
+    # on the training split (11 NORMAL, 31 PNEUMONIA patients): the audit's cues of each image,
+    # matched to its prediction by path (shuffled below: a positional join would pair the wrong rows)
     from cxr_ray.evaluate import cue_strata_report
 
-    strata = saved["cue_strata"]
-    assert strata["n"] == site["n"] and strata["model_auc"] == pytest.approx(site["roc_auc"], abs=1e-6), strata
-    preds = pd.read_parquet(tmp_path / "site" / "predictions.parquet").sample(frac=1.0, random_state=0)
+    train = evaluate_checkpoint(ckpt, str(root), "train", str(tmp_path / "train"), cache_dir=str(tmp_path / "cache"),
+                                cue_strata=True)
+    strata = train["cue_strata"]
+    assert strata["n"] == train["n"] and strata["model_auc"] == pytest.approx(train["roc_auc"], abs=1e-6), strata
+    preds = pd.read_parquet(tmp_path / "train" / "predictions.parquet").sample(frac=1.0, random_state=0)
     again = cue_strata_report(preds.reset_index(drop=True))
     assert again["model_auc"] == pytest.approx(strata["model_auc"]) and again["strata"] == strata["strata"]
 

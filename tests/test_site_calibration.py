@@ -43,7 +43,11 @@ def test_calibration_restores_specificity_with_cross_fitted_figures(checkpoint):
     before, after = result["before"], result["after"]
     assert before["recall"] > 0.95 and before["specificity"] < 0.3  # NORMAL films drifted up
     assert after["specificity"] > 0.6 and after["recall"] >= 0.7  # refitted on other folds, measured on the held one
-    assert result["decision"]["threshold"] > 0.5
+    # the refitted cut, back in the model's own logits (z = T (logit(t) - b)), lies above the
+    # training site's (threshold 0.5 at T = 1, b = 0: z = 0), where the drifted NORMAL films were
+    d = result["decision"]
+    cut = d["temperature"] * (np.log(d["threshold"] / (1 - d["threshold"])) - d["logit_bias"])
+    assert cut > 1.0, d
     lines = format_calibration(result)
     assert lines[0].startswith("[calibrate] as trained") and "cross-fitted" in lines[1] and "(" in lines[1]
 

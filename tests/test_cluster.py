@@ -79,7 +79,7 @@ def test_demo_tune_via_ray_jobs_then_scoring_on_two_nodes(cluster, tmp_path):
     job = _run([*RAY, "job", "submit", "--address", dashboard, "--working-dir", ".",
                 "--runtime-env-json", json.dumps(runtime_env), "--",
                 sys.executable, "experiments/tune.py", "--demo", "--ensemble-top-k", "0", "--set", "metric.tta=",
-                "--set", "tune.num_samples=4", "--set", "train.epochs=2", "--set", "tune.name=cluster_demo",
+                "--set", "tune.num_samples=4", "--set", "train.epochs=1", "--set", "tune.name=cluster_demo",
                 "--set", f"train.storage_path={shared / 'runs'}", "--set", f"data.cache_dir={shared / 'cache'}"],
                env, timeout=900, cwd=ROOT)
     assert job.returncode == 0 and "succeeded" in job.stdout + job.stderr, (job.stdout + job.stderr)[-5000:]

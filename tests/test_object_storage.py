@@ -158,7 +158,7 @@ def test_tune_on_s3_resumes_after_the_driver_is_killed(s3, tmp_path):
     trials.csv, best/ and the test report, checked against Tune's own per-trial results."""
     exp = f"s3://{BUCKET}/runs/search"
     args = ["tune", "--data", f"s3://{BUCKET}/data", "--cache", f"s3://{BUCKET}/cache", *SMALL,
-            "--set", "train.cpus_per_worker=0.45", "--set", "train.epochs=3", "--set", "tune.num_samples=3",
+            "--set", "train.cpus_per_worker=0.45", "--set", "train.epochs=2", "--set", "tune.num_samples=3",
             "--set", "metric.tta=",  # (TTA on an s3:// checkpoint: the train test above)
             "--set", "tune.max_concurrent_trials=1", "--set", "tune.reduction_factor=2",
             "--set", "tune.name=search", "--set", f"train.storage_path=s3://{BUCKET}/runs",
@@ -197,7 +197,7 @@ def test_tune_on_s3_resumes_after_the_driver_is_killed(s3, tmp_path):
         saved = yaml.safe_load(io.read_bytes(io.join(row.checkpoint_path, "config.yaml")))["model"]
         assert (saved["dropout"], saved["width"]) == ((0.1, 8) if row.model == "dropout=0.1" else (0.4, 12))
     assert set(trials["stop_reason"]) <= {"completed", "asha", "early_stopping"}
-    assert trials["epochs_run"].between(1, 3).all()
+    assert trials["epochs_run"].between(1, 2).all()
     assert trials["checkpoint_path"].str.startswith(f"{exp}/train_runs/").all()  # URIs, scheme kept
     assert trials["best_selection_score"].is_monotonic_decreasing  # ranked best first
     keys = _objects(exp)

@@ -135,9 +135,10 @@ def _file_cues(data: bytes, path: str, width: int, height: int) -> dict[str, flo
             "bytes_per_pixel": len(data) / (width * height), "channels": channels, "jpeg_quant": quant}
 
 
-def pixel_cues(gray: np.ndarray) -> dict[str, float]:
+def pixel_cues(gray: np.ndarray, lung: bool = True) -> dict[str, float]:
     """Framing, exposure, texture and lung-proxy cues of one uint8 image (``AUDIT_SIZE`` square
-    for the numbers to be comparable between images)."""
+    for the numbers to be comparable between images); ``lung=False`` skips the lung proxy (its
+    region labelling is most of the cost; the drift report does not use it)."""
     a = gray.astype(np.float32)
     p1, p5, p50, p95, p99 = np.percentile(a, [1, 5, 50, 95, 99])
     span = max(p99 - p1, 1.0)
@@ -146,7 +147,8 @@ def pixel_cues(gray: np.ndarray) -> dict[str, float]:
     out.update(_margins(dark))
     out.update(_body_field(~dark))
     out.update(_texture(a))
-    out.update(_lung_proxy(a, a[~dark]))
+    if lung:
+        out.update(_lung_proxy(a, a[~dark]))
     return {k: float(v) for k, v in out.items()}
 
 
@@ -515,7 +517,7 @@ def strata_report(cues_df: pd.DataFrame, scores: pd.Series, probs: Sequence[floa
     s = cue_strata(table, n_bins=n_bins)
     ok = table["cue_score"].notna()
     y = table.loc[ok, "label"].to_numpy(int)
-    cue_auc = float(fast_auc(y, table.loc[ok, "cue_score"].to_numpy())) if 0 < y.sum() < len(y) else float("nan")
+    cue_auc = float(rank_auc(y, table.loc[ok, "cue_score"].to_numpy())) if 0 < y.sum() < len(y) else float("nan")
     return _finite({"model_auc": s["overall_auc"], "weighted_auc": s["weighted_auc"],
                     "pairs_share": s["pairs_share"], "cue_only_auc": cue_auc, "n_bins": n_bins,
                     "n": int(ok.sum()), "cue_scores": source, "strata": s["strata"].to_dict("records")})

@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cxr_ray.config import ExperimentConfig  # noqa: E402
 from cxr_ray.data.preprocessing import resolve_preprocessing  # noqa: E402
-from cxr_ray.engine import autocast, runs_bf16_fast  # noqa: E402
-from cxr_ray.models import build_model  # noqa: E402
+from cxr_ray.engine.precision import autocast, runs_bf16_fast  # noqa: E402
+from cxr_ray.models.registry import build_model  # noqa: E402
 
 BACKBONES = [("resnet50", "imagenet"), ("densenet121", "imagenet"), ("densenet121", "txrv:densenet121-res224-all"),
              ("resnet50", "txrv:resnet50-res512-all")]

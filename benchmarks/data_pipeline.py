@@ -29,7 +29,8 @@ from common import real_root, timed, upscaled_copy  # noqa: E402
 from cxr_ray.config import ExperimentConfig  # noqa: E402
 from cxr_ray.data.decode import decode_image  # noqa: E402
 from cxr_ray.data.preprocessing import resolve_preprocessing  # noqa: E402
-from cxr_ray.weights import IMAGENET_GRAY_MEAN as GRAY_MEAN, IMAGENET_GRAY_STD as GRAY_STD  # noqa: E402
+from cxr_ray.models.specs import IMAGENET_GRAY_MEAN as GRAY_MEAN  # noqa: E402
+from cxr_ray.models.specs import IMAGENET_GRAY_STD as GRAY_STD
 
 
 def bench_decode(root: Path, size: int, n: int) -> dict:
@@ -46,7 +47,8 @@ def bench_decode(root: Path, size: int, n: int) -> dict:
 
 def baseline_loader(root: Path, cfg: ExperimentConfig, batch_size: int):
     """torchvision ImageFolder + DataLoader(num_workers=2) with the same augmentations."""
-    from torchvision import datasets, transforms as T
+    from torchvision import datasets
+    from torchvision import transforms as T
 
     a, n = cfg.augment, resolve_preprocessing(cfg).image_size
     tf = T.Compose([

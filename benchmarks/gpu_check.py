@@ -6,12 +6,12 @@
     python benchmarks/gpu_check.py --make-sample .gpu_sample         # copy the shared real images to carry
 
 It runs the project's own code, not copies: ``engine.train_one_epoch`` (the Ray-free training
-step Ray Train workers run) on ``models.build_model``'s ResNet-50, and ``score.Predictor`` /
+step Ray Train workers run) on ``models.registry.build_model``'s ResNet-50, and ``score.ScoreActor`` /
 ``score.read_and_decode`` (the scoring job's actor and decode task). Sections:
 
 1. training images/s at 224 px for unfreeze depths 0, 2, 4; fp32 vs bf16 autocast + channels_last;
    peak GPU memory of each;
-2. inference images/s of the Predictor (bf16, channels_last, batch 256), eager vs ``torch.compile``;
+2. inference images/s of the ScoreActor (bf16, channels_last, batch 256), eager vs ``torch.compile``;
 3. bf16 vs fp32 probabilities on the same batch: max absolute difference, on a random-weight
    model whose head is rescaled (a worst case: see ``calibrated_model``) and on a ResNet-50
    trained here for a few seconds on the real sample, scored on held-out patients (max and mean
@@ -48,14 +48,14 @@ from sklearn.metrics import roc_auc_score
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # runs from a plain checkout (the GPU machine has no install)
 
+from cxr_ray.apps.score import ScoreActor, read_and_decode  # noqa: E402
 from cxr_ray.checkpoint import save_checkpoint  # noqa: E402
 from cxr_ray.config import ExperimentConfig, ScoreConfig, TrainConfig  # noqa: E402
 from cxr_ray.data.catalog import patient_id  # noqa: E402
 from cxr_ray.data.preprocessing import resolve_preprocessing  # noqa: E402
 from cxr_ray.data.transforms import normalize  # noqa: E402
-from cxr_ray.engine import make_optimizer, train_one_epoch  # noqa: E402
-from cxr_ray.models import build_model  # noqa: E402
-from cxr_ray.score import Predictor, read_and_decode  # noqa: E402
+from cxr_ray.engine.loop import make_optimizer, train_one_epoch  # noqa: E402
+from cxr_ray.models.registry import build_model  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data" / "cxr-kaggle-224-dev"
 
@@ -109,7 +109,7 @@ def calibrated_model(cfg: ExperimentConfig, images: np.ndarray, device: torch.de
     """
     torch.manual_seed(0)
     model = build_model(cfg.model).to(device).eval()
-    # the normalisation the Predictor applies (resolve_preprocessing(cfg)), or the logits seen here are
+    # the normalisation the ScoreActor applies (resolve_preprocessing(cfg)), or the logits seen here are
     # not the ones it produces and the rescaling misses
     z = model(normalize(torch.from_numpy(images).to(device), resolve_preprocessing(cfg))).squeeze(1)
     scale = 2.0 / z.std().clamp_min(1e-6)
@@ -136,7 +136,7 @@ def load_sample(src: Path, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarra
 
 
 def trained_agreement(args: argparse.Namespace, device: torch.device, tmp: Path) -> dict:
-    """bf16 vs fp32 Predictor on a ResNet-50 trained (from random weights, bf16) on the sample.
+    """bf16 vs fp32 ScoreActor on a ResNet-50 trained (from random weights, bf16) on the sample.
 
     Patients are split 80/20 by a hash of the id; the model trains ``--agree-epochs`` epochs on
     the 80% and both Predictors score the held-out 20%.
@@ -187,15 +187,15 @@ def trained_agreement(args: argparse.Namespace, device: torch.device, tmp: Path)
             "fp32_probability_range": [float(p_fp32.min()), float(p_fp32.max())]}
 
 
-def make_predictor(ckpt: str, device: torch.device, amp: bool, compile_: bool, batch: int) -> Predictor:
+def make_predictor(ckpt: str, device: torch.device, amp: bool, compile_: bool, batch: int) -> ScoreActor:
     score = ScoreConfig(batch_size=batch, gpus_per_actor=1.0 if device.type == "cuda" else 0.0,
                         amp="bf16" if amp else "fp32", compile=compile_, torch_threads=os.cpu_count() or 1)
     from dataclasses import asdict
 
-    return Predictor(ckpt, asdict(score))
+    return ScoreActor(ckpt, asdict(score))
 
 
-def infer_rate(pred: Predictor, images: np.ndarray, args: argparse.Namespace, device: torch.device
+def infer_rate(pred: ScoreActor, images: np.ndarray, args: argparse.Namespace, device: torch.device
                ) -> tuple[float, float]:
     """(images/s over timed calls, seconds of the first call: warm-up or compilation)."""
     start = time.perf_counter()
@@ -335,7 +335,7 @@ def format_table(r: dict) -> str:
         lines.append(f"{'  unfreeze ' + str(t['depth']) + ', ' + t['precision']:<34}{t['batch']:>6}"
                      f"{t['images_per_s']:>9.0f}{t['peak_gib']:>10.1f}")
     inf = r["inference"]
-    lines += [f"{'inference (Predictor), eager':<34}{inf['batch']:>6}{inf['eager_images_per_s']:>9.0f}",
+    lines += [f"{'inference (ScoreActor), eager':<34}{inf['batch']:>6}{inf['eager_images_per_s']:>9.0f}",
               f"{'inference, torch.compile':<34}{inf['batch']:>6}{inf['compiled_images_per_s']:>9.0f}"
               f"   (first call {inf['compile_first_call_s']:.0f} s)",
               f"{'decode 2000x1600 -> model input':<34}{r['decode']['workers']:>6}{r['decode']['images_per_s']:>9.0f}"

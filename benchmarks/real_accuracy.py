@@ -39,16 +39,19 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import real_root  # noqa: E402
 
-from cxr_ray.audit import (apply_cue_model, cue_only_auc, fit_cue_model, format_report,  # noqa: E402
-                           format_strata, strata_report)
+from cxr_ray.analysis.cues import apply_cue_model, cue_only_auc, fit_cue_model, format_strata, strata_report
+from cxr_ray.analysis.metrics import (  # noqa: E402
+    THRESHOLD_RULES,
+    metrics_report,  # noqa: E402
+    validation_metrics,
+)
+from cxr_ray.apps.audit import format_report
 from cxr_ray.checkpoint import load_checkpoint  # noqa: E402
 from cxr_ray.config import load_config  # noqa: E402
 from cxr_ray.data.decode import decode_image  # noqa: E402
 from cxr_ray.data.shift import FAMILIES, shifted_copy  # noqa: E402
 from cxr_ray.data.transforms import Collate, to_model_size  # noqa: E402
-from cxr_ray.engine import predict  # noqa: E402
-from cxr_ray.evaluate import metrics_report  # noqa: E402
-from cxr_ray.metrics import THRESHOLD_RULES, validation_metrics  # noqa: E402
+from cxr_ray.engine.loop import predict  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "scratch_cnn_cpu.yaml"
 SHOWN = ("roc_auc", "recall", "specificity", "accuracy")
@@ -93,11 +96,11 @@ def main(argv=None) -> int:
                                f"train.storage_path={tempfile.mkdtemp(prefix='cxr-acc-runs-')}", *args.set])
     import ray
 
-    from cxr_ray.audit import audit_catalog
+    from cxr_ray.apps.audit import audit_catalog
+    from cxr_ray.cluster import init_ray
     from cxr_ray.data.cache import prepare_cache
-    from cxr_ray.evaluate import predict_split
-    from cxr_ray.runtime import init_ray
-    from cxr_ray.train import run_training
+    from cxr_ray.inference.predictor import predict_split
+    from cxr_ray.training.train import run_training
 
     init_ray()
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -172,9 +175,9 @@ def cache_catalog(cache) -> pd.DataFrame:
     """``path, label, split, patient`` of the cache's decodable images (its metadata columns)."""
     import pyarrow.parquet as pq
 
-    from cxr_ray.data import io
+    from cxr_ray.storage import uri as store
 
-    fs, path = io.resolve(cache.data_uri)
+    fs, path = store.resolve(cache.data_uri)
     t = pq.read_table(path, columns=["path", "label", "split", "patient", "error"], filesystem=fs).to_pandas()
     return t[t["error"].isna()].drop(columns="error").reset_index(drop=True)
 

@@ -11,7 +11,7 @@ Throughput (same run, same model with random weights, same images, same batch si
 - model-only ceiling: the same forward passes over tensors decoded beforehand, in fp32 and in
   the precision ``auto`` picks here (bf16 on a CPU with AMX / AVX-512 BF16), channels_last for
   ResNet-50 as the Predictor runs it;
-- ``cxr-ray score``: :func:`cxr_ray.score.run_score` on a local Ray started before the clock
+- ``cxr-ray score``: :func:`cxr_ray.apps.score.run_score` on a local Ray started before the clock
   (actor start and model load are inside the timing), writing the Parquet output, with nothing
   hand-set: the previous release's defaults (one 1-CPU actor, fp32, torch), today's defaults in
   fp32 on the torch backend, today's defaults (the checkpoint records bf16 as a training run
@@ -51,8 +51,8 @@ from cxr_ray.config import ExperimentConfig, ScoreConfig  # noqa: E402
 from cxr_ray.data.listing import list_inputs  # noqa: E402
 from cxr_ray.data.preprocessing import resolve_preprocessing  # noqa: E402
 from cxr_ray.data.transforms import normalize  # noqa: E402
-from cxr_ray.engine import autocast, prefers_channels_last, resolve_precision  # noqa: E402
-from cxr_ray.models import build_model  # noqa: E402
+from cxr_ray.engine.precision import autocast, prefers_channels_last, resolve_precision  # noqa: E402
+from cxr_ray.models.registry import build_model  # noqa: E402
 
 
 def make_checkpoint(out: Path, model: str, size: int, val_precision: str = "fp32") -> tuple[str, torch.nn.Module]:
@@ -107,12 +107,12 @@ def throughput(args: argparse.Namespace) -> None:
     """Plain loop, model-only ceilings per precision, and ``run_score`` as a user runs it."""
     import ray
 
-    from cxr_ray.score import run_score
+    from cxr_ray.apps.score import run_score
 
     device = torch.device(args.device)
     cores = torch.get_num_threads()
     fast = resolve_precision("auto", device)  # what a checkpoint trained here records (val_precision)
-    cl = prefers_channels_last(args.model, device)
+    cl = prefers_channels_last(device)
     listing = list_inputs([str(real_root() / "train"), str(real_root() / "val")])
     step = max(1, len(listing) // args.n)
     listing = listing.iloc[::step].head(args.n).reset_index(drop=True)
@@ -191,8 +191,9 @@ def onnx_rows(ckpt: str, images: np.ndarray, bs: int, threads: int, tmp: Path, t
     release criterion (a trained model's decisions: >= 99.5% identical, max |dp| <= 0.02)."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
+    from cxr_ray.apps.export import export_checkpoint
     from cxr_ray.checkpoint import load_checkpoint
-    from cxr_ray.export import OnnxModel, export_checkpoint
+    from cxr_ray.inference.onnx import OnnxModel
 
     loaded = load_checkpoint(ckpt)
     export_checkpoint(loaded, "onnx", str(tmp / "onnx"))

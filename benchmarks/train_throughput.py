@@ -38,9 +38,9 @@ from common import real_root  # noqa: E402
 from cxr_ray.config import ExperimentConfig  # noqa: E402
 from cxr_ray.data.preprocessing import resolve_preprocessing  # noqa: E402
 from cxr_ray.data.transforms import Collate, pixels_to_array, to_model_size  # noqa: E402
-from cxr_ray.engine import (make_optimizer, make_scheduler, predict, prefers_channels_last,  # noqa: E402
-                            resolve_precision, train_one_epoch)
-from cxr_ray.models import build_model  # noqa: E402
+from cxr_ray.engine.loop import make_optimizer, make_scheduler, predict, train_one_epoch
+from cxr_ray.engine.precision import prefers_channels_last, resolve_precision
+from cxr_ray.models.registry import build_model  # noqa: E402
 
 
 def load_train_arrays(cache_uri: str, cache_size: int, image_size: int, split: str = "train"):
@@ -89,8 +89,8 @@ def precision_table(args: argparse.Namespace) -> None:
     """fp32 vs bf16 training rates of both models and the AUC of a short simple_cnn run in each."""
     import ray
 
+    from cxr_ray.cluster import init_ray
     from cxr_ray.data.cache import prepare_cache
-    from cxr_ray.runtime import init_ray
 
     device = torch.device("cpu")
     base = ExperimentConfig().replace(**{
@@ -106,7 +106,7 @@ def precision_table(args: argparse.Namespace) -> None:
     for name, size, depth, n, epochs in (("resnet50", 224, 1, args.limit, 2), ("simple_cnn", 128, 4, None, 3)):
         cfg = base.replace(**{"model.name": name, "model.unfreeze_depth": depth, "data.image_size": size})
         arrays = tuple(a[:n] for a in (to_model_size(train[0][:, 0], size), *train[1:]))
-        cl = prefers_channels_last(name, device)
+        cl = prefers_channels_last(device)
         fp32 = plain_epochs(cfg, arrays, epochs, device, "fp32", cl)
         bf16 = plain_epochs(cfg, arrays, epochs, device, "bf16", cl)
         print(f"| {name} {size}px b16{' channels_last' if cl else ''} | {len(arrays[1])} | {fp32:.1f} | "
@@ -122,7 +122,7 @@ def precision_table(args: argparse.Namespace) -> None:
 
 def ray_epochs(cfg: ExperimentConfig, cache, epochs: int) -> float:
     """Images/s reported by the Ray Train workers (epochs after the first)."""
-    from cxr_ray.train import run_training
+    from cxr_ray.training.train import run_training
 
     cfg = cfg.replace(**{"train.epochs": epochs, "train.patience": epochs + 1, "train.num_workers": 1,
                          "train.storage_path": tempfile.mkdtemp(prefix="cxr-bench-runs-")})
@@ -162,8 +162,8 @@ def main(argv=None) -> int:
         return 0
     import ray
 
+    from cxr_ray.cluster import init_ray
     from cxr_ray.data.cache import prepare_cache
-    from cxr_ray.runtime import init_ray
 
     init_ray()  # the local Ray cxr-ray itself starts (worker niceness included)
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -171,7 +171,7 @@ def main(argv=None) -> int:
     arrays = load_train_arrays(cache.uri, cache.size, args.size)
     # Plain loop (all cores: torch's default threads) before and after the Ray run, averaged:
     # this 2-core machine drifts by +-10% between minutes, which would bias a single baseline.
-    precision, cl = resolve_precision(cfg.train.amp, device), prefers_channels_last(args.model, device)
+    precision, cl = resolve_precision(cfg.train.amp, device), prefers_channels_last(device)
     before = plain_epochs(cfg, arrays, args.epochs, device, precision, cl)
     ray_rate = ray_epochs(cfg, cache, args.epochs)
     after = plain_epochs(cfg, arrays, args.epochs, device, precision, cl)

@@ -10,10 +10,12 @@ import argparse
 import logging
 import os
 import sys
-from pathlib import Path
-from typing import Any, Callable, Sequence
+import time
+import traceback
+from typing import Callable, Sequence
 
-from cxr_ray.config import ConfigError, ExperimentConfig, load_config, parse_override
+from cxr_ray.config import PRECISIONS, ExperimentConfig, load_config, parse_override, parse_tta_modes
+from cxr_ray.errors import ConfigError, CxrRayError
 
 
 def _config_and_address(p: argparse.ArgumentParser) -> None:
@@ -50,12 +52,12 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
 def use_storage_from_args(args: argparse.Namespace) -> None:
     """Apply ``storage.endpoint_url`` from ``--config`` / ``--set`` before anything reads a URI
     (a resumed run or a checkpoint may itself live behind that endpoint)."""
-    from cxr_ray.data import io
+    from cxr_ray.storage import uri as store
 
     if not hasattr(args, "set"):
         return
     storage_sets = [o for o in args.set if o.split("=", 1)[0].strip().startswith("storage.")]
-    io.use_endpoint(load_config(args.config, storage_sets).storage.endpoint_url)
+    store.use_endpoint(load_config(args.config, storage_sets).storage.endpoint_url)
 
 
 def refuse_model_settings(args: argparse.Namespace, command: str) -> None:
@@ -63,16 +65,6 @@ def refuse_model_settings(args: argparse.Namespace, command: str) -> None:
     bad = [o for o in args.set if not o.split("=", 1)[0].strip().startswith("storage.")]
     if bad:
         raise ConfigError(f"{command} uses the checkpoint's own config; only storage.* may be set, not {bad}")
-
-
-def check_storage(cfg: ExperimentConfig, *settings: str) -> None:
-    """Fail before Ray when a URI setting names a missing or unreachable bucket."""
-    from cxr_ray.data import io
-
-    values = {"data.root": cfg.data.root, "data.cache_dir": cfg.data.resolved_cache_dir,
-              "train.storage_path": cfg.train.storage_path}
-    for key in settings:
-        io.check_location(values[key], key)
 
 
 def shutdown_ray() -> None:
@@ -83,12 +75,17 @@ def shutdown_ray() -> None:
         ray.shutdown()
 
 
+def say(line: str) -> None:
+    """A progress line of a running command (the workflows' ``say``)."""
+    print(line, flush=True)
+
+
 def cmd_make_synthetic(args: argparse.Namespace) -> int:
     """Write a synthetic dataset in the Kermany layout."""
-    from cxr_ray.data import io
     from cxr_ray.data.synthetic import make_synthetic_dataset
+    from cxr_ray.storage import uri as store
 
-    if io.is_uri(args.out):
+    if store.is_uri(args.out):
         raise ConfigError(f"make-synthetic writes a local folder, not {args.out}; write it here, then "
                           f"upload it (aws s3 sync / gcloud storage cp -r)")
     root = make_synthetic_dataset(args.out, n=args.n, size=args.size, seed=args.seed)
@@ -96,102 +93,57 @@ def cmd_make_synthetic(args: argparse.Namespace) -> int:
     return 0
 
 
-def _prepare(args: argparse.Namespace, cfg: ExperimentConfig | None = None, check_leaks: bool = False):
-    """Catalog, split (and for training, the patient-leak check) before Ray; then the cache."""
-    from cxr_ray.data.cache import prepare_cache
-    from cxr_ray.data.catalog import assign_splits, check_patient_leaks, load_catalog
-    from cxr_ray.runtime import init_ray
-
-    cfg = cfg or config_from_args(args)
-    check_storage(cfg, "data.root", "data.cache_dir")
-    catalog = assign_splits(load_catalog(cfg.data.root), cfg.data)  # fails fast, before Ray
-    if check_leaks:
-        for line in check_patient_leaks(catalog):
-            print(f"[data] {line}", flush=True)
-    init_ray(args.address)
-    return cfg, prepare_cache(cfg, catalog)
-
-
 def cmd_prepare(args: argparse.Namespace) -> int:
     """Decode every image once into the Parquet cache (reused when unchanged)."""
-    _, cache = _prepare(args)
+    from cxr_ray.apps import workflows
+    from cxr_ray.data.cache import format_dataset_report
+
+    cache = workflows.prepare(config_from_args(args), args.address, say=say)
     shutdown_ray()  # no worker log lines may arrive after the cache URI below
-    print(format_report(cache.meta))
+    print(format_dataset_report(cache.meta))
     print(cache.uri)
     return 0
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     """Print counts, patients, sizes and problems (builds or reuses the cache)."""
-    _, cache = _prepare(args)
+    from cxr_ray.apps import workflows
+    from cxr_ray.data.cache import format_dataset_report
+
+    cache = workflows.prepare(config_from_args(args), args.address, say=say)
     shutdown_ray()
-    print(format_report(cache.meta))
+    print(format_dataset_report(cache.meta))
     return 0
-
-
-def format_report(meta: dict) -> str:
-    """Human-readable dataset report from a cache's ``meta.json``."""
-    lines = [f"dataset {meta['root']}  (cache {meta['size']}px, fingerprint {meta['fingerprint']})",
-             f"{'split':<8}{'NORMAL':>8}{'PNEUMONIA':>11}{'patients':>10}"]
-    for split, counts in meta["counts"].items():
-        lines.append(f"{split:<8}{counts.get('NORMAL', 0):>8}{counts.get('PNEUMONIA', 0):>11}"
-                     f"{meta['patients'].get(split, 0):>10}")
-    for dim, s in meta.get("original_size", {}).items():
-        lines.append(f"original {dim}: min {s['min']}, median {s['median']:.0f}, max {s['max']}")
-    problems = [f"unreadable: {b['path']}: {b['error']}" for b in meta["bad_files"]]
-    problems += [f"byte-identical files across splits {d['splits']}: {d['paths']}"
-                 for d in meta["cross_split_duplicates"]]
-    problems += [f"patient leak: {leak}" for leak in meta["split_leaks"]]
-    within = len(meta["duplicates"]) - len(meta["cross_split_duplicates"])
-    if within:
-        problems.append(f"{within} group(s) of byte-identical files within one split (kept)")
-    lines.append(f"problems: {len(problems) or 'none'}")
-    lines += [f"  - {p}" for p in problems]
-    return "\n".join(lines)
 
 
 def train_config_from_args(args: argparse.Namespace) -> ExperimentConfig:
     """Config for ``train``; with ``--resume RUN_DIR``, the run's own config.yaml (plus any
     --config/--set given, which ``run_training`` then refuses if they change what is trained)."""
     from cxr_ray.config import apply_overrides
-    from cxr_ray.data import io
-    from cxr_ray.train import read_run_config
+    from cxr_ray.storage import uri as store
+    from cxr_ray.training.train import read_run_config
 
     if not args.resume:
         return config_from_args(args)
     run_dir = args.resume.rstrip("/")
     base = load_config(args.config) if args.config else read_run_config(run_dir)
     cfg = apply_overrides(base, dict(parse_override(o) for o in _overrides(args)))
-    return cfg.replace(**{"train.storage_path": io.parent(run_dir), "train.name": io.name(run_dir)})
+    return cfg.replace(**{"train.storage_path": store.parent(run_dir), "train.name": store.name(run_dir)})
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """Train on Ray Train; prints a summary and, last, the best checkpoint's path."""
-    from cxr_ray.data import io
-    from cxr_ray.data.preprocessing import resolve_preprocessing
-    from cxr_ray.train import check_run_dir, run_training
-    from cxr_ray.tta import format_decisions
-    from cxr_ray.weights import ensure_available
+    """Train on Ray Train, then fit the TTA decisions; prints a summary and, last, the best
+    checkpoint's path."""
+    from cxr_ray.apps import workflows
+    from cxr_ray.apps.tta import format_decisions
 
-    cfg = train_config_from_args(args)
-    check_storage(cfg, "train.storage_path")
-    ensure_available(cfg.model.name, cfg.model.weights, cfg.model.weights_format)  # fails here, before Ray
-    if cfg.train.name:  # a named run folder is checked before the cache is built (again in run_training)
-        check_run_dir(cfg, io.join(io.absolute(cfg.train.storage_path), cfg.train.name), bool(args.resume))
-    print(f"[train] {cfg.model.name}, weights {cfg.model.weights}; preprocessing: "
-          f"{resolve_preprocessing(cfg).describe()}", flush=True)
-    cfg, cache = _prepare(args, cfg, check_leaks=True)
-    result = run_training(cfg, cache, resume=bool(args.resume))  # a failure raises (Train V2)
-    selection = cfg.metric.selection
-    best = result.get_best_checkpoint(selection, "max")
-    m = result.metrics or {}
-    tta = fit_tta(io.checkpoint_uri(best), cache, cfg) if best is not None else {}
+    out = workflows.train(train_config_from_args(args), args.address, resume=bool(args.resume), say=say)
     shutdown_ray()  # no worker log lines may arrive after the checkpoint path below
-    if best is None:
+    if out.best_checkpoint is None:
         print("cxr-ray train: the run produced no checkpoint", file=sys.stderr)
         return 1
-    b = next(bm for c, bm in result.best_checkpoints if c.path == best.path)
-    print(f"[train] {m.get('epoch', -1) + 1} epoch(s); best epoch {b['epoch'] + 1}: val roc_auc "
+    b, cfg, selection = out.best_metrics, out.cfg, out.cfg.metric.selection
+    print(f"[train] {out.epochs_run} epoch(s); best epoch {b['epoch'] + 1}: val roc_auc "
           f"{b['roc_auc']:.4f}, pAUC {b['pauc']:.4f} ({selection} {b[selection]:.4f}); recall "
           f"{b['recall']:.4f} and specificity {b['specificity']:.4f} (95% lower bound "
           f"{b['specificity_lower_bound']:.4f}) at threshold {b['threshold']:.4f}, chosen by "
@@ -200,47 +152,24 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"[train] probabilities calibrated on validation ({cfg.metric.calibration}): temperature "
               f"{b['temperature']:.3f}, bias {b.get('logit_bias', 0.0):+.3f}, ECE {b['val_ece_before']:.4f} -> "
               f"{b['val_ece']:.4f}")
-    for line in format_decisions(tta, prefix="[train] TTA"):
+    for line in format_decisions(out.tta, prefix="[train] TTA"):
         print(line)
-    print(f"[train] run folder: {io.checkpoint_uri(result)}")
-    print(io.checkpoint_uri(best))  # s3://... stays s3://: Ray's own .path is the key in the bucket
+    print(f"[train] run folder: {out.run_dir}")
+    print(out.best_checkpoint)
     return 0
-
-
-def fit_tta(checkpoint: str, cache: Any, cfg: ExperimentConfig) -> dict[str, dict]:
-    """The ``metric.tta`` modes' temperatures and thresholds, chosen on the validation split
-    and written into ``checkpoint`` (the best one of a run, before its path is printed)."""
-    from cxr_ray.tta import fit_tta_decisions, parse_modes
-
-    modes = parse_modes(cfg.metric.tta)
-    if modes:
-        print(f"[tta] choosing the temperature and threshold of TTA {', '.join(modes)} on the validation split",
-              flush=True)
-    return fit_tta_decisions(checkpoint, cache, modes)
 
 
 def cmd_fit_tta(args: argparse.Namespace) -> int:
     """Choose TTA modes' temperatures and thresholds on a checkpoint's validation split and store
     them in it; last line: the checkpoint."""
-    from cxr_ray.checkpoint import load_checkpoint
-    from cxr_ray.data.cache import prepare_cache
-    from cxr_ray.runtime import init_ray
-    from cxr_ray.tta import fit_tta_decisions, format_decisions, parse_modes
+    from cxr_ray.apps import workflows
+    from cxr_ray.apps.tta import format_decisions
 
     refuse_model_settings(args, "fit-tta")
-    modes = parse_modes(args.tta, "--tta")
-    if not modes:
-        raise ConfigError("--tta: name at least one mode (hflip, crop5)")
-    ckpt = load_checkpoint(args.checkpoint)
-    cfg = ckpt.cfg.replace(**{"data.root": args.data or ckpt.cfg.data.root,
-                              "data.cache_dir": args.cache or ckpt.cfg.data.cache_dir})
-    check_storage(cfg, "data.root", "data.cache_dir")
-    init_ray(args.address)
-    # the same split the checkpoint was validated on (its own data config), at its own cache size
-    cache = prepare_cache(cfg, preprocessing=ckpt.preprocessing)
-    decisions = fit_tta_decisions(args.checkpoint, cache, modes, amp=args.amp)
+    ckpt, decisions = workflows.fit_tta_on(args.checkpoint, parse_tta_modes(args.tta, "--tta"), args.data or "",
+                                           args.cache or "", args.amp, args.address)
     shutdown_ray()
-    for line in format_decisions(decisions, ckpt.meta.get("metrics"), prefix="[fit-tta]"):
+    for line in format_decisions(decisions, ckpt.info.metrics, prefix="[fit-tta]"):
         print(line)
     print(args.checkpoint)
     return 0
@@ -249,18 +178,12 @@ def cmd_fit_tta(args: argparse.Namespace) -> int:
 def cmd_audit(args: argparse.Namespace) -> int:
     """Acquisition and framing cues by class and split, and how well they alone separate the
     classes (a shortcut a network could learn); last line: the report folder."""
-    from cxr_ray.audit import audit_catalog, format_report, write_report
-    from cxr_ray.data.catalog import load_catalog
-    from cxr_ray.runtime import init_ray
+    from cxr_ray.apps import workflows
+    from cxr_ray.apps.audit import format_report
 
-    cfg = config_from_args(args)
-    catalog = load_catalog(cfg.data.root)  # a bad dataset fails before Ray
     out = args.out or os.path.join(os.getcwd(), "audit")
-    init_ray(args.address)
-    print(f"[audit] measuring {len(catalog)} images of {cfg.data.root}", flush=True)
-    cues = audit_catalog(catalog, cfg.data.stall_timeout_s)
+    summary = workflows.audit(config_from_args(args), out, args.address, say=say)
     shutdown_ray()
-    summary = write_report(cues, out)
     for line in format_report(summary):
         print(f"[audit] {line}")
     print(out)
@@ -270,32 +193,12 @@ def cmd_audit(args: argparse.Namespace) -> int:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     """Refit a checkpoint's calibration and threshold on a labelled sample from a new site; prints
     cross-fitted figures; last line: the new checkpoint."""
-    import torch
-
-    from cxr_ray.checkpoint import load_checkpoint
-    from cxr_ray.data import io
-    from cxr_ray.data.cache import prepare_cache
-    from cxr_ray.drift import StatsCollector
-    from cxr_ray.evaluate import predict_split
-    from cxr_ray.runtime import init_ray
-    from cxr_ray.site_calibration import (calibrate_on_sample, format_calibration, provenance, sample_catalog,
-                                          write_calibrated)
+    from cxr_ray.apps import workflows
+    from cxr_ray.apps.calibrate import format_calibration
 
     refuse_model_settings(args, "calibrate")
-    ckpt = load_checkpoint(args.checkpoint)
-    catalog = sample_catalog(args.data)  # too small a sample is refused before Ray
-    io.check_location(args.out, "--out")
-    if io.exists(args.out):
-        raise ConfigError(f"--out {args.out} exists; choose a new folder (a checkpoint is never written over)")
-    cfg = ckpt.cfg.replace(**{"data.root": args.data, "data.cache_dir": args.cache or ckpt.cfg.data.cache_dir})
-    init_ray(args.address)
-    cache = prepare_cache(cfg, catalog, preprocessing=ckpt.preprocessing, training=False)
-    precision = ckpt.precision(args.amp, torch.device("cpu"))
-    stats = StatsCollector()  # the site's images become the new checkpoint's drift reference
-    preds = predict_split(ckpt, cache, "test", precision=precision, stats=stats)
+    out, result = workflows.calibrate(args.checkpoint, args.data, args.out, args.cache or "", args.amp, args.address)
     shutdown_ray()
-    result = calibrate_on_sample(ckpt, preds, stats.result())
-    out = write_calibrated(ckpt, result, provenance(catalog, args.data, ckpt), args.out, precision)
     for line in format_calibration(result):
         print(line)
     print(out)
@@ -305,24 +208,12 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 def cmd_ensemble(args: argparse.Namespace) -> int:
     """Build an ensemble checkpoint from a tune experiment's top trials or named checkpoints;
     last line: the ensemble checkpoint."""
-    from cxr_ray.checkpoint import load_checkpoint
-    from cxr_ray.data import io
-    from cxr_ray.ensemble import EnsembleError, build_ensemble, check_members, format_ensemble, top_k_checkpoints
-    from cxr_ray.runtime import init_ray
+    from cxr_ray.apps import workflows
+    from cxr_ray.apps.ensemble import format_ensemble
 
     refuse_model_settings(args, "ensemble")
-    if bool(args.from_experiment) == bool(args.checkpoints):
-        raise ConfigError("give --from EXPERIMENT (with --top-k) or --checkpoints CKPT CKPT ..., not both")
-    if args.from_experiment and args.top_k < 2:
-        raise ConfigError(f"--top-k: expected an int >= 2, got {args.top_k}")
-    io.check_location(args.out, "--out")
-    if io.exists(args.out):
-        raise EnsembleError(f"--out {args.out} exists; choose a new folder (an ensemble is never written over another)")
-    sources = top_k_checkpoints(args.from_experiment, args.top_k) if args.from_experiment else args.checkpoints
-    members = [load_checkpoint(s) for s in sources]
-    check_members(members)  # before Ray
-    init_ray(args.address)
-    ckpt = build_ensemble(members, args.out, amp=args.amp)
+    ckpt = workflows.ensemble(args.out, args.from_experiment or "", args.top_k, args.checkpoints, args.amp,
+                              args.address)
     shutdown_ray()
     for line in format_ensemble(ckpt):
         print(line)
@@ -332,16 +223,16 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Evaluate a checkpoint on a split with its own config and stored threshold."""
+    from cxr_ray.apps.evaluate import evaluate_checkpoint, format_table
     from cxr_ray.checkpoint import load_checkpoint
-    from cxr_ray.data import io
-    from cxr_ray.evaluate import evaluate_checkpoint, format_table
-    from cxr_ray.runtime import init_ray
+    from cxr_ray.cluster import init_ray
+    from cxr_ray.storage import uri as store
 
     refuse_model_settings(args, "evaluate")
     prevalences = parse_prevalences(args.prevalence)
     ckpt = load_checkpoint(args.checkpoint).with_tta(args.tta)  # a mode without a decision fails here
     root = args.data or ckpt.cfg.data.root
-    io.check_location(args.out, "--out")
+    store.check_location(args.out, "--out")
     init_ray(args.address)
     if args.explain < 0:
         raise ConfigError(f"--explain: expected a count >= 0, got {args.explain}")
@@ -350,7 +241,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     shutdown_ray()  # no worker log lines may arrive after the report folder below
     print(format_table(metrics, f"[evaluate] {args.split} split of {root}"))
     if args.explain:
-        print(f"[evaluate] Grad-CAM gallery: {io.join(args.out, 'explain', 'index.html')}")
+        print(f"[evaluate] Grad-CAM gallery: {store.join(args.out, 'explain', 'index.html')}")
     print(args.out)
     return 0
 
@@ -371,17 +262,18 @@ def parse_prevalences(text: str) -> tuple[float, ...]:
 
 def cmd_score(args: argparse.Namespace) -> int:
     """Score image folders/globs/manifests into a Parquet dataset; last line: the output folder."""
+    from cxr_ray.apps import workflows
+    from cxr_ray.apps.evaluate import format_table
+    from cxr_ray.apps.score import OutputFolder, check_output, run_score
     from cxr_ray.checkpoint import load_checkpoint
-    from cxr_ray.data import io
+    from cxr_ray.cluster import init_ray
     from cxr_ray.data.listing import check_inputs
-    from cxr_ray.evaluate import format_table
-    from cxr_ray.runtime import init_ray
-    from cxr_ray.score import OutputFolder, check_output, run_score
+    from cxr_ray.storage import uri as store
 
     cfg = load_config(args.config, args.set + ([f"score.tta={args.tta}"] if args.tta else []))
     # a bad checkpoint, or a TTA mode it has no threshold for, fails here, before listing and Ray
     ckpt = load_checkpoint(args.checkpoint).with_tta(cfg.score.tta)
-    io.check_location(args.output, "--output")
+    store.check_location(args.output, "--output")
     check_inputs(args.input)  # fails fast on a missing input, before Ray (listed later, in a stream)
     check_output(OutputFolder(args.output), ckpt.model_id, args.with_labels, args.resume)  # before Ray
     explain_dir = check_explain_flags(args)
@@ -393,7 +285,8 @@ def cmd_score(args: argparse.Namespace) -> int:
         print(f"cxr-ray score: interrupted; finished rows are committed in {args.output}. "
               f"Re-run with --resume to score the rest.", file=sys.stderr)
         return 130
-    explained = explain_job(ckpt, args.output, explain_dir, args.explain_top, cfg.score) if explain_dir else None
+    explained = (workflows.explain_scoring_job(ckpt, args.output, explain_dir, args.explain_top, cfg.score, say=say)
+                 if explain_dir else None)
     shutdown_ray()
     if summary.failed:
         print(f"[score] {summary.failed} file(s) could not be scored (their rows have the error column set):")
@@ -404,7 +297,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     if summary.metrics is not None:
         print(format_table(summary.metrics, f"[score] metrics over the labelled rows of {args.output}"))
     if summary.drift is not None:
-        from cxr_ray.drift import format_drift
+        from cxr_ray.analysis.drift import format_drift
 
         for line in format_drift(summary.drift):
             print(f"[score] {line}")
@@ -419,8 +312,8 @@ def cmd_score(args: argparse.Namespace) -> int:
 def check_explain_flags(args: argparse.Namespace) -> str:
     """``score --explain-dir/--explain-top``, checked before Ray: the folder (absolute, so every
     actor writes to the same place) or ""."""
-    from cxr_ray.data import io
-    from cxr_ray.explain import require_captum
+    from cxr_ray.apps.explain import require_captum
+    from cxr_ray.storage import uri as store
 
     if args.explain_top < 0:
         raise ConfigError(f"--explain-top: expected a count >= 0, got {args.explain_top}")
@@ -428,29 +321,16 @@ def check_explain_flags(args: argparse.Namespace) -> str:
         if args.explain_top:
             raise ConfigError("--explain-top needs --explain-dir (where the overlays go)")
         return ""
-    io.check_location(args.explain_dir, "--explain-dir")
+    store.check_location(args.explain_dir, "--explain-dir")
     require_captum("--explain-dir: Grad-CAM")
-    return io.absolute(args.explain_dir)
-
-
-def explain_job(ckpt: Any, output: str, explain_dir: str, top: int, score: Any) -> dict[str, Any]:
-    """Grad-CAM overlays of a finished scoring job's positive predictions (or ``top`` highest),
-    by as many Ray Data actors as the job had, each with the job's CPUs per actor."""
-    from cxr_ray.explain import explain_scored
-    from cxr_ray.runtime import cpu_share
-    from cxr_ray.score import OutputFolder
-
-    scored = OutputFolder(output).read(["path", "prob_pneumonia", "threshold", "error"]).to_pandas()
-    print(f"[score] Grad-CAM overlays -> {explain_dir}", flush=True)
-    cpus = score.cpus_per_actor or cpu_share(0.0, score.num_actors)  # Grad-CAM runs on CPU
-    return explain_scored(ckpt, scored, explain_dir, top, actors=score.num_actors, cpus_per_actor=cpus)
+    return store.absolute(args.explain_dir)
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
     """Grad-CAM overlays of images and an index.html gallery; last line: the output folder."""
+    from cxr_ray.apps.explain import explain_files, summary, write_gallery
     from cxr_ray.checkpoint import load_checkpoint
     from cxr_ray.data.listing import list_inputs
-    from cxr_ray.explain import explain_files, summary, write_gallery
 
     ckpt = load_checkpoint(args.checkpoint)
     listing = list_inputs(args.input)  # a missing input fails here, naming it
@@ -471,17 +351,17 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Export a checkpoint as ONNX or TorchScript with its JSON contract; last line: the folder."""
+    from cxr_ray.apps.export import FORMATS, SIDECAR, export_checkpoint
     from cxr_ray.checkpoint import load_checkpoint
-    from cxr_ray.data import io
-    from cxr_ray.export import FORMATS, SIDECAR, export_checkpoint
+    from cxr_ray.storage import uri as store
 
     refuse_model_settings(args, "export")
     ckpt = load_checkpoint(args.checkpoint)
-    io.check_location(args.out, "--out")
+    store.check_location(args.out, "--out")
     meta = export_checkpoint(ckpt, args.format, args.out)
     art, inp, dec = meta["artifacts"][args.format], meta["input"], meta["decision"]
     diff = art["parity_max_abs_logit_diff"]
-    print(f"[export] {ckpt.model_id} -> {io.join(args.out, FORMATS[args.format])} ({art['exporter']})")
+    print(f"[export] {ckpt.model_id} -> {store.join(args.out, FORMATS[args.format])} ({art['exporter']})")
     shape = "(" + ", ".join(map(str, inp["shape"])) + ")"
     print(f"[export] input {inp['name']}: float32 {shape}, 8-bit gray / 255, "
           f"normalisation inside the model ({ckpt.preprocessing.describe()}); output {meta['output']['name']}: "
@@ -489,152 +369,66 @@ def cmd_export(args: argparse.Namespace) -> int:
     print("[export] parity with the checkpoint (fp32, 3 random images): "
           + (f"max |logit difference| {diff:.2e}" if diff is not None else
              "not checked (onnxruntime is not installed: pip install 'cxr_ray[onnx]')"))
-    print(f"[export] contract: {io.join(args.out, SIDECAR)}")
+    print(f"[export] contract: {store.join(args.out, SIDECAR)}")
     print(args.out)
     return 0
 
 
-DEMO_OVERRIDES = {
-    # Small enough for a 2-core laptop in a few minutes, and it learns: the from-scratch CNN on
-    # 64 px synthetic images (ResNet-50 from random weights learns nothing in 3 CPU epochs).
-    # The non-demo default searches ResNet-50 unfreeze depth, dropout and lr.
-    "data.image_size": 64, "model.name": "simple_cnn", "model.weights": "none", "model.width": 16,
-    # 2 trials x 0.45 CPU workers on 2 cores leaves a whole core for Ray Data's read tasks.
-    "train.epochs": 4, "train.batch_size": 16, "train.num_workers": 1, "train.cpus_per_worker": 0.45,
-    "train.patience": 2, "train.warmup_epochs": 0.5,
-    "tune.num_samples": 4, "tune.grace_period": 1, "tune.reduction_factor": 2, "tune.data_cpus": 1.0,
-    "tune.search_space": {
-        "model.dropout": {"type": "uniform", "low": 0.0, "high": 0.6},
-        "train.lr": {"type": "loguniform", "low": 3e-4, "high": 1e-2},
-        "model.width": {"type": "choice", "values": [8, 16, 32]},
-    },
-}
-
-
-DEMO_DATA = {"n": 900, "size": 96, "seed": 0, "split_shares": {"train": 0.6, "val": 0.15, "test": 0.25}}
-
-
-def demo_dataset(cfg: ExperimentConfig) -> str:
-    """The synthetic demo dataset under the cache folder, generated on first use: 900 images,
-    ~225 of them in test so the test report's CIs mean something. A URI cache folder gets it
-    generated locally and uploaded, so every node of a cluster reads the same images."""
-    import tempfile
-
-    from cxr_ray.data import io
-    from cxr_ray.data.synthetic import make_synthetic_dataset
-
-    root = io.join(io.absolute(cfg.data.resolved_cache_dir), "demo-synthetic-900")
-    if io.exists(io.join(root, ".complete")):
-        return root
-    # a folder left by an interrupted first run is rewritten
-    if not io.is_uri(root):
-        make_synthetic_dataset(root, **DEMO_DATA)
-    else:
-        with tempfile.TemporaryDirectory() as tmp:
-            io.copy_tree(str(make_synthetic_dataset(Path(tmp) / "demo", **DEMO_DATA)), root)
-    io.write_bytes(io.join(root, ".complete"), b"ok")
-    return root
-
-
 def tune_config_from_args(args: argparse.Namespace) -> tuple[ExperimentConfig, str | None]:
     """Config for ``tune``: --resume reads the experiment's saved config; --demo sets small sizes."""
-    from cxr_ray.tune import read_experiment_config
+    from cxr_ray.apps.workflows import demo_config
+    from cxr_ray.training.tune import read_experiment_config
 
     if args.resume:
         cfg, cache_uri = read_experiment_config(args.resume)
         return cfg, cache_uri
     cfg = config_from_args(args)
     if args.demo:
-        user = dict(parse_override(o) for o in args.set)  # the user's --set still wins
-        cfg = cfg.replace(**{**DEMO_OVERRIDES, **user})
-        if not args.data:
-            cfg = cfg.replace(**{"data.root": demo_dataset(cfg)})
+        cfg = demo_config(cfg, dict(parse_override(o) for o in args.set), data_given=bool(args.data))
     return cfg, None
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    """Ray Tune search; prints the ranked trials and, last, the best checkpoint's path."""
-    from cxr_ray.checkpoint import load_checkpoint
-    from cxr_ray.data import io
-    from cxr_ray.data.cache import open_cache, prepare_cache
-    from cxr_ray.data.catalog import assign_splits, check_patient_leaks, load_catalog
-    from cxr_ray.evaluate import evaluate_checkpoint, format_table
-    from cxr_ray.runtime import init_ray
-    from cxr_ray.train import run_name
-    from cxr_ray.tta import format_decisions
-    from cxr_ray.tune import format_trials, model_variants, run_tune, validate_search_space, with_shared_cache_size
-    from cxr_ray.weights import ensure_available
+    """Ray Tune search, then TTA, an ensemble and the test reports; prints the ranked trials and,
+    last, the best checkpoint's path."""
+    from cxr_ray.apps import workflows
+    from cxr_ray.apps.ensemble import format_ensemble
+    from cxr_ray.apps.evaluate import format_table
+    from cxr_ray.apps.tta import format_decisions
+    from cxr_ray.training.tune import format_trials
 
     cfg, cache_uri = tune_config_from_args(args)
-    validate_search_space(cfg)
-    if not cache_uri:  # (--resume: the experiment's saved config has it)
-        cfg = with_shared_cache_size(cfg)
-    for variant in model_variants(cfg):  # every backbone the search can pick, before Ray
-        ensure_available(variant.model.name, variant.model.weights, variant.model.weights_format)
-    if args.ensemble_top_k is None:  # the demo shows an ensemble of its best 3 trials
+    k = args.ensemble_top_k
+    if k is None:  # the demo shows an ensemble of its best 3 trials
         k = min(3, cfg.tune.num_samples) if args.demo and not args.resume else 0
-        args.ensemble_top_k = k if k >= 2 else 0
-    if args.ensemble_top_k and not 2 <= args.ensemble_top_k <= cfg.tune.num_samples:
-        raise ConfigError(f"--ensemble-top-k: expected 0 or an int in [2, tune.num_samples = "
-                          f"{cfg.tune.num_samples}], got {args.ensemble_top_k}")
-    check_storage(cfg, "data.root", "data.cache_dir", "train.storage_path")
-    if cache_uri:  # --resume: the experiment's own cache
-        init_ray(args.address)
-        cache = open_cache(cache_uri)
-    else:
-        catalog = assign_splits(load_catalog(cfg.data.root), cfg.data)  # fail fast, before Ray
-        for line in check_patient_leaks(catalog):
-            print(f"[data] {line}", flush=True)
-        init_ray(args.address)
-        cache = prepare_cache(cfg, catalog)
-    name = io.name(args.resume) if args.resume else (cfg.tune.name or run_name(cfg, "tune"))
-    if args.resume:
-        cfg = cfg.replace(**{"train.storage_path": io.parent(args.resume)})
-    outcome = run_tune(cfg, cache.uri, name, resume=bool(args.resume), mlflow_uri=args.mlflow)
-    print(f"[tune] {len(outcome.trials)} trials, {outcome.n_failed} failed; ranked by {cfg.tune_metric}:")
-    print(format_trials(outcome.trials, cfg.tune_metric))
-    if outcome.best_checkpoint is None:
+        k = k if k >= 2 else 0
+    out = workflows.tune(cfg, args.address, resume=args.resume or "", cache_uri=cache_uri or "",
+                         mlflow_uri=args.mlflow, ensemble_top_k=k, say=say)
+    shutdown_ray()  # no worker log lines may arrive after the paths below
+    print(f"[tune] {len(out.trials)} trials, {out.n_failed} failed; ranked by {cfg.tune_metric}:")
+    print(format_trials(out.trials))
+    if out.best_checkpoint is None:
         print("[tune] no trial produced a checkpoint", file=sys.stderr)
         return 1
-    tta = fit_tta(outcome.best_checkpoint, cache, cfg)
-    best = load_checkpoint(outcome.best_checkpoint)
-    for line in format_decisions(tta, best.meta.get("metrics"), prefix="[tune] best trial, TTA"):
+    for line in format_decisions(out.tta, out.best.info.metrics, prefix="[tune] best trial, TTA"):
         print(line)
-    ensemble = tune_ensemble(outcome.experiment_uri, args.ensemble_top_k, cache) if args.ensemble_top_k else None
-    if sum(cache.split_counts("test")):
-        report = io.join(outcome.experiment_uri, "best_test_report")
-        metrics = evaluate_checkpoint(best, cfg.data.root, "test", report, cache_dir=cfg.data.cache_dir)
-        print(format_table(metrics, f"[tune] best model on the test split (report: {report})"))
-        if ensemble:
-            report = io.join(outcome.experiment_uri, "ensemble_test_report")
-            m = evaluate_checkpoint(load_checkpoint(ensemble), cfg.data.root, "test", report,
-                                    cache_dir=cfg.data.cache_dir)
-            print(f"[tune] ensemble on the test split: roc_auc {m['roc_auc']:.4f}, recall {m['recall']:.4f}, "
-                  f"specificity {m['specificity']:.4f}, accuracy {m['accuracy']:.4f} at its threshold "
-                  f"{m['threshold']:.4f} (report: {report})")
-    shutdown_ray()
-    print(f"[tune] experiment folder: {outcome.experiment_uri}")
-    print(outcome.best_checkpoint)
+    if out.ensemble_error:
+        print(f"[tune] no ensemble: {out.ensemble_error}", file=sys.stderr)
+    if out.ensemble is not None:
+        for line in format_ensemble(out.ensemble):
+            print(line.replace("[ensemble]", "[tune] ensemble"))
+        print(f"[tune] ensemble of the top {k} trials: {out.ensemble.path}")
+    if "best" in out.reports:
+        print(format_table(out.reports["best"], f"[tune] best model on the test split "
+                                                f"(report: {out.report_dirs['best']})"))
+    if "ensemble" in out.reports:
+        m = out.reports["ensemble"]
+        print(f"[tune] ensemble on the test split: roc_auc {m['roc_auc']:.4f}, recall {m['recall']:.4f}, "
+              f"specificity {m['specificity']:.4f}, accuracy {m['accuracy']:.4f} at its threshold "
+              f"{m['threshold']:.4f} (report: {out.report_dirs['ensemble']})")
+    print(f"[tune] experiment folder: {out.experiment}")
+    print(out.best_checkpoint)
     return 0
-
-
-def tune_ensemble(experiment: str, k: int, cache: Any) -> str | None:
-    """``<experiment>/ensemble-top<k>``: the ensemble of the experiment's ``k`` best trials
-    (replaced on --resume); a search that cannot give one (too few checkpoints, members that
-    differ in preprocessing) says why on stderr and keeps its best checkpoint."""
-    from cxr_ray.data import io
-    from cxr_ray.ensemble import EnsembleError, build_ensemble, format_ensemble, top_k_checkpoints
-
-    out = io.join(experiment, f"ensemble-top{k}")
-    try:
-        ckpt = build_ensemble(top_k_checkpoints(experiment, k), out, cache=cache, replace=True)
-    except EnsembleError as e:
-        print(f"[tune] no ensemble: {e}", file=sys.stderr)
-        return None
-    for line in format_ensemble(ckpt):
-        print(line.replace("[ensemble]", "[tune] ensemble"))
-    print(f"[tune] ensemble of the top {k} trials: {out}")
-    return out
 
 
 def _tta_flag(p: argparse.ArgumentParser, default: str | None = "none") -> None:
@@ -685,7 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", help="cache folder (default: the checkpoint config's)")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--out", required=True, help="output folder or URI")
-    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp32"],
+    p.add_argument("--amp", default="auto", choices=PRECISIONS,
                    help="model precision (default auto: the precision the checkpoint's threshold was "
                         "chosen in, where this CPU runs it fast)")
     p.add_argument("--explain", type=int, default=0, metavar="N",
@@ -740,7 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", required=True, metavar="MODE[,MODE]", help="hflip, crop5 or hflip,crop5")
     p.add_argument("--data", help="dataset root (default: the one the checkpoint was trained on)")
     p.add_argument("--cache", help="cache folder (default: the checkpoint config's)")
-    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp32"],
+    p.add_argument("--amp", default="auto", choices=PRECISIONS,
                    help="model precision (default auto: the checkpoint threshold's own, where fast)")
     _config_and_address(p)
     p.set_defaults(func=cmd_fit_tta)
@@ -759,7 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(all its images), or a CSV/Parquet manifest with path,label[,patient]")
     p.add_argument("--out", required=True, help="new folder or URI for the calibrated checkpoint")
     p.add_argument("--cache", help="cache folder (default: the checkpoint config's)")
-    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp32"],
+    p.add_argument("--amp", default="auto", choices=PRECISIONS,
                    help="model precision (default auto: the checkpoint threshold's own, where fast)")
     _config_and_address(p)
     p.set_defaults(func=cmd_calibrate)
@@ -770,7 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=3, help="how many of its trials (default 3)")
     p.add_argument("--checkpoints", nargs="+", metavar="CKPT", help="or: these checkpoints")
     p.add_argument("--out", required=True, help="new folder or URI for the ensemble checkpoint")
-    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp32"],
+    p.add_argument("--amp", default="auto", choices=PRECISIONS,
                    help="precision of the validation pass (default auto: the first member's, where fast)")
     _config_and_address(p)
     p.set_defaults(func=cmd_ensemble)
@@ -786,20 +580,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
-    from cxr_ray.checkpoint import CheckpointError
-    from cxr_ray.data.catalog import DataError
-    from cxr_ray.weights import WeightsError
-    from cxr_ray.data.io import StorageError
-    from cxr_ray.ensemble import EnsembleError
-    from cxr_ray.explain import ExplainError
-    from cxr_ray.export import ExportError
-    from cxr_ray.runtime import ClusterError
-
     try:
         use_storage_from_args(args)
         return func(args)
-    except (ConfigError, DataError, CheckpointError, WeightsError, ClusterError, StorageError,
-            ExportError, ExplainError, EnsembleError) as e:
+    except CxrRayError as e:  # the user can fix it: one line, exit code 2
         print(f"cxr-ray {args.command}: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001 - a Ray worker's failure, or a bug: one line + the log
@@ -835,8 +619,6 @@ def describe_failure(e: BaseException) -> str:
 
 def write_failure_log(command: str, e: BaseException) -> str:
     """Write the whole traceback (Ray's remote tracebacks included) to a log file; its path."""
-    import time
-    import traceback
 
     from cxr_ray.config import DataConfig
 

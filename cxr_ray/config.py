@@ -21,11 +21,19 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
-from cxr_ray.weights import check_spec, pretrained_info
+from cxr_ray.errors import ConfigError
+from cxr_ray.models.specs import MODEL_NAMES, check_spec, pretrained_info
 
 
-class ConfigError(ValueError):
-    """A configuration key or value is invalid; the message names the key."""
+def parse_tta_modes(text: str, key: str = "metric.tta") -> tuple[str, ...]:
+    """``"hflip,crop5"`` -> ``("hflip", "crop5")``; ``""`` / ``"none"`` -> ``()``; an unknown mode
+    is a :class:`ConfigError` naming ``key``."""
+    modes = tuple(dict.fromkeys(m.strip() for m in text.split(",") if m.strip() and m.strip() != "none"))
+    bad = [m for m in modes if m not in TTA_MODES]
+    if bad:
+        raise ConfigError(f"{key}: unknown TTA mode(s) {bad}; expected a comma-separated subset of "
+                          f"{[m for m in TTA_MODES if m != 'none']}")
+    return modes
 
 
 def _check(ok: bool, key: str, expected: str, got: Any) -> None:
@@ -44,10 +52,10 @@ def _check_location(value: str, key: str) -> None:
 
 
 NORMALIZATIONS = ("auto", "fixed", "per_image")
-PRECISIONS = ("auto", "bf16", "fp32")  # train.amp, score.amp (engine.resolve_precision)
+PRECISIONS = ("auto", "bf16", "fp32")  # train.amp, score.amp (engine/precision.py)
 SCORE_BACKENDS = ("auto", "torch", "onnxruntime")  # score.backend
-TTA_MODES = ("none", "hflip", "crop5")  # test-time augmentation (cxr_ray/tta.py): metric.tta, score.tta
-CALIBRATIONS = ("platt", "temperature")  # metric.calibration (cxr_ray/calibration.py)
+TTA_MODES = ("none", "hflip", "crop5")  # test-time augmentation (cxr_ray/apps/tta.py): metric.tta, score.tta
+CALIBRATIONS = ("platt", "temperature")  # metric.calibration (cxr_ray/analysis/calibration.py)
 LEGACY_BOOLS = {"score.amp": {True: "bf16", False: "fp32"}}  # keys that were true/false before
 
 
@@ -157,7 +165,6 @@ class AugmentConfig:
         _check(0.0 <= self.noise <= 0.2, "augment.noise", "a float in [0, 0.2]", self.noise)
 
 
-MODEL_NAMES = ("resnet50", "densenet121", "simple_cnn")
 
 
 @dataclass(frozen=True)
@@ -165,7 +172,7 @@ class ModelConfig:
     """Which network, its weights, how much of it trains, and the head."""
 
     name: str = "resnet50"  # one of MODEL_NAMES
-    # "imagenet", "none", "txrv:NAME" (TorchXRayVision's chest X-ray weights, cxr_ray/weights.py)
+    # "imagenet", "none", "txrv:NAME" (TorchXRayVision's chest X-ray weights, cxr_ray/models/weights.py)
     # or a local state-dict file
     weights: str = "imagenet"
     # a local weights file's provenance, which decides its preprocessing: "" or "imagenet" (ImageNet's),
@@ -249,7 +256,7 @@ THRESHOLD_RULES = ("spec_lower_bound", "point", "recall_target")
 @dataclass(frozen=True)
 class MetricConfig:
     """Model selection and the operating threshold, both decided on the validation split
-    (see ``cxr_ray/metrics.py`` for the definitions)."""
+    (see ``cxr_ray/analysis/metrics.py`` for the definitions)."""
 
     min_specificity: float = 0.90  # the operating region: specificity the threshold must keep
     # what early stopping and kept checkpoints rank by: selection_score = pAUC over specificity
@@ -273,11 +280,15 @@ class MetricConfig:
     # from hflip, crop5; evaluate/score --tta MODE need the mode here. "" fits none.
     tta: str = "hflip"
 
+    @property
+    def tta_modes(self) -> tuple[str, ...]:
+        """``tta`` as modes, e.g. ``"hflip,crop5"`` -> ``("hflip", "crop5")``."""
+        return parse_tta_modes(self.tta)
+
     def __post_init__(self) -> None:
         _check(self.calibration in CALIBRATIONS, "metric.calibration", f"one of {list(CALIBRATIONS)}",
                self.calibration)
-        bad = [m for m in self.tta.split(",") if m.strip() and m.strip() not in TTA_MODES]
-        _check(not bad, "metric.tta", f"a comma-separated subset of {list(TTA_MODES[1:])}", self.tta)
+        parse_tta_modes(self.tta)  # a ConfigError naming metric.tta
         _check(0.0 < self.min_specificity < 1.0, "metric.min_specificity", "a float in (0, 1)",
                self.min_specificity)
         _check(self.selection in SELECTIONS, "metric.selection", f"one of {list(SELECTIONS)}", self.selection)
@@ -350,7 +361,7 @@ class ScoreConfig:
     # (1.7x torch fp32 on the development CPU), torch otherwise (bf16, GPUs, score.compile)
     backend: str = "auto"
     rows_per_file: int = 10_000  # rows per output Parquet file (a committed unit for --resume)
-    # test-time augmentation (cxr_ray/tta.py): "none", "hflip" or "crop5"; the mean logit of the
+    # test-time augmentation (cxr_ray/apps/tta.py): "none", "hflip" or "crop5"; the mean logit of the
     # views, with the temperature and threshold the checkpoint chose on validation for that mode
     tta: str = "none"
 
@@ -440,6 +451,16 @@ class ExperimentConfig:
             section, name = key.split(".")
             data.setdefault(section, {}).setdefault(name, value)
         return cls.from_dict(data)
+
+    def get(self, key: str) -> Any:
+        """The value of a dotted key, e.g. ``cfg.get("data.image_size")``; an unknown key is a
+        :class:`ConfigError` listing the valid ones."""
+        if key not in valid_keys():
+            raise ConfigError(f"unknown config key {key!r}; valid keys: {valid_keys()}")
+        value: Any = self
+        for part in key.split("."):
+            value = getattr(value, part)
+        return value
 
     def replace(self, **overrides: Any) -> "ExperimentConfig":
         """Copy with dotted-key overrides applied, e.g. ``replace(**{"data.image_size": 128})``."""

@@ -1,17 +1,13 @@
-"""Shared fixtures and helpers: a real local Ray (2 CPUs), synthetic datasets, the shared real
-images, running the ``cxr-ray`` CLI, writing small images, stopping every local Ray."""
+"""Shared fixtures: a real local Ray (2 CPUs), synthetic datasets, the shared real images, a small
+checkpoint. Helper functions live in ``helpers.py``."""
 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-
-REAL_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cxr-kaggle-224-dev"
+from helpers import REAL_ROOT
 
 
 @pytest.fixture(scope="session")
@@ -47,19 +43,6 @@ def cache_dir(tmp_path) -> str:
     return str(tmp_path / "cache")
 
 
-def run_cli(*args: str, timeout: float = 900, **kw) -> subprocess.CompletedProcess:
-    """Run ``cxr-ray ARGS`` as a user would (a fresh Python process); stdout/stderr captured."""
-    return subprocess.run([sys.executable, "-m", "cxr_ray.cli", *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, **kw)
-
-
-def start_cli(*args: str, **kw) -> subprocess.Popen:
-    """Start ``cxr-ray ARGS`` in the background, in its own process group (to kill it whole)."""
-    kw = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **kw}
-    return subprocess.Popen([sys.executable, "-m", "cxr_ray.cli", *map(str, args)], text=True,
-                            start_new_session=True, **kw)
-
-
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory) -> str:
     """A small CNN checkpoint whose cache size differs from its input size (two resize steps)."""
@@ -67,7 +50,7 @@ def checkpoint(tmp_path_factory) -> str:
 
     from cxr_ray.checkpoint import save_checkpoint
     from cxr_ray.config import ExperimentConfig
-    from cxr_ray.models import build_model
+    from cxr_ray.models.registry import build_model
 
     cfg = ExperimentConfig().replace(**{"model.name": "simple_cnn", "model.weights": "none",
                                         "model.width": 8, "data.image_size": 48, "data.cache_size": 80})
@@ -76,17 +59,3 @@ def checkpoint(tmp_path_factory) -> str:
     with torch.no_grad():  # spread the logits so probabilities differ visibly between images
         model.head[-1].weight.mul_(500.0)
     return str(save_checkpoint(tmp_path_factory.mktemp("ckpt") / "model", model, cfg, 0.5, {}, 0))
-
-
-def ray_stop() -> None:
-    """Stop every local Ray (``ray stop --force``): no half-stopped cluster may be joined later."""
-    subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True)
-
-
-def write_image(path: Path, size: int = 32, value: int = 128) -> Path:
-    """A small uniform grayscale JPEG/PNG at ``path`` (parents created)."""
-    from PIL import Image
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.full((size, size), value, np.uint8)).save(path)
-    return path

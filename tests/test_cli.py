@@ -2,7 +2,7 @@
 
 
 import pytest
-from conftest import run_cli as cxr_ray
+from helpers import run_cli as cxr_ray
 
 
 def test_make_synthetic_then_inspect(tmp_path):
@@ -39,7 +39,7 @@ def test_bad_input_fails_fast_with_named_cause(args, message):
 def test_score_refuses_bad_output_before_ray(tmp_path):
     from cxr_ray.checkpoint import save_checkpoint
     from cxr_ray.config import ExperimentConfig
-    from cxr_ray.models import build_model
+    from cxr_ray.models.registry import build_model
 
     cfg = ExperimentConfig().replace(**{"model.name": "simple_cnn", "model.width": 4, "model.weights": "none"})
     ckpt = save_checkpoint(tmp_path / "ck", build_model(cfg.model), cfg, 0.5, {}, 0)

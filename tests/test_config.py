@@ -1,8 +1,9 @@
-from pathlib import Path
 
 import pytest
+from helpers import ROOT
 
-from cxr_ray.config import ConfigError, ExperimentConfig, load_config, parse_override, valid_keys
+from cxr_ray.config import ExperimentConfig, load_config, parse_override, valid_keys
+from cxr_ray.errors import ConfigError
 
 
 def test_defaults_round_trip_through_dict():
@@ -77,7 +78,7 @@ def test_onnxruntime_backend_refuses_settings_it_cannot_honour():
             load_config(None, ["score.backend=onnxruntime", override])
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")))
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")))
 def test_shipped_configs_are_valid(path):
     from cxr_ray.data.preprocessing import resolve_preprocessing
 

@@ -8,7 +8,7 @@ A prepared cache is a folder (local or URI)::
 
 ``meta.json`` is the commit marker: a folder without it is an interrupted build and is
 rebuilt. A local cache is built in a temporary sibling folder and renamed into place whole;
-``<name>.lease`` beside it names the job building it (see ``cxr_ray.data.lease``).
+``<name>.lease`` beside it names the job building it (see ``cxr_ray.storage.lease``).
 The fingerprint covers the file list (path, size, mtime; manifests' files too), labels,
 splits, the split/patient algorithm and the decode settings, so a changed dataset or size
 gets a new cache and an unchanged one is reused: training epochs and tuning trials never
@@ -34,13 +34,14 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from cxr_ray.cluster import check_shared_paths, watchdog
 from cxr_ray.config import ExperimentConfig
-from cxr_ray.data import io
-from cxr_ray.data.catalog import (CLASSES, SPLIT_ALGORITHM, DataError, assign_splits, load_catalog,
-                                  split_leaks)
+from cxr_ray.data.catalog import CLASSES, SPLIT_ALGORITHM, assign_splits, load_catalog, split_leaks
 from cxr_ray.data.decode import decode_path
-from cxr_ray.data.lease import Lease, LeaseHeld, LeaseLost, acquire
 from cxr_ray.data.preprocessing import Preprocessing, resolve_preprocessing
+from cxr_ray.errors import DataError
+from cxr_ray.storage import uri as store
+from cxr_ray.storage.lease import Lease, LeaseHeld, LeaseLost, acquire
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ class PreparedCache:
     @property
     def data_uri(self) -> str:
         """Folder of the Parquet files."""
-        return io.join(self.uri, "data")
+        return store.join(self.uri, "data")
 
     @property
     def size(self) -> int:
@@ -97,7 +98,7 @@ def fingerprint(catalog: pd.DataFrame, cfg: ExperimentConfig, size: int) -> str:
 def cache_uri(catalog_root: str, cfg: ExperimentConfig, fp: str, size: int) -> str:
     """Cache folder for a dataset root, size and fingerprint."""
     name = (catalog_root.rstrip("/").rsplit("/", 1)[-1] or "dataset").replace(".", "_")
-    return io.join(cfg.data.resolved_cache_dir, f"{name}-{size}px-{fp}")
+    return store.join(cfg.data.resolved_cache_dir, f"{name}-{size}px-{fp}")
 
 
 def decode_batch(batch: pd.DataFrame, size: int, max_pixels: int, timeout_s: float, max_file_mb: float
@@ -121,19 +122,19 @@ def decode_batch(batch: pd.DataFrame, size: int, max_pixels: int, timeout_s: flo
 
 
 def _read_meta(uri: str) -> dict[str, Any] | None:
-    path = io.join(uri, "meta.json")
-    return json.loads(io.read_bytes(path)) if io.exists(path) else None
+    path = store.join(uri, "meta.json")
+    return json.loads(store.read_bytes(path)) if store.exists(path) else None
 
 
 def _delete(uri: str) -> None:
-    fs, p = io.resolve(uri)
+    fs, p = store.resolve(uri)
     if fs.get_file_info(p).type != pafs.FileType.NotFound:
         fs.delete_dir(p)
 
 
 def summarize_cache(uri: str, size: int, fp: str, root: str) -> dict[str, Any]:
     """Read the cache's metadata columns (not pixels) and build ``meta.json``'s content."""
-    fs, p = io.resolve(io.join(uri, "data"))
+    fs, p = store.resolve(store.join(uri, "data"))
     df = pq.read_table(p, columns=META_COLUMNS, filesystem=fs).to_pandas()
     bad = df[df["error"].notna()]
     good = df[df["error"].isna()]
@@ -209,13 +210,12 @@ def _build(cfg: ExperimentConfig, catalog: pd.DataFrame, uri: str, fp: str, leas
     """
     import ray
 
-    from cxr_ray.runtime import check_shared_paths, watchdog
 
     # Decode tasks on any node read the images and write the cache: both must be shared.
     check_shared_paths({"data.root": catalog["path"].iat[0], "data.cache_dir": cfg.data.resolved_cache_dir})
-    local = not io.is_uri(uri)
+    local = not store.is_uri(uri)
     if local:
-        uri = io.resolve(uri)[1]  # absolute, ~ expanded: os.rename below sees what pyarrow wrote
+        uri = store.resolve(uri)[1]  # absolute, ~ expanded: os.rename below sees what pyarrow wrote
         for old in glob.glob(glob.escape(uri) + ".tmp-*"):  # interrupted builds (we hold the lease)
             shutil.rmtree(old, ignore_errors=True)
     build = f"{uri}.tmp-{lease.run_id}" if local else uri
@@ -233,8 +233,8 @@ def _build(cfg: ExperimentConfig, catalog: pd.DataFrame, uri: str, fp: str, leas
                    "max_file_mb": cfg.data.max_file_mb})
     try:
         # progress: the part files the write has made so far
-        with watchdog("prepare", cfg.data.stall_timeout_s, probe=lambda: io.count_files(io.join(build, "data"))):
-            ds.write_parquet(io.join(build, "data"))
+        with watchdog("prepare", cfg.data.stall_timeout_s, probe=lambda: store.count_files(store.join(build, "data"))):
+            ds.write_parquet(store.join(build, "data"))
         meta = summarize_cache(build, size, fp, cfg.data.root)
         if meta["n_bad"] > cfg.data.max_bad_fraction * meta["n_images"]:
             listing = "\n".join(f"  {b['path']}: {b['error']}" for b in meta["bad_files"][:50])
@@ -242,7 +242,7 @@ def _build(cfg: ExperimentConfig, catalog: pd.DataFrame, uri: str, fp: str, leas
                 f"{meta['n_bad']} of {meta['n_images']} images could not be decoded, more than "
                 f"data.max_bad_fraction={cfg.data.max_bad_fraction}:\n{listing}")
         lease.check()  # commit (meta.json, then the rename) only while the lease is still ours
-        io.write_bytes(io.join(build, "meta.json"), json.dumps(meta, indent=1).encode())
+        store.write_bytes(store.join(build, "meta.json"), json.dumps(meta, indent=1).encode())
         if local:
             os.rename(build, uri)  # atomic: the cache appears whole, meta.json included
     except BaseException as e:
@@ -258,3 +258,24 @@ def open_cache(uri: str) -> PreparedCache:
     if meta is None:
         raise DataError(f"{uri!r} is not a finished cxr_ray cache (no meta.json); run cxr-ray prepare")
     return PreparedCache(uri, meta)
+
+
+def format_dataset_report(meta: dict[str, Any]) -> str:
+    """Human-readable dataset report from a cache's ``meta.json``."""
+    lines = [f"dataset {meta['root']}  (cache {meta['size']}px, fingerprint {meta['fingerprint']})",
+             f"{'split':<8}{'NORMAL':>8}{'PNEUMONIA':>11}{'patients':>10}"]
+    for split, counts in meta["counts"].items():
+        lines.append(f"{split:<8}{counts.get('NORMAL', 0):>8}{counts.get('PNEUMONIA', 0):>11}"
+                     f"{meta['patients'].get(split, 0):>10}")
+    for dim, s in meta.get("original_size", {}).items():
+        lines.append(f"original {dim}: min {s['min']}, median {s['median']:.0f}, max {s['max']}")
+    problems = [f"unreadable: {b['path']}: {b['error']}" for b in meta["bad_files"]]
+    problems += [f"byte-identical files across splits {d['splits']}: {d['paths']}"
+                 for d in meta["cross_split_duplicates"]]
+    problems += [f"patient leak: {leak}" for leak in meta["split_leaks"]]
+    within = len(meta["duplicates"]) - len(meta["cross_split_duplicates"])
+    if within:
+        problems.append(f"{within} group(s) of byte-identical files within one split (kept)")
+    lines.append(f"problems: {len(problems) or 'none'}")
+    lines += [f"  - {p}" for p in problems]
+    return "\n".join(lines)

@@ -28,7 +28,9 @@ import pandas as pd
 import pyarrow.fs as pafs
 
 from cxr_ray.config import DataConfig
-from cxr_ray.data import io
+from cxr_ray.data.decode import DICOM_EXTENSIONS, dicom_patient_id
+from cxr_ray.errors import DataError
+from cxr_ray.storage import uri as store
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +46,6 @@ _NORMAL = re.compile(r"^((?:NORMAL2-)?IM-\d+)(?:-\d+)*$", re.IGNORECASE)
 # Bump when patient parsing or the validation carve changes: it is part of the cache
 # fingerprint, so caches split by an older rule are rebuilt instead of reused.
 SPLIT_ALGORITHM = 2
-
-
-class DataError(ValueError):
-    """The dataset, a manifest or an image is not what cxr_ray expects; names the path."""
 
 
 def patient_id(path: str) -> str:
@@ -85,13 +83,13 @@ def _list_dir(fs: pafs.FileSystem, path: str) -> list[pafs.FileInfo]:
 
 def _scan_class_folder(fs: pafs.FileSystem, folder: pafs.FileInfo, like: str) -> list[tuple]:
     """(path, size, mtime_ns, error) of the images below a class folder. Local folders are
-    walked without following folder symlinks (:func:`io.walk_local`), URIs through pyarrow."""
-    if io.is_uri(like):
+    walked without following folder symlinks (:func:`store.walk_local`), URIs through pyarrow."""
+    if store.is_uri(like):
         infos = fs.get_file_info(pafs.FileSelector(folder.path, recursive=True))
-        return [(io.full_path(fs, i.path, like), i.size or 0, i.mtime_ns or 0, "") for i in infos
+        return [(store.full_path(i.path, like), i.size or 0, i.mtime_ns or 0, "") for i in infos
                 if i.type == pafs.FileType.File and not i.base_name.startswith(".")
                 and i.base_name.lower().endswith(IMAGE_EXTENSIONS)]
-    return [(path, *_stat(path), error) for path, error in io.walk_local(folder.path)
+    return [(path, *_stat(path), error) for path, error in store.walk_local(folder.path)
             if path.lower().endswith(IMAGE_EXTENSIONS)]
 
 
@@ -101,13 +99,13 @@ def stat_paths(paths: list[str]) -> tuple[list[int], list[int]]:
     sizes, mtimes = [-1] * len(paths), [-1] * len(paths)
     remote: dict[str, list[int]] = {}
     for i, path in enumerate(paths):
-        if io.is_uri(path):
+        if store.is_uri(path):
             remote.setdefault(path.split("://", 1)[0] + "://" + path.split("://", 1)[1].split("/", 1)[0], []).append(i)
         else:
             sizes[i], mtimes[i] = _stat(path)
     for bucket, idx in remote.items():
-        fs, _ = io.resolve(bucket)
-        infos = fs.get_file_info([io.resolve(paths[i])[1] for i in idx])
+        fs, _ = store.resolve(bucket)
+        infos = fs.get_file_info([store.resolve(paths[i])[1] for i in idx])
         for i, info in zip(idx, infos):
             if info.type == pafs.FileType.File:
                 sizes[i] = int(info.size or 0)
@@ -132,7 +130,7 @@ def scan_layout(root: str) -> pd.DataFrame:
     Raises :class:`DataError` naming the path for a missing root, no split or class folders, an
     unknown class folder, a missing or empty class folder.
     """
-    fs, base = io.resolve(root)
+    fs, base = store.resolve(root)
     info = fs.get_file_info(base)
     if info.type != pafs.FileType.Directory:
         raise DataError(f"data root {root!r} does not exist or is not a folder")
@@ -155,11 +153,12 @@ def scan_layout(root: str) -> pd.DataFrame:
                 continue
             if c.base_name.upper() not in CLASSES:
                 raise DataError(
-                    f"unknown class folder {io.full_path(fs, c.path, root)!r}; expected {list(CLASSES)}"
+                    f"unknown class folder {store.full_path(c.path, root)!r}; expected {list(CLASSES)}"
                 )
             classes[c.base_name.upper()] = c
         for name in CLASSES:
-            where = io.join(root, splits[split].base_name, name) if splits[split] is not info else io.join(root, name)
+            where = (store.join(root, splits[split].base_name, name) if splits[split] is not info
+                     else store.join(root, name))
             if name not in classes:
                 raise DataError(f"missing class folder {where!r} (expected {list(CLASSES)} in each split)")
             files = _scan_class_folder(fs, classes[name], root)
@@ -174,7 +173,6 @@ def scan_layout(root: str) -> pd.DataFrame:
 def patients(paths: pd.Series, given: pd.Series | None = None) -> pd.Series:
     """Patient id per image: ``given`` (a manifest's ``patient`` column) where set, else a
     DICOM file's PatientID, else :func:`patient_id` of the file name."""
-    from cxr_ray.data.decode import DICOM_EXTENSIONS, dicom_patient_id
 
     out = pd.Series([None] * len(paths), index=paths.index, dtype=object)
     if given is not None:
@@ -189,9 +187,9 @@ def patients(paths: pd.Series, given: pd.Series | None = None) -> pd.Series:
 
 def read_table(path: str) -> pd.DataFrame:
     """A CSV or Parquet manifest (local path or URI) as a DataFrame; :class:`DataError` names it."""
-    if not io.exists(path):
+    if not store.exists(path):
         raise DataError(f"manifest {path!r} does not exist")
-    fs, p = io.resolve(path)
+    fs, p = store.resolve(path)
     try:
         if path.lower().endswith(".parquet"):
             return pd.read_parquet(p, filesystem=fs)
@@ -203,8 +201,8 @@ def read_table(path: str) -> pd.DataFrame:
 
 def manifest_paths(df: pd.DataFrame, path: str) -> list[str]:
     """The manifest's ``path`` column, relative entries taken relative to the manifest's folder."""
-    base = path.rsplit("/", 1)[0] if io.is_uri(path) else os.path.dirname(os.path.abspath(path))
-    return [p if io.is_uri(p) or os.path.isabs(p) else io.join(base, p) for p in df["path"].astype(str)]
+    base = path.rsplit("/", 1)[0] if store.is_uri(path) else os.path.dirname(os.path.abspath(path))
+    return [p if store.is_uri(p) or os.path.isabs(p) else store.join(base, p) for p in df["path"].astype(str)]
 
 
 def read_manifest(path: str) -> pd.DataFrame:

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Callable, Iterator, TypeVar
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from cxr_ray.storage import uri as store
+
 if TYPE_CHECKING:
     import pyarrow as pa
     from pydicom.dataset import Dataset
@@ -361,13 +363,12 @@ def _check_before_open(path: str, timeout_s: float, max_file_mb: float) -> float
     (:func:`check_regular_file`), or over ``max_file_mb``. Returns the timeout its read runs
     under: 0 (read here, no watchdog thread) for a plain path on a local disk, else ``timeout_s``
     (network/FUSE mounts and URIs; an object store's checks run in :func:`_open_checked`)."""
-    from cxr_ray.data import io
 
-    if io.is_uri(path) and not path.startswith("file://"):
+    if store.is_uri(path) and not path.startswith("file://"):
         return timeout_s
-    local = io.resolve(path)[1] if io.is_uri(path) else path
+    local = store.resolve(path)[1] if store.is_uri(path) else path
     check_file_size(path, check_regular_file(local).st_size, max_file_mb)
-    return timeout_s if io.is_uri(path) or _may_stall(path) else 0
+    return timeout_s if store.is_uri(path) or _may_stall(path) else 0
 
 
 @contextlib.contextmanager
@@ -379,9 +380,8 @@ def _open_checked(path: str, max_file_mb: float) -> Iterator[pa.NativeFile]:
     import pyarrow as pa
     import pyarrow.fs as pafs
 
-    from cxr_ray.data import io
 
-    fs, inner = io.resolve(path)
+    fs, inner = store.resolve(path)
     if isinstance(fs, pafs.LocalFileSystem):  # one descriptor: checked is what is read
         fd = os.open(inner, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO swapped in must not block
         with pa.PythonFile(os.fdopen(fd, "rb"), mode="r") as f:

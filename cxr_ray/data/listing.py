@@ -31,8 +31,9 @@ import numpy as np
 import pandas as pd
 import pyarrow.fs as pafs
 
-from cxr_ray.data import io
-from cxr_ray.data.catalog import CLASSES, DataError, label_from_name
+from cxr_ray.data.catalog import CLASSES, label_from_name
+from cxr_ray.errors import DataError
+from cxr_ray.storage import uri as store
 
 MANIFEST_EXTENSIONS = (".csv", ".parquet")
 CHUNK_ROWS = 65_536  # rows per listing chunk: the driver holds about one chunk of paths
@@ -54,13 +55,13 @@ def _visible(rel: str) -> bool:
 
 
 def _iter_folder(fs: pafs.FileSystem, base: str, like: str) -> Iterator[tuple[str, str]]:
-    """(path, error) of every visible file below a folder (local: :func:`io.iter_local`).
+    """(path, error) of every visible file below a folder (local: :func:`store.iter_local`).
     Object stores are listed by pyarrow in one call (their listing is flat, not a walk)."""
-    if not io.is_uri(like):
-        yield from io.iter_local(base)
+    if not store.is_uri(like):
+        yield from store.iter_local(base)
         return
     infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
-    yield from sorted((io.full_path(fs, i.path, like), "") for i in infos
+    yield from sorted((store.full_path(i.path, like), "") for i in infos
                       if i.type == pafs.FileType.File and _visible(i.path[len(base):]))
 
 
@@ -93,19 +94,19 @@ def _glob_regex(pattern: str) -> re.Pattern:
 
 def _iter_glob(pattern: str) -> Iterator[tuple[str, str]]:
     """Files matching a glob. Locally ``**`` spans folders; in URIs ``*`` also spans folders."""
-    if not io.is_uri(pattern):
+    if not store.is_uri(pattern):
         pattern = os.path.abspath(os.path.expanduser(pattern))
     cut = min(pattern.find(w) for w in _WILDCARDS if w in pattern)
-    if not io.is_uri(pattern):
+    if not store.is_uri(pattern):
         base = pattern[:cut].rsplit("/", 1)[0] or "/"
         if not os.path.isdir(base):
             return
         skip = len(base.rstrip("/")) + 1  # match the part below the fixed base folder
         regex = _glob_regex(pattern[skip:])
-        yield from ((p, e) for p, e in io.iter_local(base) if regex.match(p[skip:]))
+        yield from ((p, e) for p, e in store.iter_local(base) if regex.match(p[skip:]))
         return
     base_uri = pattern[:cut].rsplit("/", 1)[0]
-    fs, base = io.resolve(base_uri)
+    fs, base = store.resolve(base_uri)
     yield from ((p, e) for p, e in _iter_folder(fs, base, base_uri) if fnmatch.fnmatchcase(p, pattern))
 
 
@@ -114,7 +115,7 @@ def _manifest_batches(path: str) -> Iterator[pd.DataFrame]:
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
-    fs, p = io.resolve(path)
+    fs, p = store.resolve(path)
     try:
         if path.lower().endswith(".parquet"):
             reader = pq.ParquetFile(fs.open_input_file(p))
@@ -138,10 +139,10 @@ def _manifest_batches(path: str) -> Iterator[pd.DataFrame]:
 
 def _iter_manifest(path: str) -> Iterator[pd.DataFrame]:
     """Rows of a manifest, relative paths taken relative to the manifest's folder."""
-    base = path.rsplit("/", 1)[0] if io.is_uri(path) else os.path.dirname(os.path.abspath(path))
+    base = path.rsplit("/", 1)[0] if store.is_uri(path) else os.path.dirname(os.path.abspath(path))
     row = 0
     for df in _manifest_batches(path):
-        paths = [q if io.is_uri(q) or os.path.isabs(q) else io.join(base, q) for q in df["path"].astype(str)]
+        paths = [q if store.is_uri(q) or os.path.isabs(q) else store.join(base, q) for q in df["path"].astype(str)]
         if "label" in df.columns:
             labels = [UNKNOWN_LABEL if pd.isna(v) else label_from_name(v, f"manifest {path!r} row {row + i}")
                       for i, v in enumerate(df["label"])]
@@ -173,14 +174,14 @@ def _iter_item(item: str) -> Iterator[pd.DataFrame]:
     if any(w in item for w in _WILDCARDS):
         yield from _chunks(_iter_glob(item))
         return
-    fs, p = io.resolve(item)
+    fs, p = store.resolve(item)
     info = fs.get_file_info(p)
     if info.type == pafs.FileType.Directory:
         yield from _chunks(_iter_folder(fs, p, item))
     elif item.lower().endswith(MANIFEST_EXTENSIONS):
         yield from _iter_manifest(item)
     else:  # one file (or a broken symlink: its row says so)
-        yield _frame([(io.full_path(fs, p, item), "")])
+        yield _frame([(store.full_path(p, item), "")])
 
 
 def _check_item(item: str) -> None:
@@ -189,7 +190,7 @@ def _check_item(item: str) -> None:
         if next(_iter_glob(item), None) is None:
             raise DataError(f"input {item!r}: the pattern matches no files")
         return
-    fs, p = io.resolve(item)
+    fs, p = store.resolve(item)
     info = fs.get_file_info(p)
     if info.type == pafs.FileType.NotFound and not os.path.islink(item):
         raise DataError(f"input {item!r} does not exist")

@@ -23,7 +23,9 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from cxr_ray.config import ConfigError, ExperimentConfig
+from cxr_ray.config import ExperimentConfig
+from cxr_ray.errors import ConfigError, PreprocessingError
+from cxr_ray.models.specs import pretrained_info
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +34,6 @@ NORMALIZE_MODES = ("fixed", "per_image")
 # data.normalize=fixed (per_image had no scale). Frozen: never derive these from today's code.
 LEGACY_MEAN = (0.485 + 0.456 + 0.406) / 3
 LEGACY_STD = (0.229 + 0.224 + 0.225) / 3
-
-
-class PreprocessingError(ValueError):
-    """A stored contract is malformed or two contracts that must agree do not."""
 
 
 @dataclass(frozen=True)
@@ -106,10 +104,9 @@ class Preprocessing:
 
 
 def resolve_preprocessing(cfg: ExperimentConfig) -> Preprocessing:
-    """The contract for training ``cfg``: the weights' own (``weights.pretrained_info``:
+    """The contract for training ``cfg``: the weights' own (``models.specs.pretrained_info``:
     size, constants, default normalisation) where ``data.image_size`` is 0 and
     ``data.normalize`` is ``auto``, the data config's where it sets them."""
-    from cxr_ray.weights import pretrained_info
 
     info = pretrained_info(cfg.model.name, cfg.model.weights, cfg.model.weights_format)
     size = cfg.data.image_size or info.image_size

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import math
 import zlib
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from cxr_ray.config import AugmentConfig
+from cxr_ray.data.decode import DEFAULT_MAX_FILE_MB, DEFAULT_MAX_PIXELS, DEFAULT_READ_TIMEOUT_S, decode_path
 from cxr_ray.data.preprocessing import Preprocessing
 
 
@@ -42,6 +43,26 @@ def to_model_size(images: np.ndarray, image_size: int) -> np.ndarray:
     t = F.interpolate(t, size=(image_size, image_size), mode="bilinear", antialias=True,
                       align_corners=False)
     return t.round_().clamp_(0, 255).to(torch.uint8).numpy()
+
+
+def load_images(paths: Sequence[str], cache_size: int, image_size: int, listing_errors: Sequence[str] | None = None,
+                max_pixels: int = DEFAULT_MAX_PIXELS, timeout_s: float = DEFAULT_READ_TIMEOUT_S,
+                max_file_mb: float = DEFAULT_MAX_FILE_MB) -> dict[str, np.ndarray]:
+    """Files -> model-size uint8 images the way training saw them: each decoded at the cache
+    size (``decode.decode_path``), then resized to the model's size (:func:`to_model_size`).
+
+    Returns ``image`` ``(B, 1, N, N)``, the original ``width`` / ``height`` and ``error``
+    (``""`` when decoded). Never raises for a bad file: one refused by the listing
+    (``listing_errors``), or that cannot be read or decoded, gets a black image, zero size
+    and the reason. Used by scoring's decode tasks and by Grad-CAM alike."""
+    listed = listing_errors if listing_errors is not None else [""] * len(paths)
+    pixels = np.zeros((len(paths), cache_size, cache_size), np.uint8)
+    width, height = np.zeros(len(paths), np.int32), np.zeros(len(paths), np.int32)
+    errors = np.full(len(paths), "", dtype=object)
+    for i, (path, listing_error) in enumerate(zip(paths, listed)):
+        d = decode_path(path, cache_size, max_pixels, timeout_s, listing_error or "", max_file_mb)
+        pixels[i], width[i], height[i], errors[i] = d.pixels, d.width, d.height, d.error or ""
+    return {"image": to_model_size(pixels, image_size), "width": width, "height": height, "error": errors}
 
 
 def normalize(x: torch.Tensor, contract: Preprocessing) -> torch.Tensor:

@@ -1,0 +1,338 @@
+"""Batch scoring on a real local Ray: exactly-once with bad files, schema, resume after a kill,
+and no preprocessing drift against ``evaluate``."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from helpers import run_cli, start_cli
+from PIL import Image
+
+from cxr_ray.apps.score import OUTPUT_SCHEMA, output_schema, run_score
+from cxr_ray.checkpoint import load_checkpoint, save_checkpoint, write_meta
+from cxr_ray.config import DataConfig, ScoreConfig
+from cxr_ray.data.listing import list_inputs
+from cxr_ray.data.synthetic import chest_image, make_synthetic_dataset, write_dicom
+from cxr_ray.errors import ScoreError
+
+SCORE = ScoreConfig(batch_size=8, decode_batch_size=4, cpus_per_actor=1.0, decode_cpus=0.5,
+                    rows_per_file=7)
+
+
+def _save(img: Image.Image, path: Path, fmt: str, **kw) -> None:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    path.write_bytes(buf.getvalue())
+
+
+@pytest.fixture(scope="module")
+def mixed_folder(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """Good files of every supported kind and bad files of every kind; returns (root, {bad name: reason})."""
+    root = tmp_path_factory.mktemp("mixed")
+    rng = np.random.default_rng(1)
+    for cls in ("NORMAL", "PNEUMONIA"):
+        d = root / cls / "nested"
+        d.mkdir(parents=True)
+        pneu = cls == "PNEUMONIA"
+        for i in range(4):
+            _save(Image.fromarray(chest_image(120, pneu, rng)), d / f"gray{i}.jpeg", "JPEG", quality=90)
+        _save(Image.fromarray(chest_image(150, pneu, rng)).convert("RGB"), d / "rgb.jpg", "JPEG")
+        _save(Image.fromarray(chest_image(100, pneu, rng)), d / "eight.png", "PNG")
+        _save(Image.fromarray(chest_image(100, pneu, rng).astype(np.uint16) * 257), d / "sixteen.png", "PNG")
+        write_dicom(d / "mono2.dcm", chest_image(128, pneu, rng).astype(np.uint16) * 16)
+        write_dicom(d / "mono1_windowed.dcm", 4095 - chest_image(128, pneu, rng).astype(np.uint16) * 16,
+                    photometric="MONOCHROME1", window=(2048, 3000))
+        write_dicom(d / "PACS_EXPORT_0001", chest_image(96, pneu, rng).astype(np.uint16) * 16)  # no extension
+    bad = root / "NORMAL"
+    (bad / "empty.jpeg").write_bytes(b"")
+    good = io.BytesIO()
+    Image.fromarray(chest_image(200, False, rng)).save(good, format="JPEG")
+    (bad / "truncated.jpeg").write_bytes(good.getvalue()[:600])
+    (bad / "notes.txt").write_text("not an image")
+    (bad / "fake.png").write_text("<html>an error page saved as .png</html>")
+    _save(Image.new("LAB", (64, 64)), bad / "lab.tiff", "TIFF")
+    (bad / "broken.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00garbage")
+    (bad / ".DS_Store").write_bytes(b"hidden files are not inputs")
+    reasons = {"empty.jpeg": "empty file", "truncated.jpeg": "cannot decode", "notes.txt": "not a recognised",
+               "fake.png": "not a recognised", "lab.tiff": "unsupported image mode", "broken.dcm": "DICOM",
+               "vanished.jpeg": "cannot read file"}
+    return root, reasons
+
+
+def _manifest_with_missing(root: Path, tmp_path: Path) -> Path:
+    """A manifest naming one file that does not exist (deleted after listing, unmounted ...)."""
+    manifest = tmp_path / "extra.csv"
+    pd.DataFrame({"path": [str(root / "NORMAL" / "vanished.jpeg")], "label": ["NORMAL"]}).to_csv(manifest)
+    return manifest
+
+
+def test_every_file_exactly_once_with_errors_named(ray_local, checkpoint, mixed_folder, tmp_path):
+    root, reasons = mixed_folder
+    inputs = [str(root), str(root / "PNEUMONIA" / "nested" / "*.jpeg"),  # overlaps the folder
+              str(_manifest_with_missing(root, tmp_path))]
+    listing = list_inputs(inputs)
+    out = tmp_path / "out"
+    summary = run_score(checkpoint, inputs, str(out), SCORE, with_labels=True)
+    df = pd.read_parquet(out)
+    assert len(df) == len(listing) == df["path"].nunique() == 2 * 10 + len(reasons)
+    assert set(df["path"]) == set(listing["path"])
+    assert not any(p.endswith(".DS_Store") for p in df["path"])
+    failed = df[df["error"].notna()].set_index(df["path"][df["error"].notna()].map(lambda p: Path(p).name))
+    assert set(failed.index) == set(reasons)
+    for name, reason in reasons.items():
+        assert reason in failed.at[name, "error"], (name, failed.at[name, "error"])
+    assert failed["prob_pneumonia"].isna().all() and failed["prediction"].isna().all()
+    scored = df[df["error"].isna()]
+    assert len(scored) == 20 and scored["prob_pneumonia"].between(0, 1).all()
+    assert (scored["prediction"] == np.where(scored["prob_pneumonia"] >= 0.5, "PNEUMONIA", "NORMAL")).all()
+    assert scored["prob_pneumonia"].std() > 1e-3  # real, image-dependent scores
+    assert set(scored["width"]) == {120, 150, 100, 128, 96}
+    assert (scored["label"] == np.where(scored["path"].str.contains("/PNEUMONIA/"), "PNEUMONIA", "NORMAL")).all()
+    assert (summary.scored, summary.failed, summary.files_seen) == (20, len(reasons), len(listing))
+    assert summary.metrics is not None and summary.metrics["n"] == 20
+    assert len(list(out.glob("part-*.parquet"))) == -(-len(df) // SCORE.rows_per_file)
+    assert not (out / "_tmp").exists()
+
+
+def test_output_schema_readable_without_cxr_ray(ray_local, checkpoint, mixed_folder, tmp_path):
+    root, _ = mixed_folder
+    out = tmp_path / "out"
+    run_score(checkpoint, [str(root)], str(out), SCORE)
+    table = pq.read_table(out)  # pyarrow reads the folder as one dataset; _-files are ignored
+    assert table.schema.equals(OUTPUT_SCHEMA, check_metadata=False)
+    assert table.schema.field("scored_at").type == pa.timestamp("us", tz="UTC")
+    df = pd.read_parquet(out)
+    assert str(df["prob_pneumonia"].dtype) == "float32" and str(df["threshold"].dtype) == "float32"
+    assert df["model"].nunique() == 1 and re.search(r"@epoch0#[0-9a-f]{12}$", df["model"].iat[0])
+    duckdb = pytest.importorskip("duckdb")
+    (n, n_err), = duckdb.sql(f"SELECT count(*), count(error) FROM read_parquet('{out}/*.parquet')").fetchall()
+    assert (n, n_err) == (len(df), df["error"].notna().sum())
+    assert output_schema(True).names[-1] == "label"
+
+
+def test_refuses_to_mix_runs_and_models(ray_local, checkpoint, mixed_folder, tmp_path):
+    root, _ = mixed_folder
+    inputs = [str(root / "PNEUMONIA")]
+    listing = list_inputs(inputs)
+    out = str(tmp_path / "out")
+    run_score(checkpoint, inputs, out, SCORE)
+    with pytest.raises(ScoreError, match="already holds .* pass --resume"):
+        run_score(checkpoint, inputs, out, SCORE)
+    with pytest.raises(ScoreError, match="with --with-labels|without --with-labels"):
+        run_score(checkpoint, inputs, out, SCORE, resume=True, with_labels=True)
+    summary = run_score(checkpoint, inputs, out, SCORE, resume=True)  # nothing left to do
+    assert (summary.already_done, summary.scored, summary.total_rows) == (len(listing), 0, len(listing))
+    # A checkpoint re-exported at the same path is another model: resuming with it is refused.
+    best = tmp_path / "best"
+    shutil.copytree(checkpoint, best)
+    run_score(str(best), inputs, str(tmp_path / "out2"), SCORE)
+    old = load_checkpoint(best)
+    with torch.no_grad():
+        old.model.head[-1].bias.add_(1.0)
+    save_checkpoint(best, old.model, old.cfg, old.threshold, {}, 0)
+    with pytest.raises(ScoreError, match=r"was scored by model '.*best@epoch0#[0-9a-f]{12}'"):
+        run_score(str(best), inputs, str(tmp_path / "out2"), SCORE, resume=True)
+
+
+def test_scores_equal_evaluate_no_preprocessing_drift(ray_local, checkpoint, tmp_path):
+    from cxr_ray.apps.evaluate import evaluate_checkpoint
+
+    root = make_synthetic_dataset(tmp_path / "syn", n=120, size=110, seed=3)
+    evaluate_checkpoint(load_checkpoint(checkpoint), str(root), "test", str(tmp_path / "eval"),
+                        cache_dir=str(tmp_path / "cache"))
+    ev = pd.read_parquet(tmp_path / "eval" / "predictions.parquet").set_index("path")
+    run_score(checkpoint, [str(root / "test")], str(tmp_path / "scores"), SCORE)
+    sc = pd.read_parquet(tmp_path / "scores").set_index("path")
+    assert set(sc.index) == set(ev.index) and len(ev) >= 15
+    diff = np.abs(sc.loc[ev.index, "prob_pneumonia"].to_numpy() - ev["probability"].to_numpy())
+    assert diff.max() <= 1e-5, diff.max()
+    assert (sc.loc[ev.index, "prediction"] == ev["prediction"]).all()
+
+
+def test_a_labelled_sample_without_train_split_evaluates(ray_local, checkpoint, tmp_path):
+    """A hospital's sample is class folders only (SITE/{NORMAL,PNEUMONIA}): evaluate needs no
+    training images; there is no validation split, so no operating-point table."""
+    from cxr_ray.apps.evaluate import evaluate_checkpoint
+
+    root = make_synthetic_dataset(tmp_path / "syn", n=120, size=110, seed=3)
+    ckpt = load_checkpoint(checkpoint)
+    whole = evaluate_checkpoint(ckpt, str(root), "test", str(tmp_path / "eval"), cache_dir=str(tmp_path / "cache"))
+    site = evaluate_checkpoint(ckpt, str(root / "test"), "test", str(tmp_path / "site"),
+                               cache_dir=str(tmp_path / "cache"), cue_strata=True)
+    assert site["n"] == whole["n"] >= 15 and site["roc_auc"] == pytest.approx(whole["roc_auc"])
+    assert site["operating_points"] is None
+    saved = json.loads((tmp_path / "site" / "metrics.json").read_text())
+    assert saved["data"] == str(root / "test")
+    # --cue-strata needs 5 patients per class for its patient folds: 3 NORMAL patients are refused, by name
+    assert "NORMAL=3" in saved["cue_strata"]["error"] and "patients per class" in saved["cue_strata"]["error"]
+    # on the training split (11 NORMAL, 31 PNEUMONIA patients): the audit's cues of each image,
+    # matched to its prediction by path (shuffled below: a positional join would pair the wrong rows)
+    from cxr_ray.apps.evaluate import cue_strata_report
+
+    train = evaluate_checkpoint(ckpt, str(root), "train", str(tmp_path / "train"), cache_dir=str(tmp_path / "cache"),
+                                cue_strata=True)
+    strata = train["cue_strata"]
+    assert strata["n"] == train["n"] and strata["model_auc"] == pytest.approx(train["roc_auc"], abs=1e-6), strata
+    preds = pd.read_parquet(tmp_path / "train" / "predictions.parquet").sample(frac=1.0, random_state=0)
+    again = cue_strata_report(preds.reset_index(drop=True))
+    assert again["model_auc"] == pytest.approx(strata["model_auc"]) and again["strata"] == strata["strata"]
+
+
+class _Output:
+    """The part of ``OutputFolder`` that ``sampled_acquisition`` reads: committed record batches."""
+
+    def __init__(self, rows: list[tuple[str, str | None]]):
+        self.table = pa.table({"path": [r[0] for r in rows], "error": pa.array([r[1] for r in rows], pa.string())})
+
+    def batches(self, columns):
+        yield from self.table.select(columns).to_batches(max_chunksize=7)
+
+
+def test_drift_samples_only_scored_files_and_measures_them_as_scoring_does(checkpoint, tmp_path):
+    """``score``'s acquisition statistics: a seeded sample of the rows that scored (never an
+    error row), decoded again by the scoring preprocessing, capped at MAX_STAT_IMAGES."""
+    from cxr_ray.analysis import drift
+    from cxr_ray.apps.score.job import sampled_acquisition
+    from cxr_ray.data.decode import decode_image
+    from cxr_ray.data.transforms import to_model_size
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(30):
+        path = tmp_path / f"f{i}.png"
+        Image.fromarray(chest_image(96, i % 2 == 0, rng)).save(path)
+        rows.append((str(path), None))
+    rows += [(str(tmp_path / "gone.png"), "cannot read: missing"), (str(tmp_path / "f0.png"), "refused: too big")]
+    ckpt = load_checkpoint(checkpoint)
+    got = sampled_acquisition(ckpt, _Output(rows), DataConfig())
+    c = ckpt.preprocessing
+    images = [to_model_size(decode_image(Path(p).read_bytes(), c.cache_size, p)[0][None], c.image_size)
+              for p, _ in rows[:30]]
+    expected = drift.acquisition_stats(np.concatenate(images))
+    for k in drift.ACQUISITION_STATS:  # all 30 scored files, none of the error rows, in the file order
+        np.testing.assert_allclose(np.sort(got[k]), np.sort(expected[k]), rtol=1e-6, err_msg=k)
+    old = drift.MAX_STAT_IMAGES
+    try:
+        drift.MAX_STAT_IMAGES = 12
+        capped = sampled_acquisition(ckpt, _Output(rows), DataConfig())
+    finally:
+        drift.MAX_STAT_IMAGES = old
+    assert all(len(v) == 12 for v in capped.values())
+    assert sampled_acquisition(ckpt, _Output(rows[30:]), DataConfig()) is None
+
+
+@pytest.mark.slow
+def test_resume_after_kill_loses_nothing_duplicates_nothing(checkpoint, tmp_path):
+    root = make_synthetic_dataset(tmp_path / "syn", n=900, size=64, seed=5)
+    (root / "train" / "NORMAL" / "zero.jpeg").write_bytes(b"")
+    out = tmp_path / "out"
+    args = ["score", "--checkpoint", checkpoint, "--input", str(root), "--output", str(out),
+            "--set", "score.rows_per_file=40", "--set", "score.batch_size=4",
+            "--set", "score.decode_batch_size=4", "--set", "score.decode_cpus=0.5"]
+    proc = start_cli(*args)
+    try:
+        deadline = time.time() + 240
+        while len(list(out.glob("part-*.parquet"))) < 2 and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, "the job finished before it could be interrupted: " + proc.stderr.read()[-2000:]
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the whole job, as a crash or an OOM kill would
+        proc.wait()
+    first = pd.read_parquet(out)  # only whole committed parts are visible
+    n_files = len(list_inputs([str(root)]))
+    assert 0 < len(first) < n_files and first["path"].is_unique
+    again = run_cli(*args, timeout=300)
+    assert again.returncode == 2 and "--resume" in again.stderr  # no silent second copy
+    resumed = run_cli(*args, "--resume", timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    final = pd.read_parquet(out)
+    assert len(final) == n_files and final["path"].is_unique
+    assert set(final["path"]) == set(list_inputs([str(root)])["path"])
+    kept = final.set_index("path").loc[first["path"], "scored_at"]
+    assert (kept.to_numpy() == first["scored_at"].to_numpy()).all()  # committed rows untouched
+    assert final.loc[final["path"].str.endswith("zero.jpeg"), "error"].iat[0].startswith("empty file")
+    assert f"already in the output: {len(first)}" in resumed.stdout
+    assert resumed.stdout.strip().splitlines()[-1] == str(out)
+
+
+def test_uri_inputs_and_output(ray_local, checkpoint, mixed_folder, tmp_path):
+    """``file://`` goes through the same pyarrow-filesystem paths as ``s3://`` and ``gs://``."""
+    root, _ = mixed_folder
+    inputs = [f"file://{root}/PNEUMONIA", f"file://{root}/NORMAL/nested/*.jpeg"]
+    listing = list_inputs(inputs)
+    assert listing["path"].str.startswith("file:///").all() and len(listing) == 14
+    out = f"file://{tmp_path}/uri_out"
+    summary = run_score(f"file://{checkpoint}", inputs, out, SCORE, with_labels=True)
+    df = pd.read_parquet(tmp_path / "uri_out")
+    assert set(df["path"]) == set(listing["path"]) and df["error"].isna().all()
+    assert summary.scored == 14 and summary.metrics is not None
+    assert (tmp_path / "uri_out" / "_metrics.json").is_file() and not (tmp_path / "uri_out" / "_tmp").exists()
+
+
+def test_defaults_size_the_job_from_the_cluster_and_keep_the_checkpoint_precision(ray_local, checkpoint,
+                                                                                  tmp_path, monkeypatch):
+    """Nothing set: one actor takes the 2-CPU cluster's CPUs after a 0.5-CPU decode task, and
+    the model runs in the precision its threshold was chosen in, where the CPU runs it fast."""
+    from cxr_ray.apps.score.job import resolve_score
+    from cxr_ray.engine import precision as engine
+
+    fp32 = load_checkpoint(checkpoint)  # saved with val_precision fp32
+    bf16_dir = tmp_path / "bf16"
+    shutil.copytree(checkpoint, bf16_dir)
+    meta = json.loads((bf16_dir / "checkpoint.json").read_text())
+    write_meta(bf16_dir, {**meta, "val_precision": "bf16"})  # val_precision is in the digest: sealed anew
+    bf16 = load_checkpoint(bf16_dir)
+    for fast in (True, False):
+        monkeypatch.setattr(engine, "cpu_runs_bf16_fast", lambda fast=fast: fast)
+        auto = resolve_score(ScoreConfig(), bf16)
+        assert (auto.decode_cpus, auto.cpus_per_actor, auto.amp) == (0.5, 1.5, "bf16" if fast else "fp32")
+        # backend=auto: torch runs bf16; an fp32 job on CPU goes to ONNX Runtime (installed here)
+        assert auto.backend == ("torch" if fast else "onnxruntime")
+        assert (resolve_score(ScoreConfig(), fp32).amp, resolve_score(ScoreConfig(), fp32).backend) == (
+            "fp32", "onnxruntime")
+        assert (resolve_score(ScoreConfig(amp="bf16"), fp32).amp, resolve_score(ScoreConfig(amp="bf16"), fp32).backend
+                ) == ("bf16", "torch")
+        assert resolve_score(ScoreConfig(compile=True), fp32).backend == "torch"
+        assert resolve_score(ScoreConfig(backend="torch"), fp32).backend == "torch"
+    two = resolve_score(ScoreConfig(num_actors=2, decode_cpus=0.4), fp32)
+    assert (two.cpus_per_actor, two.decode_cpus) == (0.75, 0.4)
+    assert resolve_score(ScoreConfig(cpus_per_actor=1.0), fp32).cpus_per_actor == 1.0  # as set
+
+
+def test_onnxruntime_backend_scores_like_the_torch_model(ray_local, checkpoint, mixed_folder, tmp_path):
+    """score.backend=onnxruntime: the actors run the checkpoint's ONNX export (fp32) and give
+    the torch model's fp32 probabilities; bad files are reported the same way."""
+    import dataclasses
+    import json
+
+    root, _ = mixed_folder
+    runs = {}
+    for backend in ("torch", "onnxruntime"):
+        out = tmp_path / backend
+        run_score(checkpoint, [str(root)], str(out), dataclasses.replace(SCORE, backend=backend, amp="fp32"))
+        runs[backend] = pd.read_parquet(out).set_index("path").sort_index()
+        job = json.loads((out / "_score_job.json").read_text())
+        assert (job["score"]["backend"], job["score"]["amp"]) == (backend, "fp32")
+    torch_df, onnx_df = runs["torch"], runs["onnxruntime"]
+    assert list(torch_df.index) == list(onnx_df.index)
+    assert (torch_df["error"].fillna("") == onnx_df["error"].fillna("")).all()
+    ok = torch_df["error"].isna()
+    assert ok.sum() == 20 and torch_df.loc[ok, "prob_pneumonia"].std() > 1e-3
+    diff = np.abs(torch_df.loc[ok, "prob_pneumonia"] - onnx_df.loc[ok, "prob_pneumonia"])
+    assert diff.max() <= 1e-5, diff.max()
+    assert (torch_df["prediction"].fillna("") == onnx_df["prediction"].fillna("")).all()
+    with pytest.raises(Exception, match="score.amp: expected auto or fp32 with score.backend=onnxruntime"):
+        ScoreConfig(backend="onnxruntime", amp="bf16")

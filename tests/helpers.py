@@ -1,0 +1,68 @@
+"""Shared test helpers (functions and paths; the fixtures are in ``conftest.py``): running the
+``cxr-ray`` CLI as a user would, stopping a local Ray, writing small images."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository
+REAL_ROOT = ROOT.parent / "shared" / "data" / "cxr-kaggle-224-dev"  # the shared real images
+FIXTURES = ROOT / "tests" / "fixtures"
+
+
+def run_cli(*args: str, timeout: float = 900, **kw) -> subprocess.CompletedProcess:
+    """Run ``cxr-ray ARGS`` as a user would (a fresh Python process); stdout/stderr captured."""
+    return subprocess.run([sys.executable, "-m", "cxr_ray.cli", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, **kw)
+
+
+def start_cli(*args: str, **kw) -> subprocess.Popen:
+    """Start ``cxr-ray ARGS`` in the background, in its own process group (to kill it whole)."""
+    kw = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **kw}
+    return subprocess.Popen([sys.executable, "-m", "cxr_ray.cli", *map(str, args)], text=True,
+                            start_new_session=True, **kw)
+
+
+def ray_stop() -> None:
+    """Stop every local Ray (``ray stop --force``): no half-stopped cluster may be joined later."""
+    subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True)
+
+
+def write_image(path: Path, size: int = 32, value: int = 128) -> Path:
+    """A small uniform grayscale JPEG/PNG at ``path`` (parents created)."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((size, size), value, np.uint8)).save(path)
+    return path
+
+
+@contextlib.contextmanager
+def moto_server(**env: str):
+    """moto's S3 server on a free port of 127.0.0.1 (``env``: moto's own settings); its URL."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **env})
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert server.poll() is None and time.time() < deadline, "moto server did not start"
+                time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

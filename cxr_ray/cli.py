@@ -7,6 +7,7 @@ config is loaded and validated before Ray starts. ``experiments/*.py`` are thin 
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import os
 import sys
@@ -14,20 +15,22 @@ import time
 import traceback
 from typing import Callable, Sequence
 
+import cxr_ray
 from cxr_ray.config import PRECISIONS, ExperimentConfig, load_config, parse_override, parse_tta_modes
 from cxr_ray.errors import ConfigError, CxrRayError
 
 
-def _config_and_address(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML config file (see configs/)")
+def _config_and_address(p: argparse.ArgumentParser, example: str = "train.epochs=5") -> None:
+    p.add_argument("--config", help="YAML config file (see configs/; `cxr-ray config` prints every key)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set data.image_size=224 (repeatable)")
+                   help=f"override a config key, e.g. --set {example} (repeatable; a key this command "
+                        f"does not read is refused)")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a cluster "
                    "running on this node, else a new local Ray)")
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    _config_and_address(p)
+def _common(p: argparse.ArgumentParser, example: str = "data.val_fraction=0.1") -> None:
+    _config_and_address(p, example)
     p.add_argument("--data", help="dataset root or CSV/Parquet manifest (sets data.root)")
     p.add_argument("--cache", help="cache folder or URI (sets data.cache_dir)")
     p.add_argument("--size", type=int, help="image side in pixels (sets data.image_size)")
@@ -60,11 +63,35 @@ def use_storage_from_args(args: argparse.Namespace) -> None:
     store.use_endpoint(load_config(args.config, storage_sets).storage.endpoint_url)
 
 
-def refuse_model_settings(args: argparse.Namespace, command: str) -> None:
-    """Commands that apply a checkpoint take its own config: only ``storage.*`` may be ``--set``."""
-    bad = [o for o in args.set if not o.split("=", 1)[0].strip().startswith("storage.")]
+_TRAINING = ("data.", "model.", "train.", "augment.", "metric.", "storage.")
+_CHECKPOINT = ("storage.",)
+# The config keys (prefixes) each command reads, and why the others do nothing there: a --set of
+# a key a command ignores is refused, never silently dropped.
+COMMAND_KEYS: dict[str, tuple[tuple[str, ...], str]] = {
+    "train": (_TRAINING, "train does not search (tune.*) or score (score.*)"),
+    "tune": (_TRAINING + ("tune.",), "tune does not score (score.*)"),
+    "prepare": (("data.", "model.", "storage."), "prepare decodes the data (data.*) at the size the model "
+                                                  "(model.*) needs"),
+    "inspect": (("data.", "model.", "storage."), "inspect reads the data (data.*) at the size the model "
+                                                  "(model.*) needs"),
+    "audit": (("data.", "storage."), "audit measures the data (data.*)"),
+    "score": (("score.", "storage.", "data.max_pixels", "data.read_timeout_s", "data.max_file_mb",
+               "data.stall_timeout_s"),
+              "score applies the checkpoint's own model and preprocessing; it reads score.*, storage.*, the "
+              "file limits data.max_pixels, data.read_timeout_s, data.max_file_mb and data.stall_timeout_s"),
+    **{c: (_CHECKPOINT, f"{c} uses the checkpoint's own config; only storage.* may be set")
+       for c in ("evaluate", "export", "fit-tta", "calibrate", "ensemble")},
+    "config": (("",), ""),
+}
+
+
+def check_set_keys(args: argparse.Namespace) -> None:
+    """A :class:`ConfigError` naming each ``--set`` key the command does not read, and why."""
+    allowed, why = COMMAND_KEYS.get(args.command, (("",), ""))
+    bad = [o.split("=", 1)[0].strip() for o in getattr(args, "set", [])
+           if not any(o.split("=", 1)[0].strip().startswith(a) for a in allowed)]
     if bad:
-        raise ConfigError(f"{command} uses the checkpoint's own config; only storage.* may be set, not {bad}")
+        raise ConfigError(f"--set {', '.join(bad)}: not read by {args.command} ({why})")
 
 
 def shutdown_ray() -> None:
@@ -76,8 +103,9 @@ def shutdown_ray() -> None:
 
 
 def say(line: str) -> None:
-    """A progress line of a running command (the workflows' ``say``)."""
-    print(line, flush=True)
+    """A progress line of a running command (the workflows' ``say``): on stderr, with the logs,
+    so that stdout holds only results."""
+    print(line, file=sys.stderr, flush=True)
 
 
 def cmd_make_synthetic(args: argparse.Namespace) -> int:
@@ -88,7 +116,7 @@ def cmd_make_synthetic(args: argparse.Namespace) -> int:
     if store.is_uri(args.out):
         raise ConfigError(f"make-synthetic writes a local folder, not {args.out}; write it here, then "
                           f"upload it (aws s3 sync / gcloud storage cp -r)")
-    root = make_synthetic_dataset(args.out, n=args.n, size=args.size, seed=args.seed)
+    root = make_synthetic_dataset(args.out, n=args.n, size=args.image_size, seed=args.seed)
     print(f"wrote a SYNTHETIC dataset (not medical images) to {root}")
     return 0
 
@@ -132,8 +160,8 @@ def train_config_from_args(args: argparse.Namespace) -> ExperimentConfig:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """Train on Ray Train, then fit the TTA decisions; prints a summary and, last, the best
-    checkpoint's path."""
+    """Train on Ray Train, then fit the TTA decisions. Progress and the summary go to stderr; stdout
+    is the best checkpoint's path only (RUN/best), so CKPT=$(cxr-ray train ...) captures it."""
     from cxr_ray.apps import workflows
     from cxr_ray.apps.tta import format_decisions
 
@@ -143,18 +171,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         print("cxr-ray train: the run produced no checkpoint", file=sys.stderr)
         return 1
     b, cfg, selection = out.best_metrics, out.cfg, out.cfg.metric.selection
-    print(f"[train] {out.epochs_run} epoch(s); best epoch {b['epoch'] + 1}: val roc_auc "
-          f"{b['roc_auc']:.4f}, pAUC {b['pauc']:.4f} ({selection} {b[selection]:.4f}); recall "
-          f"{b['recall']:.4f} and specificity {b['specificity']:.4f} (95% lower bound "
-          f"{b['specificity_lower_bound']:.4f}) at threshold {b['threshold']:.4f}, chosen by "
-          f"{cfg.metric.threshold_rule} on {b['n']} validation images")
+    say(f"[train] {out.epochs_run} epoch(s); best epoch {b['epoch'] + 1}: val roc_auc "
+        f"{b['roc_auc']:.4f}, pAUC {b['pauc']:.4f} ({selection} {b[selection]:.4f}); recall "
+        f"{b['recall']:.4f} and specificity {b['specificity']:.4f} (95% lower bound "
+        f"{b['specificity_lower_bound']:.4f}) at threshold {b['threshold']:.4f}, chosen by "
+        f"{cfg.metric.threshold_rule} on {b['n']} validation images")
     if cfg.metric.calibrate and "temperature" in b:  # (checkpoints of runs started before it: absent)
-        print(f"[train] probabilities calibrated on validation ({cfg.metric.calibration}): temperature "
-              f"{b['temperature']:.3f}, bias {b.get('logit_bias', 0.0):+.3f}, ECE {b['val_ece_before']:.4f} -> "
-              f"{b['val_ece']:.4f}")
+        say(f"[train] probabilities calibrated on validation ({cfg.metric.calibration}): temperature "
+            f"{b['temperature']:.3f}, bias {b.get('logit_bias', 0.0):+.3f}, ECE {b['val_ece_before']:.4f} -> "
+            f"{b['val_ece']:.4f}")
     for line in format_decisions(out.tta, prefix="[train] TTA"):
-        print(line)
-    print(f"[train] run folder: {out.run_dir}")
+        say(line)
+    say(f"[train] run folder: {out.run_dir}; the best epoch's checkpoint {out.source_checkpoint} is copied to")
     print(out.best_checkpoint)
     return 0
 
@@ -165,7 +193,6 @@ def cmd_fit_tta(args: argparse.Namespace) -> int:
     from cxr_ray.apps import workflows
     from cxr_ray.apps.tta import format_decisions
 
-    refuse_model_settings(args, "fit-tta")
     ckpt, decisions = workflows.fit_tta_on(args.checkpoint, parse_tta_modes(args.tta, "--tta"), args.data or "",
                                            args.cache or "", args.amp, args.address)
     shutdown_ray()
@@ -196,7 +223,6 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from cxr_ray.apps import workflows
     from cxr_ray.apps.calibrate import format_calibration
 
-    refuse_model_settings(args, "calibrate")
     out, result = workflows.calibrate(args.checkpoint, args.data, args.out, args.cache or "", args.amp, args.address)
     shutdown_ray()
     for line in format_calibration(result):
@@ -211,7 +237,6 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
     from cxr_ray.apps import workflows
     from cxr_ray.apps.ensemble import format_ensemble
 
-    refuse_model_settings(args, "ensemble")
     ckpt = workflows.ensemble(args.out, args.from_experiment or "", args.top_k, args.checkpoints, args.amp,
                               args.address)
     shutdown_ray()
@@ -228,14 +253,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from cxr_ray.cluster import init_ray
     from cxr_ray.storage import uri as store
 
-    refuse_model_settings(args, "evaluate")
     prevalences = parse_prevalences(args.prevalence)
     ckpt = load_checkpoint(args.checkpoint).with_tta(args.tta)  # a mode without a decision fails here
     root = args.data or ckpt.cfg.data.root
     store.check_location(args.out, "--out")
-    init_ray(args.address)
     if args.explain < 0:
         raise ConfigError(f"--explain: expected a count >= 0, got {args.explain}")
+    init_ray(args.address)
     metrics = evaluate_checkpoint(ckpt, root, args.split, args.out, cache_dir=args.cache or "", amp=args.amp,
                                   prevalences=prevalences, explain=args.explain, cue_strata=args.cue_strata)
     shutdown_ray()  # no worker log lines may arrive after the report folder below
@@ -273,19 +297,19 @@ def cmd_score(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set + ([f"score.tta={args.tta}"] if args.tta else []))
     # a bad checkpoint, or a TTA mode it has no threshold for, fails here, before listing and Ray
     ckpt = load_checkpoint(args.checkpoint).with_tta(cfg.score.tta)
-    store.check_location(args.output, "--output")
+    store.check_location(args.out, "--out")
     check_inputs(args.input)  # fails fast on a missing input, before Ray (listed later, in a stream)
-    check_output(OutputFolder(args.output), ckpt.model_id, args.with_labels, args.resume)  # before Ray
+    check_output(OutputFolder(args.out), ckpt.model_id, args.with_labels, args.resume)  # before Ray
     explain_dir = check_explain_flags(args)
     init_ray(args.address)
     try:
-        summary = run_score(ckpt, args.input, args.output, cfg.score,
+        summary = run_score(ckpt, args.input, args.out, cfg.score,
                             resume=args.resume, with_labels=args.with_labels, limits=cfg.data)
     except KeyboardInterrupt:
-        print(f"cxr-ray score: interrupted; finished rows are committed in {args.output}. "
+        print(f"cxr-ray score: interrupted; finished rows are committed in {args.out}. "
               f"Re-run with --resume to score the rest.", file=sys.stderr)
         return 130
-    explained = (workflows.explain_scoring_job(ckpt, args.output, explain_dir, args.explain_top, cfg.score, say=say)
+    explained = (workflows.explain_scoring_job(ckpt, args.out, explain_dir, args.explain_top, cfg.score, say=say)
                  if explain_dir else None)
     shutdown_ray()
     if summary.failed:
@@ -295,7 +319,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         if summary.failed > 20:
             print(f"  ... and {summary.failed - 20} more: read them with error IS NOT NULL")
     if summary.metrics is not None:
-        print(format_table(summary.metrics, f"[score] metrics over the labelled rows of {args.output}"))
+        print(format_table(summary.metrics, f"[score] metrics over the labelled rows of {args.out}"))
     if summary.drift is not None:
         from cxr_ray.analysis.drift import format_drift
 
@@ -305,7 +329,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     if explained is not None:
         print(f"[score] Grad-CAM of {explained['what']}: {explained['explained']} overlay(s), "
               f"{len(explained['failed'])} could not be read; gallery: {explained['index']}")
-    print(args.output)
+    print(args.out)
     return 0
 
 
@@ -335,8 +359,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
     ckpt = load_checkpoint(args.checkpoint)
     listing = list_inputs(args.input)  # a missing input fails here, naming it
     paths, errors = listing["path"].tolist(), listing["error"].fillna("").tolist()
-    print(f"[explain] {len(paths)} file(s), {ckpt.cfg.model.name}, {ckpt.preprocessing.describe()}", flush=True)
-    items = explain_files(ckpt, paths, errors, on_batch=lambda n: print(f"[explain] {n}/{len(paths)}", flush=True)
+    say(f"[explain] {len(paths)} file(s), {ckpt.cfg.model.name}, {ckpt.preprocessing.describe()}")
+    items = explain_files(ckpt, paths, errors, on_batch=lambda n: say(f"[explain] {n}/{len(paths)}")
                           if len(paths) > 64 else None)
     index = write_gallery(items, args.out, f"cxr_ray Grad-CAM: {ckpt.model_id}")
     c = summary(items)
@@ -355,7 +379,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     from cxr_ray.checkpoint import load_checkpoint
     from cxr_ray.storage import uri as store
 
-    refuse_model_settings(args, "export")
     ckpt = load_checkpoint(args.checkpoint)
     store.check_location(args.out, "--out")
     meta = export_checkpoint(ckpt, args.format, args.out)
@@ -379,12 +402,16 @@ def tune_config_from_args(args: argparse.Namespace) -> tuple[ExperimentConfig, s
     from cxr_ray.apps.workflows import demo_config
     from cxr_ray.training.tune import read_experiment_config
 
-    if args.resume:
+    if args.resume:  # the experiment's own config: settings given now would be ignored, so they are refused
+        given = [o for o in _overrides(args) if not o.startswith("storage.")] + (["--config"] if args.config else [])
+        if given or args.demo:
+            raise ConfigError(f"tune --resume continues the experiment with its own saved config; remove "
+                              f"{given + (['--demo'] if args.demo else [])} (only --set storage.* applies)")
         cfg, cache_uri = read_experiment_config(args.resume)
         return cfg, cache_uri
     cfg = config_from_args(args)
-    if args.demo:
-        cfg = demo_config(cfg, dict(parse_override(o) for o in args.set), data_given=bool(args.data))
+    if args.demo:  # the user's --set and shortcut flags (--data, --cache, --size) win over the demo's sizes
+        cfg = demo_config(cfg, dict(parse_override(o) for o in _overrides(args)), data_given=bool(args.data))
     return cfg, None
 
 
@@ -440,16 +467,52 @@ def _tta_flag(p: argparse.ArgumentParser, default: str | None = "none") -> None:
                         "for that mode" + (" (default: score.tta, none)" if default is None else " (default none)"))
 
 
+STORAGE_EXAMPLE = "storage.endpoint_url=http://minio:9000"
+EXAMPLES = {
+    "config": "cxr-ray config --config configs/scratch_cnn_cpu.yaml --set train.epochs=8 > my.yaml",
+    "make-synthetic": "cxr-ray make-synthetic data/synthetic --n 400 --image-size 128",
+    "prepare": "cxr-ray prepare --data ~/data/chest_xray",
+    "inspect": "cxr-ray inspect --data ~/data/chest_xray",
+    "train": "CKPT=$(cxr-ray train --config configs/scratch_cnn_cpu.yaml --data ~/data/chest_xray)",
+    "tune": "cxr-ray tune --demo",
+    "evaluate": "cxr-ray evaluate --checkpoint $CKPT --split test --out reports/test",
+    "score": "cxr-ray score --checkpoint $CKPT --input ~/data/new_site --out predictions/",
+    "explain": "cxr-ray explain --checkpoint $CKPT --input ~/data/chest_xray/test/PNEUMONIA --out gallery/",
+    "export": "cxr-ray export --checkpoint $CKPT --format onnx --out exported/",
+    "fit-tta": "cxr-ray fit-tta --checkpoint $CKPT --tta hflip,crop5",
+    "audit": "cxr-ray audit --data ~/data/chest_xray --out audit/",
+    "calibrate": "cxr-ray calibrate --checkpoint $CKPT --data ~/data/site_sample --out site_ckpt/",
+    "ensemble": "cxr-ray ensemble --from runs/<tune experiment> --top-k 3 --out ensemble/",
+}
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    """Print the resolved configuration (defaults, then --config, then each --set) as YAML: every
+    key with its value, ready to save and pass back with --config."""
+    import yaml
+
+    print(yaml.safe_dump(load_config(args.config, args.set).to_dict(), sort_keys=False), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse tree of every subcommand."""
     parser = argparse.ArgumentParser(prog="cxr-ray", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"cxr-ray {cxr_ray.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("config", help="print the resolved configuration, every key with its value (YAML)")
+    p.add_argument("--config", help="YAML config file to start from (default: the built-in defaults)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set model.name=simple_cnn (repeatable)")
+    p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("make-synthetic", help="write a synthetic dataset (for demos and tests)")
     p.add_argument("out", help="output folder")
     p.add_argument("--n", type=int, default=400, help="number of images (default 400)")
-    p.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", "--size", dest="image_size", type=int, default=128,
+                   help="side of the generated images in pixels (default 128; --size: the same)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.set_defaults(func=cmd_make_synthetic)
 
     p = sub.add_parser("prepare", help="decode every image once into the Parquet cache")
@@ -457,13 +520,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("train", help="train a model on Ray Train; last line: best checkpoint")
-    _common(p)
+    _common(p, "train.epochs=5")
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue an interrupted run from its latest checkpoint (same config)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("tune", help="Ray Tune search over unfreeze depth, dropout, lr (ASHA + Optuna)")
-    _common(p)
+    _common(p, "tune.num_samples=8")
     p.add_argument("--demo", action="store_true",
                    help="small real search on generated synthetic data: local Ray, no downloads")
     p.add_argument("--resume", metavar="EXPERIMENT_DIR", help="continue an interrupted experiment")
@@ -492,7 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "model's ROC-AUC within cue-matched strata (does it still separate the classes "
                         "where the cues cannot?); needs >= 5 patients per class")
     _tta_flag(p)
-    _config_and_address(p)  # only the config's storage: section applies (the model brings its own)
+    _config_and_address(p, STORAGE_EXAMPLE)  # only the config's storage: section applies (the model brings its own)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("score", help="score image folders/globs/manifests to Parquet (Ray Data)")
@@ -500,9 +563,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", action="append", required=True, metavar="PATH_OR_URI",
                    help="folder (recursive), glob, or CSV/Parquet manifest with a 'path' column; "
                         "local or s3:// / gs:// (repeatable)")
-    p.add_argument("--output", required=True, help="output folder or URI for the Parquet dataset")
+    p.add_argument("--out", "--output", dest="out", required=True,
+                   help="output folder or URI for the Parquet dataset (--output: the same)")
     p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted job: score only files not yet in --output")
+                   help="continue an interrupted job: score only files not yet in --out")
     p.add_argument("--with-labels", action="store_true",
                    help="add the true label from NORMAL/PNEUMONIA folders and print metrics")
     p.add_argument("--explain-dir", metavar="DIR",
@@ -511,7 +575,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--explain-top", type=int, default=0, metavar="K",
                    help="with --explain-dir: the K highest probabilities instead of every positive")
     _tta_flag(p, default=None)
-    _config_and_address(p)  # the config's score: section sets the scale
+    _config_and_address(p, "score.num_actors=4")  # the config's score: section sets the scale
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("explain", help="Grad-CAM overlays (where the model looked) and an index.html gallery")
@@ -526,7 +590,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", required=True, choices=["onnx", "torchscript"],
                    help="onnx (needs the onnx extra) or torchscript")
     p.add_argument("--out", required=True, help="output folder or URI (model file + model.json)")
-    _config_and_address(p)  # only the config's storage: section applies
+    _config_and_address(p, STORAGE_EXAMPLE)  # only the config's storage: section applies
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("fit-tta", help="choose TTA modes' temperature and threshold on a checkpoint's validation split")
@@ -536,7 +600,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", help="cache folder (default: the checkpoint config's)")
     p.add_argument("--amp", default="auto", choices=PRECISIONS,
                    help="model precision (default auto: the checkpoint threshold's own, where fast)")
-    _config_and_address(p)
+    _config_and_address(p, STORAGE_EXAMPLE)
     p.set_defaults(func=cmd_fit_tta)
 
     p = sub.add_parser("audit", help="acquisition/framing cues by class and split, and a cue-only classifier "
@@ -555,7 +619,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", help="cache folder (default: the checkpoint config's)")
     p.add_argument("--amp", default="auto", choices=PRECISIONS,
                    help="model precision (default auto: the checkpoint threshold's own, where fast)")
-    _config_and_address(p)
+    _config_and_address(p, STORAGE_EXAMPLE)
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("ensemble", help="one checkpoint averaging the logits of a tune run's top trials")
@@ -566,12 +630,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="new folder or URI for the ensemble checkpoint")
     p.add_argument("--amp", default="auto", choices=PRECISIONS,
                    help="precision of the validation pass (default auto: the first member's, where fast)")
-    _config_and_address(p)
+    _config_and_address(p, STORAGE_EXAMPLE)
     p.set_defaults(func=cmd_ensemble)
 
     p = sub.add_parser("inspect", help="counts per split/class, patients, sizes, problems")
     _common(p)
     p.set_defaults(func=cmd_inspect)
+    for name, example in EXAMPLES.items():  # every --help: what the command does, and an example
+        command = sub.choices[name]
+        command.description = inspect.cleandoc(command.get_default("func").__doc__)
+        command.epilog = "example:\n  " + example
+        command.formatter_class = argparse.RawDescriptionHelpFormatter
     return parser
 
 
@@ -581,6 +650,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
+        check_set_keys(args)
         use_storage_from_args(args)
         return func(args)
     except CxrRayError as e:  # the user can fix it: one line, exit code 2

@@ -11,9 +11,13 @@ and what was found.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
+import io
 import os
 import re
+import tokenize
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,7 +72,7 @@ class DataConfig:
     image_size: int = 0  # side of the square image the model sees; 0 -> the weights' own (224; txrv resnet50: 512)
     cache_size: int = 0  # side stored in the decode-once cache; 0 -> the image size
     val_split: str = "grouped"  # "grouped": carve val from train+val by patient; "official": keep val/
-    val_fraction: float = 0.1  # share of patients in the carved validation split
+    val_fraction: float = 0.1  # share of each class's images carved for validation (whole patients)
     seed: int = 0  # seeds the patient split
     max_bad_fraction: float = 0.01  # fail when more than this share of images cannot be decoded
     materialize_gb: float = 2.0  # keep a split's decoded pixels in Ray's object store up to this size
@@ -78,14 +82,14 @@ class DataConfig:
     # or fixed for TorchXRayVision weights); see cxr_ray/data/preprocessing.py
     normalize: str = "auto"
     # input safety, for prepare and score alike: an image whose header claims more pixels is an
-    # error row, refused before decoding (a 4000x4000 X-ray is 16 MP); a read that has not
-    # finished after read_timeout_s seconds (network/FUSE mounts and object stores; local disks
-    # are read directly) is an error row (0 = wait forever)
+    # error row, refused before decoding (a 4000x4000 X-ray is 16 MP)
     max_pixels: int = 100_000_000
     # a file larger than max_file_mb MB (2**20 bytes) is an error row, refused from its size
     # (stat, or an object's metadata) before a byte is read: each file is read whole into
     # memory, and even an uncompressed 16-bit 4000x4000 DICOM is only 32 MB
     max_file_mb: float = 512.0
+    # a read that has not finished after this many seconds (network/FUSE mounts and object
+    # stores; local disks are read directly) is an error row (0 = wait forever)
     read_timeout_s: float = 60.0
     # a Ray Data stage (cache build, evaluation, scoring) that yields nothing for this long fails
     # with what it waited for (free CPUs, the placement groups holding them) instead of hanging;
@@ -128,17 +132,16 @@ class DataConfig:
 class AugmentConfig:
     """Train-time augmentation; evaluation and scoring never augment."""
 
-    enabled: bool = True
+    enabled: bool = True  # false: train on the images as they are
     hflip_p: float = 0.5  # probability of a horizontal flip
     rotation_deg: float = 10.0  # uniform rotation in [-deg, deg]
     scale_min: float = 0.9  # random zoom: the side shows [scale_min, scale_max] of the image's side;
     scale_max: float = 1.0  # > 1 zooms out, padding with black (framing: looser and tighter films)
     translate: float = 0.0  # shift by up to this share of the side in x and y (black fill)
     aspect: float = 0.0  # aspect-ratio jitter: width x exp(u), height / exp(u), u in [-aspect, aspect]
-    # black bands at the borders (as collimation or a margin adds): with this probability per
-    # side, a band of up to border_max of the side
+    # black bands at the borders (as collimation or a margin adds): the probability per side of a band
     border_p: float = 0.0
-    border_max: float = 0.15
+    border_max: float = 0.15  # a band's width: up to this share of the side
     brightness: float = 0.1  # additive jitter in [-b, b] on the [0, 1] image
     contrast: float = 0.1  # multiplicative jitter in [1 - c, 1 + c] around the image mean
     # Acquisition differences between scanners and sites (0 switches each off):
@@ -199,14 +202,14 @@ class ModelConfig:
 class TrainConfig:
     """Optimisation, scale and run bookkeeping for Ray Train."""
 
-    epochs: int = 10
+    epochs: int = 10  # at most (early stopping: patience)
     batch_size: int = 32  # per worker
     lr: float = 3e-4  # peak AdamW learning rate after warmup
-    weight_decay: float = 1e-4
+    weight_decay: float = 1e-4  # AdamW's, not on biases and norm weights
     warmup_epochs: float = 1.0  # linear warmup, then cosine decay to 0
     pos_weight: float = 0.0  # BCE positive-class weight; 0 -> n_normal / n_pneumonia from train
     num_workers: int = 1  # Ray Train workers (0 = run the loop in the driver process)
-    use_gpu: bool = False
+    use_gpu: bool = False  # one GPU per worker (train.gpus_per_worker)
     # CPUs each worker reserves; 0 = auto: a training run shares the cluster's CPUs (up to one
     # node's) among its workers after train.data_cpus; a tune trial's workers take 1 each.
     cpus_per_worker: float = 0.0
@@ -215,7 +218,7 @@ class TrainConfig:
     gpus_per_worker: float = 1.0  # used only with use_gpu
     patience: int = 3  # early stopping: epochs without improvement of the selection metric
     min_delta: float = 0.0  # improvement smaller than this does not count
-    seed: int = 0
+    seed: int = 0  # seeds initialisation, shuffling and augmentation
     max_failures: int = 0  # worker-group restarts Ray Train attempts from the latest checkpoint
     storage_path: str = "runs"  # local folder or pyarrow URI (s3://, gs://) for results
     name: str = ""  # run name; "" -> generated
@@ -269,15 +272,17 @@ class MetricConfig:
     # specificity >= min_specificity; point: the point estimate (sits on one image)
     threshold_rule: str = "recall_target"
     target_recall: float = 0.95  # recall_target's recall: the product's target (Kermany 2018: 0.932)
-    # temperature scaling: fit T on each validation pass's logits (stored in the checkpoint,
-    # applied by evaluate and score), so probabilities are calibrated; false keeps T = 1
+    # calibration: fit metric.calibration's map on each validation pass's logits (stored in the
+    # checkpoint, applied by evaluate and score), so probabilities are calibrated; false keeps
+    # sigmoid(logit) (T = 1, b = 0)
     calibrate: bool = True
     # the map fitted: "platt" (sigmoid(logit / T + b): also undoes the shift a class-weighted
     # loss gives every logit) or "temperature" (b = 0: keeps the network's own base rate)
     calibration: str = "platt"
     # test-time augmentation modes whose own temperature and threshold are chosen on the
     # validation split after training (and for tune's best trial and ensembles), comma-separated
-    # from hflip, crop5; evaluate/score --tta MODE need the mode here. "" fits none.
+    # from hflip, crop5 ("" fits none); evaluate/score --tta MODE need the checkpoint to hold that
+    # mode's decision (fitted here, or later by cxr-ray fit-tta)
     tta: str = "hflip"
 
     @property
@@ -589,3 +594,40 @@ def load_config(path: str | os.PathLike | None = None, overrides: Iterable[str] 
         except ConfigError as e:
             raise ConfigError(f"{p}: {e}") from e
     return apply_overrides(cfg, dict(parse_override(o) for o in overrides))
+
+
+def config_reference() -> str:
+    """``docs/config.md``: every key of :class:`ExperimentConfig` with its type, default and the
+    comment beside or above it in this file (``python -m cxr_ray.config > docs/config.md``;
+    ``tests/test_config.py`` fails when the file is out of date)."""
+    source = Path(__file__).read_text()
+    comments = {tok.start[0]: (tok.string.lstrip("#").strip(), tok.line.lstrip().startswith("#"))
+                for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+    classes = {node.name: node for node in ast.parse(source).body if isinstance(node, ast.ClassDef)}
+    lines = ["# Configuration reference", "",
+             "Generated from `cxr_ray/config.py` by `python -m cxr_ray.config > docs/config.md`; "
+             "`tests/test_config.py` fails when it is out of date. Every key can be set in a YAML file "
+             "(`--config`, one mapping per section) or with `--set section.key=value`; `cxr-ray config` "
+             "prints the resolved values.", ""]
+    for section, typ in _field_types(ExperimentConfig).items():
+        node, defaults = classes[typ.__name__], typ()
+        lines += [f"## `{section}`", "", inspect.cleandoc(typ.__doc__ or ""), "",
+                  "| key | type | default | meaning |", "|---|---|---|---|"]
+        for item in node.body:
+            if not (isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)):
+                continue
+            name, above, line = item.target.id, [], item.lineno - 1
+            while line in comments and comments[line][1]:  # the comment block right above the key
+                above.insert(0, comments[line][0])
+                line -= 1
+            beside = [comments[item.lineno][0]] if item.lineno in comments else []
+            meaning = " ".join(above + beside).replace("|", "\\|")
+            default = yaml.safe_dump(getattr(defaults, name), default_flow_style=True, width=10**6).strip()
+            default = default.removesuffix("\n...").removesuffix(" ...").strip()
+            lines.append(f"| `{section}.{name}` | `{ast.unparse(item.annotation)}` | `{default}` | {meaning} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(config_reference(), end="")

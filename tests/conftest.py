@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
-from helpers import REAL_ROOT
+from helpers import REAL_ROOT, record_foreign_ray
 
 
 @pytest.fixture(scope="session")
@@ -59,3 +59,8 @@ def checkpoint(tmp_path_factory) -> str:
     with torch.no_grad():  # spread the logits so probabilities differ visibly between images
         model.head[-1].weight.mul_(500.0)
     return str(save_checkpoint(tmp_path_factory.mktemp("ckpt") / "model", model, cfg, 0.5, {}, 0))
+
+
+def pytest_sessionstart(session) -> None:
+    """Note any Ray already running here: tests that stop every local Ray skip while it runs."""
+    record_foreign_ray()

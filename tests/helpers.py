@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository
 REAL_ROOT = ROOT.parent / "shared" / "data" / "cxr-kaggle-224-dev"  # the shared real images
@@ -31,8 +32,37 @@ def start_cli(*args: str, **kw) -> subprocess.Popen:
                             start_new_session=True, **kw)
 
 
+FOREIGN_RAY: dict[int, str] = {}  # Ray processes running when the test session started: not ours
+
+
+def local_ray_processes() -> dict[int, str]:
+    """The core processes of Ray clusters on this host (GCS servers, raylets): pid -> name."""
+    import psutil
+
+    return {p.info["pid"]: p.info["name"] for p in psutil.process_iter(["name", "pid"])
+            if p.info["name"] in ("gcs_server", "raylet")}
+
+
+def record_foreign_ray() -> None:
+    """Remember the Ray processes that run before any test starts (conftest's session start)."""
+    FOREIGN_RAY.update(local_ray_processes())
+
+
+def require_no_foreign_ray() -> None:
+    """Skip the calling test when a Ray that the test session did not start still runs on this
+    host: the test stops every local Ray (``ray stop --force``, the only way to stop a cluster
+    ``ray start`` made, or a killed driver's orphans) and must never stop a user's."""
+    import psutil
+
+    alive = [f"{name} (pid {pid})" for pid, name in FOREIGN_RAY.items() if psutil.pid_exists(pid)]
+    if alive:
+        pytest.skip(f"a Ray this test session did not start is running on this host ({', '.join(alive[:4])}); "
+                    f"the test would stop it with `ray stop --force`. Stop it first, or run the test elsewhere")
+
+
 def ray_stop() -> None:
-    """Stop every local Ray (``ray stop --force``): no half-stopped cluster may be joined later."""
+    """Stop every local Ray (``ray stop --force``): for tests that first made sure no Ray of anyone
+    else runs here (:func:`require_no_foreign_ray`)."""
     subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True)
 
 

@@ -152,8 +152,8 @@ def test_function_level_imports_of_cxr_ray_have_a_stated_reason():
 
 @pytest.mark.parametrize("bad", ["cycle", "upward"])
 def test_the_checks_fail_on_a_reintroduced_cycle_or_upward_arrow(tmp_path, bad):
-    """The checks above can fail: a copy of the package with a cycle (engine.loop importing
-    the checkpoint loader, which imports the engine) or an upward arrow (config importing cli)."""
+    """The checks above can fail: a copy of the package with a cycle (checkpoint.format importing
+    apps.tta, which imports the checkpoint package) or an upward arrow (config importing cli)."""
     import shutil
 
     copy = tmp_path / "cxr_ray"

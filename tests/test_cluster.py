@@ -24,3 +24,17 @@ def test_node_local_storage_on_many_nodes_fails_before_work(ray_local, tmp_path,
     with pytest.raises(ClusterError, match=r"train.storage_path='.*runs' is node-local.*2 nodes.*s3://"):
         check_shared_paths({"train.storage_path": str(tmp_path / "runs")})
     assert not list((tmp_path / "runs").iterdir())  # the marker file is cleaned up
+
+
+def test_a_ray_the_session_did_not_start_is_never_stopped(monkeypatch):
+    """Tests that stop every local Ray (the two-node cluster, the S3 kill-and-resume runs) skip
+    while a Ray that was running before the test session is still alive."""
+    import os
+
+    import helpers
+
+    monkeypatch.setattr(helpers, "FOREIGN_RAY", {os.getpid(): "raylet"})  # alive: "a user's Ray"
+    with pytest.raises(pytest.skip.Exception, match="did not start is running on this host"):
+        helpers.require_no_foreign_ray()
+    monkeypatch.setattr(helpers, "FOREIGN_RAY", {2**22 + 12345: "raylet"})  # gone: nothing to protect
+    helpers.require_no_foreign_ray()

@@ -82,5 +82,23 @@ def test_onnxruntime_backend_refuses_settings_it_cannot_honour():
 def test_shipped_configs_are_valid(path):
     from cxr_ray.data.preprocessing import resolve_preprocessing
 
+    from cxr_ray.training.tune import model_variants, validate_search_space
+
     cfg = load_config(path)
     assert resolve_preprocessing(cfg).image_size >= 16  # no download: only names are resolved
+    validate_search_space(cfg)  # every trial the search can sample is a valid config
+    assert all(resolve_preprocessing(v).image_size >= 16 for v in model_variants(cfg))
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# ") and len(first) > 20, "each shipped config says what it is for"
+    # the command in its comment is one this project has, with this very file
+    assert f"--config configs/{path.name}" in path.read_text()
+
+
+def test_docs_config_md_is_generated_from_config_py():
+    """docs/config.md lists every key with its type, default and comment, as config.py has them."""
+    from cxr_ray.config import config_reference
+
+    doc = (ROOT / "docs" / "config.md").read_text()
+    assert doc == config_reference(), "docs/config.md is out of date: python -m cxr_ray.config > docs/config.md"
+    for key in valid_keys():
+        assert f"| `{key}` |" in doc, key

@@ -8,7 +8,7 @@ log-likelihood) make ``sigmoid(logit / T + b)`` a calibrated probability:
   with his smoothed targets, :func:`platt_targets`).
   The bias is needed because the class-weighted loss (``train.pos_weight``) and early stopping
   shift every logit: on the shared real X-rays a scratch CNN's validation logits sat about 4
-  units too low, temperature alone *raised* ECE there (0.28 -> 0.33), Platt lowered it to 0.06.
+  units too low, temperature alone *raised* ECE there (0.28 -> 0.33), Platt lowered it to 0.07 (benchmarks/RESULTS.md).
 - ``temperature`` (Guo et al. 2017): ``T`` only, ``b = 0``.
 
 Both keep the order of the images (``T > 0``), so ROC-AUC, the ranking and every decision at a

@@ -1,7 +1,7 @@
 """Ensembles of checkpoints: the mean of the members' logits, as one checkpoint.
 
 ``cxr-ray ensemble --from runs/<tune experiment> --top-k 3 --out DIR`` (or ``--checkpoints A B
-C``) writes an ensemble checkpoint (layout: ``cxr_ray/checkpoint.py``): every member's weights
+C``) writes an ensemble checkpoint (layout: ``cxr_ray/checkpoint/format.py``): every member's weights
 and config, their shared preprocessing, and a calibration (temperature, bias) and threshold
 fitted on the members' shared validation split with the ensemble's own logits (and one per TTA mode of
 ``metric.tta``). ``load_checkpoint`` returns it like any checkpoint, so ``evaluate``, ``score``

@@ -5,7 +5,8 @@ folder fails in seconds), joins or starts Ray (``cluster.init_ray``), runs, and 
 it made; nothing here prints. Progress lines go to ``say`` (the CLI passes ``print``; the
 default logs them). Ray is left running: the caller decides when to stop it.
 
-- :func:`train`: Ray Train, then the ``metric.tta`` decisions of the best checkpoint;
+- :func:`train`: Ray Train, then the ``metric.tta`` decisions of the best checkpoint, copied to
+  ``<run>/best``;
 - :func:`tune`: Ray Tune, then the best trial's TTA decisions, the ensemble of the top
   trials, and both models' test-split reports;
 - :func:`prepare`, :func:`fit_tta_on`, :func:`calibrate`, :func:`ensemble`, :func:`audit`,
@@ -49,6 +50,7 @@ from cxr_ray.training.tune import model_variants, run_tune, validate_search_spac
 
 log = logging.getLogger(__name__)
 Say = Callable[[str], None]
+BEST = "best"  # <run>/best: the best checkpoint of a training run, at a path that does not change
 
 # Small enough for a 2-core laptop in a few minutes, and it learns: the from-scratch CNN on 64 px
 # synthetic images (ResNet-50 from random weights learns nothing in 3 CPU epochs). The non-demo
@@ -125,8 +127,9 @@ def fit_tta(checkpoint: str, cache: PreparedCache, cfg: ExperimentConfig, say: S
 
 @dataclass
 class TrainOutcome:
-    """What :func:`train` made: the run folder, the best checkpoint (None when the run made
-    none), its validation metrics, the epochs run and the TTA decisions fitted on it."""
+    """What :func:`train` made: the run folder, the best checkpoint (``<run>/best``, a copy of
+    Ray Train's best-epoch checkpoint ``source_checkpoint``; None when the run made none), its
+    validation metrics, the epochs run and the TTA decisions fitted on it."""
 
     cfg: ExperimentConfig
     run_dir: str
@@ -134,6 +137,7 @@ class TrainOutcome:
     best_metrics: dict[str, Any] = field(default_factory=dict)
     epochs_run: int = 0
     tta: dict[str, dict] = field(default_factory=dict)
+    source_checkpoint: str = ""
 
 
 def train(cfg: ExperimentConfig, address: str | None = None, resume: bool = False,
@@ -156,7 +160,10 @@ def train(cfg: ExperimentConfig, address: str | None = None, resume: bool = Fals
     path = store.checkpoint_uri(best)  # s3://... stays s3://: Ray's own .path is the key in the bucket
     metrics = next(bm for c, bm in result.best_checkpoints if c.path == best.path)
     tta = fit_tta(path, cache, cfg, say)
-    return TrainOutcome(cfg, run_dir, path, dict(metrics), int((result.metrics or {}).get("epoch", -1)) + 1, tta)
+    stable = store.join(run_dir, BEST)  # replaced on --resume, as tune's <experiment>/best
+    store.copy_tree(path, stable)
+    return TrainOutcome(cfg, run_dir, stable, dict(metrics), int((result.metrics or {}).get("epoch", -1)) + 1, tta,
+                        source_checkpoint=path)
 
 
 @dataclass

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from cxr_ray.data.catalog import CLASSES
+from cxr_ray.errors import ConfigError
 
 PNEUMONIA_SHARE = 0.73  # as in the real train split
 SPLIT_SHARES = {"train": 0.8, "val": 0.05, "test": 0.15}
@@ -78,9 +79,9 @@ def make_synthetic_dataset(out: str | os.PathLike, n: int = 400, size: int = 128
     (n, size, seed, split_shares).
     """
     if n < 20:
-        raise ValueError(f"n: expected at least 20 images (enough for every split and class), got {n}")
+        raise ConfigError(f"n: expected at least 20 images (enough for every split and class), got {n}")
     if not 32 <= size <= 4096:
-        raise ValueError(f"size: expected an int in [32, 4096], got {size}")
+        raise ConfigError(f"size: expected an int in [32, 4096], got {size}")
     rng = np.random.default_rng(seed)
     root = Path(out)
     shares = split_shares or SPLIT_SHARES

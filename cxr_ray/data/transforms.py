@@ -10,7 +10,7 @@ The chain for every image is::
 
 One channel is normalised with a single mean/std. Feeding that gray image to a network whose
 first convolution has its RGB weights summed is *exactly* equivalent to feeding the gray image
-replicated to 3 channels (see ``models.py``), at a third of the first layer's input work.
+replicated to 3 channels (see ``models/backbones.py``), at a third of the first layer's input work.
 """
 
 from __future__ import annotations

@@ -58,7 +58,7 @@ class ProgressPrinter:
         from ray.util.queue import Queue
 
         self.metric = selection_metric
-        self.stream = stream or sys.stdout
+        self.stream = stream or sys.stderr  # progress, with the logs: stdout holds results only
         self.queue = Queue(actor_options={"num_cpus": 0})  # must not take a CPU from training
         self.epochs = 0
         self.images = 0

@@ -1,6 +1,6 @@
 """Ray Train wiring: the per-worker loop, the TorchTrainer, and running it.
 
-The optimisation itself is ``engine.py`` (plain PyTorch); this module only connects it to
+The optimisation itself is ``engine/loop.py`` (plain PyTorch); this module only connects it to
 Ray Train V2: dataset shards, DDP via ``prepare_model``, ``ray.train.report`` with a
 checkpoint every epoch, resume from ``ray.train.get_checkpoint()`` after a worker failure,
 and early stopping that all workers decide together.
@@ -241,18 +241,22 @@ def run_name(cfg: ExperimentConfig, prefix: str = "train") -> str:
     return cfg.train.name or f"{prefix}-{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
 
 
+TRIAL_DRIVER_CPUS = 0.01  # a tune trial's driver function (it only starts the trial's Ray Train run)
+
+
 def resolve_resources(cfg: ExperimentConfig, for_tune: bool = False) -> ExperimentConfig:
     """``cfg`` with ``train.cpus_per_worker=0`` (auto) made concrete for the running cluster.
 
     A training run shares the cluster's CPUs among its workers after ``train.data_cpus``
     (never more than one node has), so a 1-worker run on a laptop trains on all its cores.
-    A tune trial's workers take 1 CPU each: concurrent trials share the machine instead.
+    A tune trial's workers take 1 CPU each, so concurrent trials share the machine, or less on
+    a cluster where one trial would not fit beside ``tune.data_cpus`` (a 2-CPU laptop: 0.75).
     """
     t = cfg.train
     if t.cpus_per_worker > 0:
         return cfg
     if for_tune:
-        cpus = 1.0
+        cpus = min(1.0, cpu_share(cfg.tune.data_cpus + TRIAL_DRIVER_CPUS, t.num_workers))
     else:
         cpus = cpu_share(t.data_cpus, t.num_workers)
     return cfg.replace(**{"train.cpus_per_worker": cpus})

@@ -41,14 +41,13 @@ from cxr_ray.data.cache import open_cache
 from cxr_ray.data.preprocessing import resolve_preprocessing
 from cxr_ray.errors import ConfigError
 from cxr_ray.storage import uri as store
-from cxr_ray.training.train import build_trainer, check_resources, resolve_resources, training_inputs
+from cxr_ray.training.train import TRIAL_DRIVER_CPUS, build_trainer, check_resources, resolve_resources, training_inputs
 
 log = logging.getLogger(__name__)
 
 SPACE_TYPES = ("choice", "uniform", "loguniform", "randint")
 TUNABLE_METRICS = (*SELECTION_METRICS, "pr_auc", "accuracy", "f1", "recall", "specificity", "precision")
 EXPERIMENT_CONFIG = "experiment_config.yaml"
-DRIVER_CPUS = 0.01
 CHECKPOINT_URI = "checkpoint_uri"  # reported with every checkpoint (see UriReportCallback)
 JOINT_SECTIONS = ("model",)  # sections a search space may choose as a whole (key "model", mapping values)
 JOINT_HINT = ("search architecture and weights together as one choice of model settings: "
@@ -204,7 +203,7 @@ def max_concurrent_trials(cfg: ExperimentConfig) -> int:
     res = ray.cluster_resources()
     t = cfg.train
     workers = max(1, t.num_workers)
-    trial_cpus = workers * t.cpus_per_worker + DRIVER_CPUS
+    trial_cpus = workers * t.cpus_per_worker + TRIAL_DRIVER_CPUS
     fit = math.floor((float(res.get("CPU", 0)) - cfg.tune.data_cpus) / trial_cpus + 1e-9)
     if fit < 1:
         raise ConfigError(
@@ -260,7 +259,7 @@ def _trainable(cfg: ExperimentConfig, cache_uri: str, exp_uri: str):
                                   runs_uri=store.join(exp_uri, "train_runs"))
     # The driver only waits on its TorchTrainer, whose workers reserve the CPUs/GPUs; Tune
     # refuses an empty reservation, so the driver holds a token share instead of a whole CPU.
-    return ray.tune.with_resources(fn, {"CPU": DRIVER_CPUS})
+    return ray.tune.with_resources(fn, {"CPU": TRIAL_DRIVER_CPUS})
 
 
 def build_tuner(cfg: ExperimentConfig, cache_uri: str, storage: str, name: str, callbacks: list):

@@ -20,7 +20,7 @@ import pandas as pd
 import pyarrow.fs as pafs
 import pytest
 import yaml
-from helpers import moto_server, ray_stop, run_cli, start_cli
+from helpers import moto_server, ray_stop, require_no_foreign_ray, run_cli, start_cli
 
 from cxr_ray.config import ExperimentConfig
 from cxr_ray.errors import ConfigError
@@ -86,7 +86,8 @@ def s3(tmp_path_factory, synthetic_root):
             mp.setenv(k, v)
         pafs.S3FileSystem(endpoint_override=endpoint, allow_bucket_creation=True).create_dir(BUCKET)
         store.copy_tree(str(synthetic_root), f"s3://{BUCKET}/data")
-        ray_stop()
+        require_no_foreign_ray()  # its tests kill drivers and then stop every local Ray they leave
+        ray_stop()  # (what earlier tests of this session left)
         yield endpoint
 
 
@@ -109,10 +110,10 @@ def test_prepare_train_evaluate_with_uris_only(s3):
                 "--set", f"train.storage_path=s3://{BUCKET}/runs")
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"reusing cache {cache_uri}" in r.stderr  # the second run reads the first one's cache
-    ckpt = r.stdout.strip().splitlines()[-1]
+    ckpt = r.stdout.strip()  # the only line on stdout: <run>/best
     assert ckpt.startswith(f"s3://{BUCKET}/runs/train-") and store.exists(store.join(ckpt, "checkpoint.json"))
     run_dir = store.parent(ckpt)
-    assert f"[train] run folder: {run_dir}" in r.stdout
+    assert store.name(ckpt) == "best" and f"[train] run folder: {run_dir}" in r.stderr
 
     report = f"s3://{BUCKET}/reports/x"
     r = run_cli("evaluate", "--checkpoint", ckpt, "--out", report)

@@ -3,7 +3,8 @@
 Node 1 is ``ray start --head`` on 127.0.0.1; node 2 joins with ``ray start --address`` with its
 own CPUs, its own temp dir and a custom resource ``cxr_worker``. The tune demo is submitted
 with ``ray job submit --working-dir .`` (the project shipped through the runtime env), and a
-folder is then scored by a driver that joins with ``--address``. The cluster is always stopped.
+folder is then scored by a driver that joins with ``--address``. The cluster is always stopped;
+the test skips when a Ray it did not start runs on this host (it would stop that one too).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-from helpers import ROOT  # noqa: E402
+from helpers import ROOT, require_no_foreign_ray  # noqa: E402
 
 RAY = [sys.executable, "-m", "ray.scripts.scripts"]
 
@@ -50,7 +51,8 @@ def cluster(tmp_path):
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(ROOT),
            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     env.pop("RAY_ADDRESS", None)
-    _run([*RAY, "stop", "--force"], env)  # nothing left over from an earlier run
+    require_no_foreign_ray()  # `ray stop --force` stops every Ray on this host: only this session's may run
+    _run([*RAY, "stop", "--force"], env)  # nothing left over from an earlier test
     port, dash, agent = _free_port(), _free_port(), _free_port()
     gcs, dashboard = f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}"
     worker_tmp = tempfile.mkdtemp(prefix="cxrw")  # short: Ray's socket paths live under it

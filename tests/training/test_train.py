@@ -15,7 +15,13 @@ def test_auto_cpus_give_a_local_run_the_whole_machine(ray_local):
     assert resolve_resources(cfg).train.cpus_per_worker == 1.5  # 2 CPUs, 0.5 left to Ray Data
     two = cfg.replace(**{"train.num_workers": 2})
     assert resolve_resources(two).train.cpus_per_worker == 0.75
-    assert resolve_resources(cfg, for_tune=True).train.cpus_per_worker == 1.0  # trials share the machine
+    # a trial's worker: 1 CPU where it fits beside tune.data_cpus (1.0); on these 2 CPUs, 0.75
+    assert resolve_resources(cfg, for_tune=True).train.cpus_per_worker == 0.75
+    from cxr_ray.training.tune import max_concurrent_trials
+
+    assert max_concurrent_trials(resolve_resources(cfg, for_tune=True)) == 1  # the default tune starts here
+    roomy = cfg.replace(**{"tune.data_cpus": 0.5})
+    assert resolve_resources(roomy, for_tune=True).train.cpus_per_worker == 1.0
     assert resolve_resources(cfg.replace(**{"train.cpus_per_worker": 0.4})).train.cpus_per_worker == 0.4
 
 

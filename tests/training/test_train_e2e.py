@@ -25,11 +25,13 @@ def test_train_two_workers_then_evaluate(synthetic_root, tmp_path):
                   "--set", "train.epochs=3", "--set", f"train.storage_path={tmp_path / 'runs'}",
                   "--set", "train.name=e2e")
     assert run.returncode == 0, run.stderr[-3000:]
-    # What a user sees on stdout: the leak check, a line per epoch, the summary, the checkpoint.
-    assert "[data] patients shared between train and val: 0" in run.stdout
+    # What a user sees: on stderr the leak check, a line per epoch, the summary; on stdout only the
+    # checkpoint (<run>/best), so CKPT=$(cxr-ray train ...) captures exactly its path.
+    assert "[data] patients shared between train and val: 0" in run.stderr
     assert re.findall(r"\[train\] epoch (\d)/3: train_loss [\d.]+  val_loss [\d.]+  val roc_auc [\d.]+  "
-                      r"pauc [\d.]+  [\d.]+ img/s  elapsed \S+  ETA \S+", run.stdout) == ["1", "2", "3"]
-    ckpt = Path(run.stdout.strip().splitlines()[-1])
+                      r"pauc [\d.]+  [\d.]+ img/s  elapsed \S+  ETA \S+", run.stderr) == ["1", "2", "3"]
+    assert run.stdout.strip() == str(tmp_path / "runs" / "e2e" / "best")
+    ckpt = Path(run.stdout.strip())
     assert ckpt.is_dir() and (ckpt / "model.pt").is_file()
     assert (tmp_path / "runs" / "e2e" / "config.yaml").is_file()
     meta = json.loads((ckpt / "checkpoint.json").read_text())
@@ -44,7 +46,9 @@ def test_train_two_workers_then_evaluate(synthetic_root, tmp_path):
     hflip = meta["tta"]["hflip"]
     assert hflip["n"] == meta["metrics"]["n"] and hflip["temperature"] > 0 and hflip["val_precision"] == meta[
         "val_precision"]
-    assert re.search(r"\[train\] TTA hflip +val roc_auc [\d.]+, pAUC", run.stdout), run.stdout[-2000:]
+    assert re.search(r"\[train\] TTA hflip +val roc_auc [\d.]+, pAUC", run.stderr), run.stderr[-2000:]
+    source = re.search(r"the best epoch's checkpoint (\S+) is copied to", run.stderr).group(1)
+    assert json.loads((Path(source) / "checkpoint.json").read_text())["digest"] == meta["digest"]  # the same model
 
     # Validation saw the whole val split exactly once on 2 workers, and its figures are evaluate's.
     val = tmp_path / "eval_val"
@@ -167,5 +171,5 @@ def test_run_names_are_not_reused_and_resume_keeps_the_config(synthetic_root, tm
     assert "train.lr: 0.0003 -> 0.01" in changed.stderr and "model.dropout: 0.3 -> 0.1" in changed.stderr
     resumed = cxr_ray("train", "--resume", run_dir)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "[train] resumed from checkpoint after epoch 2/2; 0 epoch(s) to go" in resumed.stdout
-    assert Path(resumed.stdout.strip().splitlines()[-1]).parent == Path(run_dir)
+    assert "[train] resumed from checkpoint after epoch 2/2; 0 epoch(s) to go" in resumed.stderr
+    assert resumed.stdout.strip() == str(Path(run_dir) / "best")  # replaced by the resumed run's best

@@ -255,8 +255,8 @@ def run_score(checkpoint: str | LoadedCheckpoint, inputs: list[str], output: str
     try:
         lease = acquire(store.join(output, LEASE_FILE), "score")
     except LeaseHeld as e:
-        raise ScoreError(f"--output {output!r} is in use: {e}; wait for that job to finish (then "
-                         f"--resume), or choose another --output") from e
+        raise ScoreError(f"--out {output!r} is in use: {e}; wait for that job to finish (then "
+                         f"--resume), or choose another --out") from e
     with lease:
         return _run_leased(ckpt, out, inputs, score, resume, with_labels, limits, lease)
 

@@ -174,20 +174,20 @@ def check_output(out: OutputFolder, model_id: str, with_labels: bool, resume: bo
     Cheap (listings and the small job record only), so the CLI calls it before Ray starts.
     """
     if out.fs.get_file_info(out.path).type == pafs.FileType.File:
-        raise ScoreError(f"--output {out.uri!r} is a file; expected a folder (new or from an earlier score job)")
+        raise ScoreError(f"--out {out.uri!r} is a file; expected a folder (new or from an earlier score job)")
     held = held_by(store.join(out.uri, LEASE_FILE))
     if held is not None:
-        raise ScoreError(f"--output {out.uri!r} is in use: {held}. Wait for that job "
-                         f"to finish (then --resume), or choose another --output")
+        raise ScoreError(f"--out {out.uri!r} is in use: {held}. Wait for that job "
+                         f"to finish (then --resume), or choose another --out")
     parts = out.parts()
     if parts and not resume:
         raise ScoreError(f"output folder {out.uri!r} already holds {len(parts)} result file(s); "
-                         f"pass --resume to finish that job, or choose a new --output")
+                         f"pass --resume to finish that job, or choose a new --out")
     job = out.read_job()
     if resume and job is not None:
         if job.get("model") != model_id:
             raise ScoreError(f"--resume: {out.uri!r} was scored by model {job.get('model')!r}, "
-                             f"not {model_id!r}; use a new --output for another checkpoint")
+                             f"not {model_id!r}; use a new --out for another checkpoint")
         if bool(job.get("with_labels")) != with_labels:
             raise ScoreError(f"--resume: {out.uri!r} was started "
                              f"{'with' if job.get('with_labels') else 'without'} --with-labels; "

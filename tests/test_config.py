@@ -81,7 +81,6 @@ def test_onnxruntime_backend_refuses_settings_it_cannot_honour():
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")))
 def test_shipped_configs_are_valid(path):
     from cxr_ray.data.preprocessing import resolve_preprocessing
-
     from cxr_ray.training.tune import model_variants, validate_search_space
 
     cfg = load_config(path)

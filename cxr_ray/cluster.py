@@ -80,6 +80,13 @@ def cpu_share(reserved: float, shares: int) -> float:
     return max(0.25, math.floor(cpus * 4) / 4)
 
 
+def cluster_gpus() -> float:
+    """GPUs in the running Ray cluster (its nodes that are up; an autoscaler's future ones are not)."""
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0.0))
+
+
 def alive_nodes() -> list[dict]:
     """The cluster's alive nodes (``ray.nodes()`` entries)."""
     import ray

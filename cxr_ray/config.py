@@ -60,7 +60,9 @@ PRECISIONS = ("auto", "bf16", "fp32")  # train.amp, score.amp (engine/precision.
 SCORE_BACKENDS = ("auto", "torch", "onnxruntime")  # score.backend
 TTA_MODES = ("none", "hflip", "crop5")  # test-time augmentation (cxr_ray/apps/tta.py): metric.tta, score.tta
 CALIBRATIONS = ("platt", "temperature")  # metric.calibration (cxr_ray/analysis/calibration.py)
-LEGACY_BOOLS = {"score.amp": {True: "bf16", False: "fp32"}}  # keys that were true/false before
+# keys that were true/false before: what each meant
+LEGACY_BOOLS = {"score.amp": {True: "bf16", False: "fp32"}, "train.use_gpu": {True: "true", False: "false"}}
+GPU_SETTINGS = ("auto", "true", "false")  # train.use_gpu
 
 
 @dataclass(frozen=True)
@@ -209,7 +211,9 @@ class TrainConfig:
     warmup_epochs: float = 1.0  # linear warmup, then cosine decay to 0
     pos_weight: float = 0.0  # BCE positive-class weight; 0 -> n_normal / n_pneumonia from train
     num_workers: int = 1  # Ray Train workers (0 = run the loop in the driver process)
-    use_gpu: bool = False  # one GPU per worker (train.gpus_per_worker)
+    # one GPU per worker (train.gpus_per_worker): "true", "false", or "auto": GPUs when the
+    # cluster has one for every worker (said when the run starts), else CPU
+    use_gpu: str = "auto"
     # CPUs each worker reserves; 0 = auto: a training run shares the cluster's CPUs (up to one
     # node's) among its workers after train.data_cpus; a tune trial's workers take 1 each.
     cpus_per_worker: float = 0.0
@@ -239,6 +243,8 @@ class TrainConfig:
         _check(self.cpus_per_worker >= 0, "train.cpus_per_worker", "a float >= 0 (0 = auto)",
                self.cpus_per_worker)
         _check(self.torch_threads >= 0, "train.torch_threads", "an int >= 0 (0 = auto)", self.torch_threads)
+        _check(self.use_gpu in GPU_SETTINGS, "train.use_gpu", f"one of {list(GPU_SETTINGS)} (or true/false)",
+               self.use_gpu)
         _check(self.data_cpus >= 0, "train.data_cpus", "a float >= 0", self.data_cpus)
         _check(self.gpus_per_worker > 0, "train.gpus_per_worker", "a float > 0", self.gpus_per_worker)
         _check(self.patience >= 1, "train.patience", "an int >= 1", self.patience)

@@ -35,7 +35,7 @@ from cxr_ray.apps.explain import explain_scored
 from cxr_ray.apps.score import OutputFolder
 from cxr_ray.apps.tta import fit_tta_decisions
 from cxr_ray.checkpoint import LoadedCheckpoint, load_checkpoint
-from cxr_ray.cluster import cpu_share, init_ray
+from cxr_ray.cluster import cluster_gpus, cpu_share, init_ray
 from cxr_ray.config import ExperimentConfig, ScoreConfig
 from cxr_ray.data.cache import PreparedCache, open_cache, prepare_cache
 from cxr_ray.data.catalog import assign_splits, check_patient_leaks, load_catalog
@@ -45,7 +45,7 @@ from cxr_ray.errors import ConfigError, EnsembleError
 from cxr_ray.inference.predictor import predict_split
 from cxr_ray.models.weights import ensure_available
 from cxr_ray.storage import uri as store
-from cxr_ray.training.train import check_run_dir, run_name, run_training
+from cxr_ray.training.train import check_run_dir, resolve_gpu, run_name, run_training
 from cxr_ray.training.tune import model_variants, run_tune, validate_search_space, with_shared_cache_size
 
 log = logging.getLogger(__name__)
@@ -125,6 +125,15 @@ def fit_tta(checkpoint: str, cache: PreparedCache, cfg: ExperimentConfig, say: S
     return fit_tta_decisions(checkpoint, cache, modes)
 
 
+def said_gpu(cfg: ExperimentConfig, command: str, say: Say) -> ExperimentConfig:
+    """``cfg`` with ``train.use_gpu=auto`` resolved for the running cluster, said in one line."""
+    resolved = resolve_gpu(cfg)
+    if cfg.train.use_gpu == "auto":
+        where = "GPU" if resolved.train.use_gpu == "true" else "CPU"
+        say(f"[{command}] train.use_gpu=auto: {cluster_gpus():g} GPU(s) in the cluster, training on {where}")
+    return resolved
+
+
 @dataclass
 class TrainOutcome:
     """What :func:`train` made: the run folder, the best checkpoint (``<run>/best``, a copy of
@@ -152,6 +161,7 @@ def train(cfg: ExperimentConfig, address: str | None = None, resume: bool = Fals
     say(f"[train] {cfg.model.name}, weights {cfg.model.weights}; preprocessing: "
         f"{resolve_preprocessing(cfg).describe()}")
     cache = prepare(cfg, address, check_leaks=True, say=say)
+    cfg = said_gpu(cfg, "train", say)
     result = run_training(cfg, cache, resume=resume)  # a failure raises (Train V2)
     best = result.get_best_checkpoint(cfg.metric.selection, "max")
     run_dir = store.checkpoint_uri(result)
@@ -211,6 +221,7 @@ def tune(cfg: ExperimentConfig, address: str | None = None, resume: str = "", ca
         cache = open_cache(cache_uri)
     else:
         cache = prepare(cfg, address, check_leaks=True, say=say)
+    cfg = said_gpu(cfg, "tune", say)
     name = store.name(resume) if resume else (cfg.tune.name or run_name(cfg, "tune"))
     if resume:
         cfg = cfg.replace(**{"train.storage_path": store.parent(resume)})

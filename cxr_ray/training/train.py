@@ -31,7 +31,13 @@ from cxr_ray.analysis.calibration import fit_decision
 from cxr_ray.analysis.drift import StatsCollector
 from cxr_ray.analysis.metrics import SELECTION_METRICS
 from cxr_ray.checkpoint import MODEL_FILE, load_train_state, safe_load, save_checkpoint, unwrap
-from cxr_ray.cluster import check_shared_paths, cpu_share, release_placement_groups, this_jobs_placement_groups
+from cxr_ray.cluster import (
+    check_shared_paths,
+    cluster_gpus,
+    cpu_share,
+    release_placement_groups,
+    this_jobs_placement_groups,
+)
 from cxr_ray.config import ExperimentConfig, config_diff
 from cxr_ray.data.pipeline import TorchCollate, check_cache_size, collated_keeping, epoch_batches, split_datasets
 from cxr_ray.data.preprocessing import Preprocessing, resolve_preprocessing
@@ -244,14 +250,33 @@ def run_name(cfg: ExperimentConfig, prefix: str = "train") -> str:
 TRIAL_DRIVER_CPUS = 0.01  # a tune trial's driver function (it only starts the trial's Ray Train run)
 
 
+def resolve_gpu(cfg: ExperimentConfig) -> ExperimentConfig:
+    """``cfg`` with ``train.use_gpu=auto`` made ``true`` when the running cluster has a GPU for
+    every worker (``train.num_workers`` x ``train.gpus_per_worker``), else ``false``."""
+    t = cfg.train
+    if t.use_gpu != "auto":
+        return cfg
+    need = max(1, t.num_workers) * t.gpus_per_worker
+    return cfg.replace(**{"train.use_gpu": "true" if cluster_gpus() >= need else "false"})
+
+
+def uses_gpu(cfg: ExperimentConfig) -> bool:
+    """Whether ``cfg`` trains on GPUs (``train.use_gpu`` resolved by :func:`resolve_gpu`)."""
+    if cfg.train.use_gpu == "auto":
+        raise AssertionError("train.use_gpu=auto must be resolved (resolve_gpu) before it is read")
+    return cfg.train.use_gpu == "true"
+
+
 def resolve_resources(cfg: ExperimentConfig, for_tune: bool = False) -> ExperimentConfig:
-    """``cfg`` with ``train.cpus_per_worker=0`` (auto) made concrete for the running cluster.
+    """``cfg`` with ``train.cpus_per_worker=0`` (auto) and ``train.use_gpu=auto`` made concrete
+    for the running cluster.
 
     A training run shares the cluster's CPUs among its workers after ``train.data_cpus``
     (never more than one node has), so a 1-worker run on a laptop trains on all its cores.
     A tune trial's workers take 1 CPU each, so concurrent trials share the machine, or less on
     a cluster where one trial would not fit beside ``tune.data_cpus`` (a 2-CPU laptop: 0.75).
     """
+    cfg = resolve_gpu(cfg)
     t = cfg.train
     if t.cpus_per_worker > 0:
         return cfg
@@ -316,11 +341,12 @@ def build_trainer(cfg: ExperimentConfig, inputs: TrainingInputs, name: str, stor
     The best ``train.keep_checkpoints`` checkpoints by the loop's selection metric are kept.
     """
     t = cfg.train
-    resources = {"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if t.use_gpu else {})}
+    gpu = uses_gpu(cfg)
+    resources = {"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if gpu else {})}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=inputs.loop_config,
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=gpu,
                                      resources_per_worker=resources if t.num_workers else None),
         run_config=RunConfig(
             name=name, storage_path=storage_path, callbacks=callbacks,
@@ -348,7 +374,7 @@ def check_resources(cfg: ExperimentConfig, trials: int = 1, data_cpus: float = 1
             f"{f' x {trials} concurrent trials' if trials > 1 else ''} = {need:g} CPUs, plus {data_cpus:g} "
             f"for Ray Data, exceeds the cluster's {total:g} CPUs; lower train.cpus_per_worker "
             f"(fractions are fine; 0 = auto) or train.num_workers")
-    if t.use_gpu and float(ray.cluster_resources().get("GPU", 0.0)) < max(1, t.num_workers) * t.gpus_per_worker:
+    if uses_gpu(cfg) and float(ray.cluster_resources().get("GPU", 0.0)) < max(1, t.num_workers) * t.gpus_per_worker:
         raise ConfigError(f"train.use_gpu=true needs {max(1, t.num_workers) * t.gpus_per_worker:g} GPUs; "
                           f"the cluster has {ray.cluster_resources().get('GPU', 0):g}")
 

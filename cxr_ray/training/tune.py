@@ -41,7 +41,14 @@ from cxr_ray.data.cache import open_cache
 from cxr_ray.data.preprocessing import resolve_preprocessing
 from cxr_ray.errors import ConfigError
 from cxr_ray.storage import uri as store
-from cxr_ray.training.train import TRIAL_DRIVER_CPUS, build_trainer, check_resources, resolve_resources, training_inputs
+from cxr_ray.training.train import (
+    TRIAL_DRIVER_CPUS,
+    build_trainer,
+    check_resources,
+    resolve_resources,
+    training_inputs,
+    uses_gpu,
+)
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +217,7 @@ def max_concurrent_trials(cfg: ExperimentConfig) -> int:
             f"one trial needs {trial_cpus:g} CPUs (train.num_workers x train.cpus_per_worker + driver) "
             f"plus tune.data_cpus={cfg.tune.data_cpus:g} for Ray Data, more than the cluster's "
             f"{res.get('CPU', 0):g}; lower train.cpus_per_worker or train.num_workers")
-    if t.use_gpu:
+    if uses_gpu(cfg):
         fit = min(fit, math.floor(float(res.get("GPU", 0)) / (workers * t.gpus_per_worker) + 1e-9))
     if cfg.tune.max_concurrent_trials:
         fit = min(fit, cfg.tune.max_concurrent_trials)

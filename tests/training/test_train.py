@@ -7,7 +7,7 @@ from helpers import write_image
 from cxr_ray.config import ExperimentConfig
 from cxr_ray.data.cache import prepare_cache
 from cxr_ray.errors import ConfigError, DataError
-from cxr_ray.training.train import check_run_dir, resolve_resources, training_inputs
+from cxr_ray.training.train import check_resources, check_run_dir, resolve_resources, training_inputs
 
 
 def test_auto_cpus_give_a_local_run_the_whole_machine(ray_local):
@@ -23,6 +23,20 @@ def test_auto_cpus_give_a_local_run_the_whole_machine(ray_local):
     roomy = cfg.replace(**{"tune.data_cpus": 0.5})
     assert resolve_resources(roomy, for_tune=True).train.cpus_per_worker == 1.0
     assert resolve_resources(cfg.replace(**{"train.cpus_per_worker": 0.4})).train.cpus_per_worker == 0.4
+
+
+def test_use_gpu_auto_is_resolved_for_the_cluster_and_never_read_unresolved(ray_local):
+    from cxr_ray.training.train import resolve_gpu, uses_gpu
+
+    cfg = ExperimentConfig()
+    assert cfg.train.use_gpu == "auto"
+    assert resolve_resources(cfg).train.use_gpu == "false"  # this cluster has no GPU: CPU, no error
+    with pytest.raises(AssertionError, match="must be resolved"):
+        uses_gpu(cfg)
+    forced = cfg.replace(**{"train.use_gpu": True})  # true/false as before: YAML booleans still work
+    assert forced.train.use_gpu == "true" and resolve_gpu(forced).train.use_gpu == "true"
+    with pytest.raises(ConfigError, match="needs 1 GPUs; the cluster has 0"):
+        check_resources(resolve_resources(forced), data_cpus=0.5)
 
 
 def test_one_class_validation_split_is_refused_before_training(ray_local, tmp_path):

@@ -48,7 +48,7 @@ from sklearn.metrics import roc_auc_score
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # runs from a plain checkout (the GPU machine has no install)
 
-from cxr_ray.apps.score import ScoreActor, read_and_decode  # noqa: E402
+from cxr_ray.apps.score.stages import ScoreActor, read_and_decode  # noqa: E402
 from cxr_ray.checkpoint import save_checkpoint  # noqa: E402
 from cxr_ray.config import ExperimentConfig, ScoreConfig, TrainConfig  # noqa: E402
 from cxr_ray.data.catalog import patient_id  # noqa: E402

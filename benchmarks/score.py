@@ -11,7 +11,7 @@ Throughput (same run, same model with random weights, same images, same batch si
 - model-only ceiling: the same forward passes over tensors decoded beforehand, in fp32 and in
   the precision ``auto`` picks here (bf16 on a CPU with AMX / AVX-512 BF16), channels_last for
   ResNet-50 as the Predictor runs it;
-- ``cxr-ray score``: :func:`cxr_ray.apps.score.run_score` on a local Ray started before the clock
+- ``cxr-ray score``: :func:`cxr_ray.apps.score.job.run_score` on a local Ray started before the clock
   (actor start and model load are inside the timing), writing the Parquet output, with nothing
   hand-set: the previous release's defaults (one 1-CPU actor, fp32, torch), today's defaults in
   fp32 on the torch backend, today's defaults (the checkpoint records bf16 as a training run
@@ -107,7 +107,7 @@ def throughput(args: argparse.Namespace) -> None:
     """Plain loop, model-only ceilings per precision, and ``run_score`` as a user runs it."""
     import ray
 
-    from cxr_ray.apps.score import run_score
+    from cxr_ray.apps.score.job import run_score
 
     device = torch.device(args.device)
     cores = torch.get_num_threads()

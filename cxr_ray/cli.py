@@ -288,7 +288,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     """Score image folders/globs/manifests into a Parquet dataset; last line: the output folder."""
     from cxr_ray.apps import workflows
     from cxr_ray.apps.evaluate import format_table
-    from cxr_ray.apps.score import OutputFolder, check_output, run_score
+    from cxr_ray.apps.score.job import run_score
+    from cxr_ray.apps.score.output import OutputFolder, check_output
     from cxr_ray.checkpoint import load_checkpoint
     from cxr_ray.cluster import init_ray
     from cxr_ray.data.listing import check_inputs

@@ -45,6 +45,7 @@ _ACTOR_ONLY = ("the read + decode tasks import score.stages too; the model stack
 DEFERRED_OK: dict[str, str] = {f"cxr_ray.apps.score.stages -> {t}": _ACTOR_ONLY for t in (
     "cxr_ray.analysis.metrics", "cxr_ray.apps.export", "cxr_ray.checkpoint", "cxr_ray.engine.loop",
     "cxr_ray.engine.precision", "cxr_ray.inference.onnx", "cxr_ray.inference.predictor")}
+DEFERRED_OK["cxr_ray.apps.score.job -> cxr_ray.apps.export"] = "the ONNX exporter loads only when score uses it"
 
 
 def module_name(path: Path, root: Path = PACKAGE) -> str:
@@ -168,3 +169,16 @@ def test_the_checks_fail_on_a_reintroduced_cycle_or_upward_arrow(tmp_path, bad):
         f = copy / "config.py"
         f.write_text(f.read_text() + "\nfrom cxr_ray import cli  # noqa\n")
         assert any(a.startswith("cxr_ray.config:") and "cxr_ray.cli" in a for a in upward_arrows(import_graph(copy)))
+
+
+def test_the_scoring_read_tasks_do_not_load_the_model_stack():
+    """Ray Data's read + decode tasks import ``apps.score.stages`` (and so its package); the
+    models, checkpoints and torchvision load only in the scoring actors and the driver."""
+    import subprocess
+    import sys
+
+    code = ("import sys, cxr_ray.apps.score.stages; "
+            "print(sorted(m for m in ('torchvision', 'cxr_ray.checkpoint', 'cxr_ray.models.backbones', "
+            "'cxr_ray.apps.export', 'sklearn') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]", loaded

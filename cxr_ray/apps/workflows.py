@@ -32,7 +32,7 @@ from cxr_ray.apps.calibrate import calibrate_on_sample, provenance, sample_catal
 from cxr_ray.apps.ensemble import build_ensemble, check_members, top_k_checkpoints
 from cxr_ray.apps.evaluate import evaluate_checkpoint
 from cxr_ray.apps.explain import explain_scored
-from cxr_ray.apps.score import OutputFolder
+from cxr_ray.apps.score.output import OutputFolder
 from cxr_ray.apps.tta import fit_tta_decisions
 from cxr_ray.checkpoint import LoadedCheckpoint, load_checkpoint
 from cxr_ray.cluster import cluster_gpus, cpu_share, init_ray
@@ -226,6 +226,8 @@ def tune(cfg: ExperimentConfig, address: str | None = None, resume: str = "", ca
     if resume:
         cfg = cfg.replace(**{"train.storage_path": store.parent(resume)})
     run = run_tune(cfg, cache.uri, name, resume=bool(resume), mlflow_uri=mlflow_uri)
+    say(f"[tune] search done: {len(run.trials)} trials, {run.n_failed} failed; experiment folder "
+        f"{run.experiment_uri} (trials.csv, best/); next: TTA, ensemble, test reports")
     out = TuneOutcome(run.experiment_uri, run.trials, run.n_failed, run.best_checkpoint)
     if run.best_checkpoint is None:
         return out

@@ -382,7 +382,7 @@ def check_resources(cfg: ExperimentConfig, trials: int = 1, data_cpus: float = 1
 # Keys that may differ when a run is resumed: where and how fast it runs, not what it learns.
 # (train.num_workers only between 0 and 1, one process either way: see check_resume_workers.)
 RESUMABLE_CHANGES = ("train.cpus_per_worker", "train.torch_threads", "train.data_cpus", "train.num_workers",
-                     "train.gpus_per_worker", "train.max_failures", "train.storage_path", "train.name",
+                     "train.use_gpu", "train.gpus_per_worker", "train.max_failures", "train.storage_path", "train.name",
                      "data.cache_dir", "data.materialize_gb", "storage.endpoint_url", "train.amp")
 
 

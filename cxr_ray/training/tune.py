@@ -45,6 +45,7 @@ from cxr_ray.training.train import (
     TRIAL_DRIVER_CPUS,
     build_trainer,
     check_resources,
+    resolve_gpu,
     resolve_resources,
     training_inputs,
     uses_gpu,
@@ -231,7 +232,7 @@ def train_driver_fn(params: dict[str, Any], base: dict[str, Any], cache_uri: str
     continues from its own latest Train checkpoint instead of starting over.
     """
     cfg = ExperimentConfig.from_dict(base)
-    cfg = cfg.replace(**trial_overrides(cfg, params))
+    cfg = resolve_gpu(cfg.replace(**trial_overrides(cfg, params)))  # (a sampled train.use_gpu=auto)
     trial_id = ray.tune.get_context().get_trial_id()
     # Early stopping and the kept checkpoints follow the experiment's metric.
     inputs = training_inputs(cfg, open_cache(cache_uri), selection_metric=cfg.tune_metric)

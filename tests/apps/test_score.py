@@ -21,7 +21,8 @@ import torch
 from helpers import run_cli, start_cli
 from PIL import Image
 
-from cxr_ray.apps.score import OUTPUT_SCHEMA, output_schema, run_score
+from cxr_ray.apps.score.job import run_score
+from cxr_ray.apps.score.output import OUTPUT_SCHEMA, output_schema
 from cxr_ray.checkpoint import load_checkpoint, save_checkpoint, write_meta
 from cxr_ray.config import DataConfig, ScoreConfig
 from cxr_ray.data.listing import list_inputs

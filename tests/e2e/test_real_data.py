@@ -42,7 +42,7 @@ def test_pipeline_yields_correctly_labelled_tensors(ray_local, real_root, tmp_pa
 @pytest.mark.slow
 def test_scratch_cnn_learns_real_pneumonia_and_scoring_matches_evaluate(ray_local, real_root, tmp_path):
     from cxr_ray.apps.evaluate import evaluate_checkpoint
-    from cxr_ray.apps.score import run_score
+    from cxr_ray.apps.score.job import run_score
     from cxr_ray.checkpoint import load_checkpoint
     from cxr_ray.config import ScoreConfig
     from cxr_ray.training.train import run_training

@@ -61,6 +61,9 @@ def test_existing_run_folder_needs_resume(tmp_path):
     with pytest.raises(ConfigError, match="already exists.*cxr-ray train --resume"):
         check_run_dir(cfg, str(tmp_path / "r"), resume=False)
     check_run_dir(cfg.replace(**{"train.cpus_per_worker": 3.0}), str(tmp_path / "r"), resume=True)  # scale may change
+    # a run saved with use_gpu resolved ("false") resumes under a --config that leaves it at "auto"
+    cfg.replace(**{"train.use_gpu": False}).to_yaml(tmp_path / "r" / "config.yaml")
+    check_run_dir(cfg, str(tmp_path / "r"), resume=True)
     with pytest.raises(ConfigError, match=r"differs .* in train.lr: 0.0003 -> 0.001"):
         check_run_dir(cfg.replace(**{"train.lr": 1e-3}), str(tmp_path / "r"), resume=True)
     with pytest.raises(ConfigError, match="not a cxr-ray training run"):

@@ -15,20 +15,6 @@ skips every path already in a committed part.
 
 Modules: ``stages`` (the Ray Data read+decode UDF and the scoring actors, ``ScoreActor``), ``output`` (the
 output folder: schema, part files, job record, lease) and ``job`` (the driver: ``run_score``).
+This package imports none of them: Ray Data's read tasks import ``stages`` (and so this
+package), and must not load the model stack that ``job`` needs.
 """
-
-from cxr_ray.apps.score.job import ScoreSummary, build_dataset, check_resources, labelled_metrics, run_score
-from cxr_ray.apps.score.output import (
-                                       LABEL_FIELD,
-                                       OUTPUT_SCHEMA,
-                                       OutputFolder,
-                                       PartWriter,
-                                       check_output,
-                                       output_schema,
-                                       to_output_table,
-)
-from cxr_ray.apps.score.stages import ScoreActor, read_and_decode, score_device
-
-__all__ = ["LABEL_FIELD", "OUTPUT_SCHEMA", "OutputFolder", "PartWriter", "ScoreActor", "ScoreSummary", "build_dataset",
-           "check_output", "check_resources", "labelled_metrics", "output_schema", "read_and_decode", "run_score",
-           "score_device", "to_output_table"]

@@ -20,7 +20,6 @@ import pyarrow as pa
 from cxr_ray.analysis import drift
 from cxr_ray.analysis.drift import acquisition_stats, compare
 from cxr_ray.analysis.metrics import metrics_report
-from cxr_ray.apps.export import cached_export
 from cxr_ray.apps.score.output import (
     JOB_FILE,
     LEASE_FILE,
@@ -114,6 +113,8 @@ def resolve_score(score: ScoreConfig, ckpt: LoadedCheckpoint) -> ScoreConfig:
         backend = "onnxruntime" if fp32_cpu and onnxruntime_installed() else "torch"
     if backend == "onnxruntime":
         check_onnxruntime()
+
+        from cxr_ray.apps.export import cached_export  # the ONNX exporter loads only when it is used
 
         log.info("[score] backend onnxruntime (score.backend=%s): %s", score.backend, cached_export(ckpt, "onnx"))
     return dataclasses.replace(score, decode_cpus=decode, cpus_per_actor=cpus, amp=amp, backend=backend)

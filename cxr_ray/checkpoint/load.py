@@ -9,6 +9,7 @@ contract (:attr:`LoadedCheckpoint.preprocessing`), never from flags or today's d
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -61,9 +62,10 @@ class LoadedCheckpoint:
     meta: dict[str, Any]
     tta: str = "none"  # the test-time augmentation the model applies (see with_tta)
 
-    @property
+    @functools.cached_property
     def info(self) -> CheckpointMeta:
-        """Its ``checkpoint.json`` as typed fields, with the defaults for keys older checkpoints lack."""
+        """Its ``checkpoint.json`` as typed fields, with the defaults for keys older checkpoints lack
+        (built once: ``meta`` is not changed after loading; ``with_tta`` makes a new checkpoint)."""
         return CheckpointMeta.from_json(self.meta)
 
     @property

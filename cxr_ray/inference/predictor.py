@@ -81,7 +81,7 @@ class Predictor:
         logits, labels = self.logits_of(collated_keeping(stream, self.collate, ("path", "patient"), kept))
         return pd.DataFrame({"path": kept.get("path", []), "patient": kept.get("patient", []),
                              "label": labels.astype(np.int64), "logit": logits.astype(np.float32),
-                             "probability": probabilities(logits, self.ckpt.temperature, self.ckpt.logit_bias)}
+                             "probability": self.calibrated(logits)}
                             ).sort_values("path", ignore_index=True)
 
 

@@ -205,7 +205,7 @@ def check_tune(cfg: ExperimentConfig, ensemble_top_k: int, resumed: bool) -> Exp
     if ensemble_top_k and not 2 <= ensemble_top_k <= cfg.tune.num_samples:
         raise ConfigError(f"--ensemble-top-k: expected 0 or an int in [2, tune.num_samples = "
                           f"{cfg.tune.num_samples}], got {ensemble_top_k}")
-    check_storage(cfg, "data.root", "data.cache_dir", "train.storage_path")
+    check_storage(cfg, "train.storage_path")  # (data.root and data.cache_dir: prepare, or tune's resume)
     return cfg
 
 
@@ -217,6 +217,7 @@ def tune(cfg: ExperimentConfig, address: str | None = None, resume: str = "", ca
     ``cache_uri`` its saved ones (``training.tune.read_experiment_config``)."""
     cfg = check_tune(cfg, ensemble_top_k, bool(resume))
     if cache_uri:  # resumed: the experiment's own cache
+        check_storage(cfg, "data.root", "data.cache_dir")
         init_ray(address)
         cache = open_cache(cache_uri)
     else:

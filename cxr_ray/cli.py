@@ -95,11 +95,11 @@ def check_set_keys(args: argparse.Namespace) -> None:
 
 
 def shutdown_ray() -> None:
-    """Stop (or disconnect from) Ray so no late worker logs follow our final output."""
-    import ray
+    """Stop (or leave) the Ray this command started (or joined), so no late worker logs follow
+    our final output; a Ray session of a caller of :func:`main` stays up."""
+    from cxr_ray.cluster import release_ray
 
-    if ray.is_initialized():
-        ray.shutdown()
+    release_ray()
 
 
 def say(line: str) -> None:

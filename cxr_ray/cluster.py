@@ -5,9 +5,11 @@ from __future__ import annotations
 import _thread
 import contextlib
 import logging
+import logging.handlers
 import math
 import os
 import signal
+import tempfile
 import threading
 import time
 import uuid
@@ -30,10 +32,12 @@ def init_ray(address: str | None = None) -> None:
     where ``ray submit`` runs the script); else a new local Ray that ends with this command.
     Never ``address="auto"``: that joins *any* Ray on the machine, including another
     cxr-ray command's private one, which has no CPUs to spare and shuts down under us.
-    Does nothing when Ray is already initialised in this process.
+    Does nothing when Ray is already initialised in this process (a caller's own Ray session,
+    which :func:`release_ray` then leaves running).
     """
     import ray
 
+    global _CONNECTED_HERE
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
@@ -42,7 +46,11 @@ def init_ray(address: str | None = None) -> None:
     # of ~0.9x on 2 cores). Read only by a Ray that this process starts; a joined cluster keeps
     # its own setting.
     os.environ.setdefault("RAY_worker_niceness", "0")
-    kwargs = {"log_to_driver": True, "runtime_env": worker_env()}
+    held = hold_ray_console_logs()
+    # Workers' and actors' own output (Ray Data's deprecation warnings, Ray Train's resource
+    # requests, the raylet's notices) stays in the session's log files; errors still reach the
+    # driver as exceptions, and cxr_ray's progress comes through its own queue.
+    kwargs = {"log_to_driver": False, "runtime_env": worker_env()}
     try:
         ray.init(address=address, **kwargs)
     except (ConnectionError, RuntimeError) as e:
@@ -55,8 +63,80 @@ def init_ray(address: str | None = None) -> None:
                     str(e).splitlines()[0][:200])
         ray.shutdown()
         ray.init(address="local", **kwargs)
-    log.info("Ray at %s", ray.get_runtime_context().gcs_address)
+    _CONNECTED_HERE = True
+    logs = ray_log_dir()
+    write_ray_logs_to(logs, held)
+    log.info("Ray at %s; Ray's own logs: %s", ray.get_runtime_context().gcs_address, logs)
     ray.data.DataContext.get_current().enable_progress_bars = True
+
+
+_CONNECTED_HERE = False  # whether init_ray started or joined the Ray this process is connected to
+
+
+def release_ray() -> None:
+    """Stop (a local Ray) or leave (a joined cluster) the Ray that :func:`init_ray` connected;
+    a Ray session the caller opened itself stays as it is."""
+    import ray
+
+    global _CONNECTED_HERE
+    if _CONNECTED_HERE and ray.is_initialized():
+        ray.shutdown()
+    _CONNECTED_HERE = False
+
+
+def hold_ray_console_logs() -> logging.handlers.MemoryHandler:
+    """Take Ray's own driver-side log lines (start-up notices, token messages, Ray Data's
+    execution lines, "Progress bars disabled") off the terminal: their console handlers keep
+    errors only, and every record goes to the returned buffer until :func:`write_ray_logs_to`
+    moves them to a file in Ray's log folder."""
+    import ray.data  # noqa: F401  (configures the ray.data logger's handlers)
+
+    buffer = logging.handlers.MemoryHandler(capacity=100_000, flushLevel=logging.CRITICAL + 1)
+    buffer.setLevel(logging.INFO)  # (Ray Data's DEBUG lines are in its own ray-data.log)
+    for logger in _ray_loggers():
+        for handler in list(logger.handlers):
+            if getattr(handler, "cxr_ray_driver_log", False):  # an earlier init's file in this process
+                logger.removeHandler(handler)
+                handler.close()
+            elif isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                handler.setLevel(logging.ERROR)
+        logger.addHandler(buffer)
+    return buffer
+
+
+def write_ray_logs_to(logs: str, buffer: logging.handlers.MemoryHandler) -> None:
+    """Write what ``buffer`` held, and Ray's driver-side log lines from now on, to
+    ``<logs>/cxr_ray-driver-<pid>.log``."""
+    handler = logging.FileHandler(os.path.join(logs, f"cxr_ray-driver-{os.getpid()}.log"), encoding="utf-8")
+    fmt = "%(asctime)s\t%(levelname)s %(name)s %(filename)s:%(lineno)s -- %(message)s"
+    handler.setFormatter(logging.Formatter(fmt))
+    handler.setLevel(logging.INFO)
+    handler.cxr_ray_driver_log = True
+    buffer.setTarget(handler)
+    buffer.close()  # flushes to the file
+    for logger in _ray_loggers():
+        logger.removeHandler(buffer)
+        logger.addHandler(handler)
+
+
+def _ray_loggers() -> list[logging.Logger]:
+    """``ray`` and those of its child loggers that Ray gave handlers of their own (they do not
+    propagate to ``ray``)."""
+    names = ("ray", "ray.data", "ray.train", "ray.tune")
+    return [logging.getLogger(n) for n in names if n == "ray" or logging.getLogger(n).handlers]
+
+
+def ray_log_dir() -> str:
+    """Ray's log folder for this driver: the session's ``logs`` folder where it is on this
+    machine (a local Ray, or a node of the cluster), else a folder under the temp directory."""
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)
+    logs = node.get_logs_dir_path() if node is not None else ""
+    if not logs or not os.path.isdir(logs):
+        logs = os.path.join(tempfile.gettempdir(), "cxr_ray", "logs")
+        os.makedirs(logs, exist_ok=True)
+    return logs
 
 
 def worker_env() -> dict | None:

@@ -32,6 +32,26 @@ def start_cli(*args: str, **kw) -> subprocess.Popen:
                             start_new_session=True, **kw)
 
 
+# Ray's own console lines (start-up, token notice, Ray Data's execution lines, workers' and the
+# raylet's output, Tune's status table): cxr_ray writes them to Ray's log folder, not the terminal
+RAY_NOISE = ("Token authentication", "Started a local Ray instance", "streaming_executor", "(raylet)",
+             "Progress bars disabled", "DeprecationWarning", "TrainController", "Trial status", "RayTrainWorker pid=",
+             "SplitCoordinator")
+
+
+def assert_no_ray_noise(*streams: str) -> Path:
+    """Assert none of :data:`RAY_NOISE` is in ``streams``, and that the one ``Ray's own logs:``
+    folder they name holds the driver's log file with Ray's start-up line; returns that folder."""
+    text = "\n".join(streams)
+    assert not [n for n in RAY_NOISE if n in text], [line for line in text.splitlines()
+                                                      if any(n in line for n in RAY_NOISE)][:10]
+    folders = {line.split("Ray's own logs: ")[1].strip() for line in text.splitlines() if "Ray's own logs: " in line}
+    assert len(folders) == 1, folders
+    logs = Path(folders.pop())
+    assert any("Ray" in p.read_text() for p in logs.glob("cxr_ray-driver-*.log")), sorted(logs.iterdir())[:20]
+    return logs
+
+
 FOREIGN_RAY: dict[int, str] = {}  # Ray processes running when the test session started: not ours
 
 

@@ -17,6 +17,8 @@ import threading
 import time
 from typing import Any, TextIO
 
+import ray.tune
+
 
 def _duration(seconds: float) -> str:
     seconds = max(0, int(round(seconds)))
@@ -137,3 +139,48 @@ class ProgressPrinter:
             return (f"[train] early stop after epoch {e['epoch'] + 1}: no improvement of {self.metric} "
                     f"since epoch {e['best_epoch'] + 1}")
         return ""
+
+
+def _short(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def trial_line(event: str, trial_id: str, config: dict[str, Any], result: dict[str, Any] | None,
+               metric: str, epochs: int) -> str:
+    """One ``[tune]`` line of a search's progress (see :class:`TrialProgress`)."""
+    if event == "start":
+        params = ", ".join(f"{k}={_short(v)}" for k, v in sorted(config.items()))
+        return f"[tune] trial {trial_id} started: {params or 'the base config'}"
+    if event == "result":
+        r = result or {}
+        auc, score = r.get("roc_auc"), r.get(metric)
+        shown = (("val roc_auc", auc),) + ((("val " + metric, score),) if metric != "roc_auc" else ())
+        figures = "  ".join(f"{name} {v:.4f}" for name, v in shown if isinstance(v, (int, float)))
+        return f"[tune] trial {trial_id} epoch {r.get('training_iteration', '?')}/{epochs}: {figures}"
+    if event == "complete":
+        return f"[tune] trial {trial_id} finished"
+    return f"[tune] trial {trial_id} FAILED (its error.txt is in the experiment folder; trials.csv lists it)"
+
+
+class TrialProgress(ray.tune.Callback):
+    """A Ray Tune callback (driver side) printing one line on stderr per trial start, epoch
+    result, end and failure, in place of Tune's status tables (``RunConfig(verbose=0)``)."""
+
+    def __init__(self, metric: str, epochs: int):
+        self.metric, self.epochs = metric, epochs
+
+    def _say(self, event: str, trial: Any, result: dict[str, Any] | None = None) -> None:
+        line = trial_line(event, trial.trial_id, trial.config, result, self.metric, self.epochs)
+        print(line, file=sys.stderr, flush=True)
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._say("start", trial)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self._say("result", trial, result)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._say("complete", trial)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._say("error", trial)

@@ -21,9 +21,11 @@ test split, ``best_test_report/``.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -35,12 +37,13 @@ import yaml
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from cxr_ray.analysis.metrics import SELECTION_METRIC, SELECTION_METRICS
-from cxr_ray.cluster import check_shared_paths, release_placement_groups, this_jobs_placement_groups
+from cxr_ray.cluster import check_shared_paths, ray_log_dir, release_placement_groups, this_jobs_placement_groups
 from cxr_ray.config import ExperimentConfig, valid_keys
 from cxr_ray.data.cache import open_cache
 from cxr_ray.data.preprocessing import resolve_preprocessing
 from cxr_ray.errors import ConfigError
 from cxr_ray.storage import uri as store
+from cxr_ray.training.progress import TrialProgress
 from cxr_ray.training.train import (
     TRIAL_DRIVER_CPUS,
     build_trainer,
@@ -254,8 +257,10 @@ class UriReportCallback(TuneReportCallback):
 
 def _searcher(cfg: ExperimentConfig):
     if cfg.tune.searcher == "optuna":
+        import optuna
         from ray.tune.search.optuna import OptunaSearch
 
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # not a line per study and trial
         return OptunaSearch(metric=cfg.tune_metric, mode="max", seed=cfg.tune.seed)
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
@@ -284,7 +289,8 @@ def build_tuner(cfg: ExperimentConfig, cache_uri: str, storage: str, name: str, 
             metric=cfg.tune_metric, mode="max", num_samples=cfg.tune.num_samples,
             search_alg=_searcher(cfg), scheduler=scheduler,
             max_concurrent_trials=max_concurrent_trials(cfg)),
-        run_config=ray.tune.RunConfig(name=name, storage_path=storage, callbacks=callbacks,
+        # verbose=0: Tune's status tables stay off stdout (the callbacks print cxr_ray's own lines)
+        run_config=ray.tune.RunConfig(name=name, storage_path=storage, callbacks=callbacks, verbose=0,
                                       failure_config=ray.tune.FailureConfig(max_failures=0)),
     )
 
@@ -405,7 +411,7 @@ def run_tune(cfg: ExperimentConfig, cache_uri: str, name: str, resume: bool = Fa
     check_resources(cfg, trials=1, data_cpus=cfg.tune.data_cpus)
     check_shared_paths({"train.storage_path": storage})  # before the first trial
     concurrent = max_concurrent_trials(cfg)  # raises when not even one trial fits
-    callbacks = tracking_callbacks(mlflow_uri, name)
+    callbacks = [TrialProgress(cfg.tune_metric, cfg.train.epochs), *tracking_callbacks(mlflow_uri, name)]
     if resume:
         tuner = ray.tune.Tuner.restore(exp_uri, trainable=_trainable(cfg, cache_uri, exp_uri),
                                        resume_unfinished=True, resume_errored=False)
@@ -414,8 +420,11 @@ def run_tune(cfg: ExperimentConfig, cache_uri: str, name: str, resume: bool = Fa
         tuner = build_tuner(cfg, cache_uri, storage, name, callbacks)
     log.info("[tune] experiment %s: %d trials, up to %d at once", exp_uri, cfg.tune.num_samples, concurrent)
     held = this_jobs_placement_groups()
-    try:
-        grid = tuner.fit()
+    tune_out = os.path.join(ray_log_dir(), f"tune-{name}-{os.getpid()}.out")
+    log.info("[tune] Ray Tune's own output: %s", tune_out)
+    try:  # Tune prints its experiment box and paths whatever its verbosity: to its log, not stdout
+        with open(tune_out, "a", encoding="utf-8") as out, contextlib.redirect_stdout(out):
+            grid = tuner.fit()
     finally:  # a trial stopped while its worker group was starting leaves that group reserved
         release_placement_groups(held, "tune")
     table = trials_table(grid, cfg)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from helpers import ROOT  # noqa: E402
+from helpers import ROOT, assert_no_ray_noise  # noqa: E402
 
 # half of one core busy, in 50 ms slices, until killed
 LOAD = ("import time\nwhile True:\n    t = time.perf_counter()\n"
@@ -26,6 +26,8 @@ def test_tune_demo(tmp_path):
     finally:
         load.kill()
     assert r.returncode == 0, r.stderr[-4000:]
+    assert_no_ray_noise(r.stdout, r.stderr)  # Ray's and Tune's own lines are in Ray's log folder
+    assert r.stderr.count("[tune] trial ") >= 4 * 2 and "epoch 1/4: val roc_auc" in r.stderr  # start, epochs
     best = Path(r.stdout.strip().splitlines()[-1])
     assert best.name == "best" and (best / "model.pt").is_file()
     trials = pd.read_csv(best.parent / "trials.csv")

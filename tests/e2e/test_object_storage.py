@@ -134,7 +134,7 @@ def test_tune_on_s3_resumes_after_the_driver_is_killed(s3, tmp_path):
     trials.csv, best/ and the test report, checked against Tune's own per-trial results."""
     exp = f"s3://{BUCKET}/runs/search"
     args = ["tune", "--data", f"s3://{BUCKET}/data", "--cache", f"s3://{BUCKET}/cache", *SMALL,
-            "--set", "train.cpus_per_worker=0.45", "--set", "train.epochs=2", "--set", "tune.num_samples=3",
+            "--set", "train.cpus_per_worker=0.45", "--set", "train.epochs=2", "--set", "tune.num_samples=2",
             "--set", "metric.tta=",  # (TTA on an s3:// checkpoint: the train test above)
             "--set", "tune.max_concurrent_trials=1", "--set", "tune.reduction_factor=2",
             "--set", "tune.name=search", "--set", f"train.storage_path=s3://{BUCKET}/runs",
@@ -166,8 +166,8 @@ def test_tune_on_s3_resumes_after_the_driver_is_killed(s3, tmp_path):
     assert r.returncode == 0, r.stderr[-4000:]
     assert r.stdout.strip().splitlines()[-1] == f"{exp}/best"
     trials = pd.read_csv(BytesIO(store.read_bytes(store.join(exp, "trials.csv"))))
-    assert len(trials) == 3 and trials["trial_id"].is_unique  # none duplicated, none lost
-    assert trials[["model", "train.lr"]].drop_duplicates().shape[0] == 3  # distinct parameters
+    assert len(trials) == 2 and trials["trial_id"].is_unique  # none duplicated, none lost
+    assert trials[["model", "train.lr"]].drop_duplicates().shape[0] == 2  # distinct parameters
     assert set(trials["model"]) <= {"dropout=0.1", "dropout=0.4, width=12"}
     for row in trials.itertuples():  # each trial trained the model settings it was given
         saved = yaml.safe_load(store.read_bytes(store.join(row.checkpoint_path, "config.yaml")))["model"]

@@ -82,3 +82,20 @@ def test_printer_shows_the_selection_metric_by_name():
     p.format({"kind": "start", "epochs": 1, "start_epoch": 0, "images": 10})
     m = {"train_loss": 0.1, "val_loss": 0.2, "roc_auc": 0.8, "train_images_per_s": 1.0}
     assert "val roc_auc 0.8000  roc_auc 0.8000" in p.format({"kind": "epoch", "epoch": 0, "seconds": 1, "metrics": m})
+
+
+def test_trial_lines_of_a_search():
+    from cxr_ray.training.progress import TrialProgress, trial_line
+
+    config = {"train.lr": 0.0012345, "model.width": 16}
+    assert trial_line("start", "a1", config, None, "selection_score", 4) == \
+        "[tune] trial a1 started: model.width=16, train.lr=0.00123"
+    result = {"training_iteration": 2, "roc_auc": 0.91, "selection_score": 0.7}
+    assert trial_line("result", "a1", config, result, "selection_score", 4) == \
+        "[tune] trial a1 epoch 2/4: val roc_auc 0.9100  val selection_score 0.7000"
+    assert trial_line("result", "a1", config, result, "roc_auc", 4) == "[tune] trial a1 epoch 2/4: val roc_auc 0.9100"
+    assert trial_line("complete", "a1", config, None, "roc_auc", 4) == "[tune] trial a1 finished"
+    assert "FAILED" in trial_line("error", "a1", config, None, "roc_auc", 4)
+    import pickle
+
+    assert pickle.loads(pickle.dumps(TrialProgress("roc_auc", 3))).epochs == 3  # Tune stores it with the experiment

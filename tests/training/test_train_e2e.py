@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from helpers import assert_no_ray_noise
 from helpers import run_cli as cxr_ray
 
 pytestmark = pytest.mark.slow
@@ -28,6 +29,7 @@ def test_train_two_workers_then_evaluate(synthetic_root, tmp_path):
     # What a user sees: on stderr the leak check, a line per epoch, the summary; on stdout only the
     # checkpoint (<run>/best), so CKPT=$(cxr-ray train ...) captures exactly its path.
     assert "[data] patients shared between train and val: 0" in run.stderr
+    assert_no_ray_noise(run.stdout, run.stderr)  # Ray's own lines are in its log folder
     assert re.findall(r"\[train\] epoch (\d)/3: train_loss [\d.]+  val_loss [\d.]+  val roc_auc [\d.]+  "
                       r"pauc [\d.]+  [\d.]+ img/s  elapsed \S+  ETA \S+", run.stderr) == ["1", "2", "3"]
     assert run.stdout.strip() == str(tmp_path / "runs" / "e2e" / "best")

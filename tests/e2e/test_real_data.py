@@ -88,27 +88,32 @@ def test_scratch_cnn_learns_real_pneumonia_and_scoring_matches_evaluate(ray_loca
         assert all(x is None or abs(x) < 1e-6 for x in shifts), drift["acquisition"]  # the same medians
 
     # Training chose the threshold in its own precision (bf16 where this CPU runs it fast), and
-    # bf16 and fp32 probabilities agree on the real images: all 1,317 (the threshold sits on one
-    # validation image's own score, so the 134 validation images alone allow no flip at all).
+    # bf16 and fp32 probabilities agree on the real images: all 1,317 where bf16 is fast (the
+    # threshold sits on one validation image's own score, so the 134 validation images alone
+    # allow no flip at all); where bf16 is emulated (~4x slower than fp32 here, and never chosen
+    # by train.amp=auto), the validation images, with at most that one image flipping.
     from cxr_ray.engine.loop import probabilities
     from cxr_ray.engine.precision import cpu_runs_bf16_fast
     from cxr_ray.inference.predictor import predict_split
 
     ckpt = load_checkpoint(best_ckpt.path)
-    assert ckpt.val_precision == ("bf16" if cpu_runs_bf16_fast() else "fp32") == ev["amp"]
+    fast = cpu_runs_bf16_fast()
+    assert ckpt.val_precision == ("bf16" if fast else "fp32") == ev["amp"]
     cache = prepare_cache(cfg)
+    splits = ("train", "val") if fast else ("val",)
     z32, z16 = (np.concatenate([predict_split(ckpt, cache, split, precision=p)["logit"].to_numpy()
-                                for split in ("train", "val")]) for p in ("fp32", "bf16"))
+                                for split in splits]) for p in ("fp32", "bf16"))
     # the network's own probabilities (T = 1, b = 0) agree within 0.02; the calibrated ones within
     # 0.02 / T (dividing by T scales every logit difference), and decisions stay >= 99.5% the same
     t, b = ckpt.temperature, ckpt.logit_bias
     (p32, p16) = (probabilities(z32), probabilities(z16))
     (c32, c16) = (probabilities(z32, t, b), probabilities(z16, t, b))
-    print(f"bf16 vs fp32 on 1317 real images: max |dp| {np.abs(p16 - p32).max():.4f} raw, "
+    print(f"bf16 vs fp32 on {len(p32)} real images: max |dp| {np.abs(p16 - p32).max():.4f} raw, "
           f"{np.abs(c16 - c32).max():.4f} calibrated (T = {t:.3f}, b = {b:+.3f})")
-    assert len(p32) == 1317 and np.abs(p16 - p32).max() <= 0.02
+    assert len(p32) == (1317 if fast else len(preds)) and np.abs(p16 - p32).max() <= 0.02
     assert np.abs(c16 - c32).max() <= 0.02 / min(t, 1.0) + 1e-6
-    assert ((c16 >= ckpt.threshold) == (c32 >= ckpt.threshold)).mean() >= 0.995
+    flips = int(((c16 >= ckpt.threshold) != (c32 >= ckpt.threshold)).sum())
+    assert flips / len(c32) <= 0.005 if fast else flips <= 1, flips
 
     # The ONNX Runtime backend scores the validation images with the fp32 model's probabilities.
     onnx = run_score(best_ckpt.path, [str(manifest)], str(tmp_path / "scores_onnx"),

@@ -6,6 +6,7 @@ without GPUs or ImageNet downloads needs is overridden: one epoch, 32 px, no pre
 ``train.use_gpu=auto`` and automatic CPUs (and one trial for the searches). The rest of each file
 (model, unfreeze depth, dropout, batch size, augmentation, splits, search space) is what runs.
 All of them share one local Ray: ``cxr-ray``'s ``main`` leaves a caller's Ray session up.
+``tune_cpu.yaml`` is started by the two-node test (:data:`STARTED_ELSEWHERE`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from helpers import ROOT
 
 pytestmark = pytest.mark.slow
 
-CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+# configs another end-to-end test starts, as its subject's setting (here they would run twice)
+STARTED_ELSEWHERE = {"tune_cpu.yaml": "tests/e2e/test_two_nodes.py"}  # submitted to a 2-node cluster
+CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if p.name not in STARTED_ELSEWHERE)
 TINY = ["data.image_size=32", "train.epochs=1", "model.weights=none", "train.use_gpu=auto",
         "train.cpus_per_worker=0", "metric.tta="]
 
@@ -29,6 +32,12 @@ def shipped_command(path: Path) -> list[str]:
     lines = [ln[2:] for ln in path.read_text().splitlines() if ln.startswith("# cxr-ray ")]
     assert len(lines) == 1, f"{path.name}: one '# cxr-ray ...' command line expected, found {lines}"
     return shlex.split(lines[0])[1:]
+
+
+@pytest.mark.parametrize("name", sorted(STARTED_ELSEWHERE))
+def test_the_other_configs_are_started_by_their_tests(name):
+    assert (ROOT / "configs" / name).is_file()
+    assert f'"--config", "configs/{name}"' in (ROOT / STARTED_ELSEWHERE[name]).read_text()
 
 
 @pytest.fixture(scope="module")

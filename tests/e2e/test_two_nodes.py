@@ -1,7 +1,9 @@
-"""A real two-node Ray cluster on this host: the demo search through Ray Jobs, then scoring.
+"""A real two-node Ray cluster on this host: a search with ``configs/tune_cpu.yaml`` submitted
+through Ray Jobs, then scoring.
 
 Node 1 is ``ray start --head`` on 127.0.0.1; node 2 joins with ``ray start --address`` with its
-own CPUs, its own temp dir and a custom resource ``cxr_worker``. The tune demo is submitted
+own CPUs, its own temp dir and a custom resource ``cxr_worker``. The search (the shipped CPU
+config, on tiny data and with one epoch) is submitted
 with ``ray job submit --working-dir .`` (the project shipped through the runtime env), and a
 folder is then scored by a driver that joins with ``--address``. The cluster is always stopped;
 the test skips when a Ray it did not start runs on this host (it would stop that one too).
@@ -83,7 +85,8 @@ def test_demo_tune_via_ray_jobs_then_scoring_on_two_nodes(cluster, tmp_path):
     runtime_env = {"excludes": [".git", "runs", "*.egg-info", "**/__pycache__"]}
     job = _run([*RAY, "job", "submit", "--address", dashboard, "--working-dir", ".",
                 "--runtime-env-json", json.dumps(runtime_env), "--",
-                sys.executable, "experiments/tune.py", "--demo", "--data", str(data), "--ensemble-top-k", "0",
+                sys.executable, "experiments/tune.py", "--config", "configs/tune_cpu.yaml", "--data", str(data),
+                "--ensemble-top-k", "0",
                 "--set", "metric.tta=", "--set", "data.image_size=32",
                 # as cluster.yaml lays out a cluster: Ray Data's CPU work on the head (1 CPU), the
                 # trials' workers on the worker node (a 1.5-CPU worker fits nowhere else)

@@ -688,6 +688,17 @@ def describe_failure(e: BaseException) -> str:
     return f"{type(cause).__name__}: {text[:300]}{where}".rstrip(": ")
 
 
+def ray_logs() -> str:
+    """Where this command's Ray wrote its logs (or would have: a local Ray's latest session)."""
+    import ray
+
+    if ray.is_initialized():
+        from cxr_ray.cluster import ray_log_dir
+
+        return ray_log_dir()
+    return "/tmp/ray/session_latest/logs (a local Ray's; on a cluster, each node's own)"
+
+
 def write_failure_log(command: str, e: BaseException) -> str:
     """Write the whole traceback (Ray's remote tracebacks included) to a log file; its path."""
 
@@ -698,7 +709,7 @@ def write_failure_log(command: str, e: BaseException) -> str:
     path = os.path.join(folder, f"cxr-ray-{command}-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.log")
     with open(path, "w") as f:
         f.write("".join(traceback.format_exception(e)))
-        f.write("\nRay's own logs (local Ray): /tmp/ray/session_latest/logs\n")
+        f.write(f"\nRay's own logs (workers' output included): {ray_logs()}\n")
     return path
 
 

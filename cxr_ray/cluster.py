@@ -52,36 +52,42 @@ def init_ray(address: str | None = None) -> None:
     # driver as exceptions, and cxr_ray's progress comes through its own queue.
     kwargs = {"log_to_driver": False, "runtime_env": worker_env()}
     try:
-        ray.init(address=address, **kwargs)
-    except (ConnectionError, RuntimeError) as e:
-        if address:
-            raise
-        # ``ray start`` left a record (/tmp/ray/ray_current_cluster) of a cluster that is gone
-        # (killed without ``ray stop``) or refuses us: the user named no cluster, so run locally.
-        log.warning("the Ray cluster recorded on this machine by `ray start` cannot be joined (%s); "
-                    "starting a local Ray for this command (`ray stop` clears a stale record)",
-                    str(e).splitlines()[0][:200])
-        ray.shutdown()
-        ray.init(address="local", **kwargs)
-    _CONNECTED_HERE = True
-    logs = ray_log_dir()
-    write_ray_logs_to(logs, held)
+        try:
+            ray.init(address=address, **kwargs)
+        except (ConnectionError, RuntimeError) as e:
+            if address:
+                raise
+            # ``ray start`` left a record (/tmp/ray/ray_current_cluster) of a cluster that is gone
+            # (killed without ``ray stop``) or refuses us: the user named no cluster, so run locally.
+            log.warning("the Ray cluster recorded on this machine by `ray start` cannot be joined (%s); "
+                        "starting a local Ray for this command (`ray stop` clears a stale record)",
+                        str(e).splitlines()[0][:200])
+            ray.shutdown()
+            ray.init(address="local", **kwargs)
+    finally:  # also when Ray did not start: what Ray said is kept, and nothing stays buffered
+        logs = ray_log_dir()
+        write_ray_logs_to(logs, held)
+    _CONNECTED_HERE = ray.get_runtime_context().gcs_address
     log.info("Ray at %s; Ray's own logs: %s", ray.get_runtime_context().gcs_address, logs)
     ray.data.DataContext.get_current().enable_progress_bars = True
 
 
-_CONNECTED_HERE = False  # whether init_ray started or joined the Ray this process is connected to
+_CONNECTED_HERE = ""  # the GCS address of the Ray that init_ray started or joined, if it did
 
 
 def release_ray() -> None:
-    """Stop (a local Ray) or leave (a joined cluster) the Ray that :func:`init_ray` connected;
-    a Ray session the caller opened itself stays as it is."""
+    """Stop (a local Ray) or leave (a joined cluster) the Ray that :func:`init_ray` connected,
+    and close its driver log; a Ray session the caller opened itself stays as it is."""
     import ray
 
     global _CONNECTED_HERE
-    if _CONNECTED_HERE and ray.is_initialized():
+    if _CONNECTED_HERE and ray.is_initialized() and ray.get_runtime_context().gcs_address == _CONNECTED_HERE:
         ray.shutdown()
-    _CONNECTED_HERE = False
+        for logger in _ray_loggers():
+            for handler in [h for h in logger.handlers if getattr(h, "cxr_ray_driver_log", False)]:
+                logger.removeHandler(handler)
+                handler.close()
+    _CONNECTED_HERE = ""
 
 
 def hold_ray_console_logs() -> logging.handlers.MemoryHandler:
@@ -112,11 +118,11 @@ def write_ray_logs_to(logs: str, buffer: logging.handlers.MemoryHandler) -> None
     handler.setFormatter(logging.Formatter(fmt))
     handler.setLevel(logging.INFO)
     handler.cxr_ray_driver_log = True
-    buffer.setTarget(handler)
-    buffer.close()  # flushes to the file
-    for logger in _ray_loggers():
-        logger.removeHandler(buffer)
+    for logger in _ray_loggers():  # the file first, then the buffer off: no record falls between
         logger.addHandler(handler)
+        logger.removeHandler(buffer)
+    buffer.setTarget(handler)
+    buffer.close()  # flushes what it held to the file
 
 
 def _ray_loggers() -> list[logging.Logger]:
@@ -131,9 +137,9 @@ def ray_log_dir() -> str:
     machine (a local Ray, or a node of the cluster), else a folder under the temp directory."""
     import ray
 
-    node = getattr(ray._private.worker, "_global_node", None)
+    node = getattr(ray._private.worker, "_global_node", None) if ray.is_initialized() else None
     logs = node.get_logs_dir_path() if node is not None else ""
-    if not logs or not os.path.isdir(logs):
+    if not logs or not os.path.isdir(logs) or not os.access(logs, os.W_OK):  # (another user's cluster)
         logs = os.path.join(tempfile.gettempdir(), "cxr_ray", "logs")
         os.makedirs(logs, exist_ok=True)
     return logs

@@ -38,3 +38,32 @@ def test_a_ray_the_session_did_not_start_is_never_stopped(monkeypatch):
         helpers.require_no_foreign_ray()
     monkeypatch.setattr(helpers, "FOREIGN_RAY", {2**22 + 12345: "raylet"})  # gone: nothing to protect
     helpers.require_no_foreign_ray()
+
+
+def test_ray_log_lines_go_to_the_driver_log_not_the_console(tmp_path, capsys):
+    """Ray's driver-side records are held from before ray.init and written to one file; the
+    console keeps errors only; a second start replaces the first file handler, never adds one."""
+    import logging.handlers
+
+    from cxr_ray.cluster import _ray_loggers, hold_ray_console_logs, write_ray_logs_to
+
+    for run in ("first", "second"):
+        held = hold_ray_console_logs()
+        logging.getLogger("ray").warning("token notice %s", run)
+        logging.getLogger("ray.data").info("Starting execution %s", run)
+        (tmp_path / run).mkdir()
+        write_ray_logs_to(str(tmp_path / run), held)
+        logging.getLogger("ray.data").info("after the start %s", run)
+        text = next((tmp_path / run).glob("cxr_ray-driver-*.log")).read_text()
+        assert all(f"{m} {run}" in text for m in ("token notice", "Starting execution", "after the start")), text
+    assert "token notice" not in capsys.readouterr().err
+    for logger in _ray_loggers():
+        drivers = [h for h in logger.handlers if getattr(h, "cxr_ray_driver_log", False)]
+        assert len(drivers) == 1 and str(tmp_path / "second") in drivers[0].baseFilename
+        assert not any(isinstance(h, logging.handlers.MemoryHandler) for h in logger.handlers)
+        consoles = [h for h in logger.handlers if type(h) is not logging.FileHandler and
+                    isinstance(h, logging.StreamHandler)]
+        assert all(h.level == logging.ERROR for h in consoles)
+        for h in drivers:  # leave the process's loggers as Ray had them, but for the levels
+            logger.removeHandler(h)
+            h.close()

@@ -7,7 +7,8 @@ through a Ray queue (:class:`ProgressReporter`); the driver prints them as they 
 
 Event schema (dicts): ``{"kind": "start", "epochs", "start_epoch", "images", "precision"}``,
 ``{"kind": "batch", "epoch", "images", "seconds"}``, ``{"kind": "epoch", "epoch", "seconds",
-"metrics"}``, ``{"kind": "stop", "epoch", "best_epoch"}``.
+"metrics"}``, ``{"kind": "stop", "epoch", "best_epoch"}``, ``{"kind": "note", "text"}`` (a warning
+for the user: workers' own log lines stay in Ray's log files).
 """
 
 from __future__ import annotations
@@ -15,9 +16,8 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from numbers import Real
 from typing import Any, TextIO
-
-import ray.tune
 
 
 def _duration(seconds: float) -> str:
@@ -29,8 +29,8 @@ def _duration(seconds: float) -> str:
 
 class ProgressReporter:
     """Worker side (rank 0): puts events on the driver's queue, in-epoch ones at most every
-    ``interval_s`` seconds. Without a queue (tune trials: Tune shows its own table) it is
-    silent. A queue error never stops training."""
+    ``interval_s`` seconds. Without a queue (tune trials: :class:`TrialProgress` reports them
+    from Tune's results) it is silent. A queue error never stops training."""
 
     def __init__(self, queue: Any | None, interval_s: float = 10.0):
         self.queue = queue
@@ -138,11 +138,13 @@ class ProgressPrinter:
         if kind == "stop":
             return (f"[train] early stop after epoch {e['epoch'] + 1}: no improvement of {self.metric} "
                     f"since epoch {e['best_epoch'] + 1}")
+        if kind == "note":
+            return str(e["text"])
         return ""
 
 
 def _short(value: Any) -> str:
-    return f"{value:.3g}" if isinstance(value, float) else str(value)
+    return f"{value:.3g}" if isinstance(value, Real) and not isinstance(value, int) else str(value)
 
 
 def trial_line(event: str, trial_id: str, config: dict[str, Any], result: dict[str, Any] | None,
@@ -155,32 +157,10 @@ def trial_line(event: str, trial_id: str, config: dict[str, Any], result: dict[s
         r = result or {}
         auc, score = r.get("roc_auc"), r.get(metric)
         shown = (("val roc_auc", auc),) + ((("val " + metric, score),) if metric != "roc_auc" else ())
-        figures = "  ".join(f"{name} {v:.4f}" for name, v in shown if isinstance(v, (int, float)))
-        return f"[tune] trial {trial_id} epoch {r.get('training_iteration', '?')}/{epochs}: {figures}"
+        figures = "  ".join(f"{name} {float(v):.4f}" for name, v in shown if isinstance(v, Real))
+        return f"[tune] trial {trial_id} epoch {r.get('training_iteration', '?')}/{epochs}" + (
+            f": {figures}" if figures else "")
     if event == "complete":
-        return f"[tune] trial {trial_id} finished"
+        done = (result or {}).get("training_iteration")
+        return f"[tune] trial {trial_id} finished" + (f" after {done}/{epochs} epoch(s)" if done else "")
     return f"[tune] trial {trial_id} FAILED (its error.txt is in the experiment folder; trials.csv lists it)"
-
-
-class TrialProgress(ray.tune.Callback):
-    """A Ray Tune callback (driver side) printing one line on stderr per trial start, epoch
-    result, end and failure, in place of Tune's status tables (``RunConfig(verbose=0)``)."""
-
-    def __init__(self, metric: str, epochs: int):
-        self.metric, self.epochs = metric, epochs
-
-    def _say(self, event: str, trial: Any, result: dict[str, Any] | None = None) -> None:
-        line = trial_line(event, trial.trial_id, trial.config, result, self.metric, self.epochs)
-        print(line, file=sys.stderr, flush=True)
-
-    def on_trial_start(self, iteration, trials, trial, **info):
-        self._say("start", trial)
-
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        self._say("result", trial, result)
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        self._say("complete", trial)
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        self._say("error", trial)

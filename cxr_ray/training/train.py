@@ -43,6 +43,7 @@ from cxr_ray.data.pipeline import TorchCollate, check_cache_size, collated_keepi
 from cxr_ray.data.preprocessing import Preprocessing, resolve_preprocessing
 from cxr_ray.engine.loop import (
     EarlyStopping,
+    check_resumed_schedule,
     make_optimizer,
     make_scheduler,
     pos_weight_from_counts,
@@ -137,7 +138,11 @@ class TrainLoopRunner:
         with ckpt.as_directory() as d:
             state = load_train_state(d)
             weights = safe_load(Path(d) / MODEL_FILE)
-        # first: a ConfigError when the checkpoint's LR schedule was counted for other workers
+        if not check_resumed_schedule(state.get("schedule"), self.schedule):  # (a ConfigError when it differs)
+            # workers' log lines stay in Ray's log files: the driver's terminal hears it through the queue
+            self.progress.emit("note", text=f"[train] WARNING: the checkpoint predates recorded LR schedules: "
+                                            f"resuming it assumes the train.num_workers ({self.schedule.world_size}), "
+                                            "train.batch_size and training images it was written with")
         self.start_epoch = restore_train_state(state, self.optimizer, self.scheduler, self.stopper, self.schedule)
         unwrap(self.model).load_state_dict(weights)
         self.log("[train] resumed from checkpoint after epoch %d", state["epoch"])

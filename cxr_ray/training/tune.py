@@ -26,6 +26,7 @@ import itertools
 import logging
 import math
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -43,7 +44,7 @@ from cxr_ray.data.cache import open_cache
 from cxr_ray.data.preprocessing import resolve_preprocessing
 from cxr_ray.errors import ConfigError
 from cxr_ray.storage import uri as store
-from cxr_ray.training.progress import TrialProgress
+from cxr_ray.training.progress import trial_line
 from cxr_ray.training.train import (
     TRIAL_DRIVER_CPUS,
     build_trainer,
@@ -255,12 +256,43 @@ class UriReportCallback(TuneReportCallback):
         super().after_report(run_context, metrics, checkpoint)
 
 
+class TrialProgress(ray.tune.Callback):
+    """A Ray Tune callback (driver side) printing one line on stderr per trial start, epoch
+    result, end and failure, in place of Tune's status tables (``RunConfig(verbose=0)``)."""
+
+    def __init__(self, metric: str, epochs: int):
+        self.metric, self.epochs = metric, epochs
+
+    def _say(self, event: str, trial: Any, result: dict[str, Any] | None = None) -> None:
+        line = trial_line(event, trial.trial_id, trial.config, result, self.metric, self.epochs)
+        print(line, file=sys.stderr, flush=True)
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._say("start", trial)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self._say("result", trial, result)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._say("complete", trial, trial.last_result)  # fewer epochs than train.epochs: ASHA stopped it
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._say("error", trial)
+
+
+def _quiet_optuna() -> None:
+    """Optuna's own INFO lines (one per study and trial) off the terminal, where it is installed."""
+    try:
+        import optuna
+    except ImportError:
+        return
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
 def _searcher(cfg: ExperimentConfig):
     if cfg.tune.searcher == "optuna":
-        import optuna
         from ray.tune.search.optuna import OptunaSearch
 
-        optuna.logging.set_verbosity(optuna.logging.WARNING)  # not a line per study and trial
         return OptunaSearch(metric=cfg.tune_metric, mode="max", seed=cfg.tune.seed)
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
@@ -420,7 +452,8 @@ def run_tune(cfg: ExperimentConfig, cache_uri: str, name: str, resume: bool = Fa
         tuner = build_tuner(cfg, cache_uri, storage, name, callbacks)
     log.info("[tune] experiment %s: %d trials, up to %d at once", exp_uri, cfg.tune.num_samples, concurrent)
     held = this_jobs_placement_groups()
-    tune_out = os.path.join(ray_log_dir(), f"tune-{name}-{os.getpid()}.out")
+    _quiet_optuna()  # (a restored searcher too)
+    tune_out = os.path.join(ray_log_dir(), f"tune-{name.replace('/', '_')}-{os.getpid()}.out")
     log.info("[tune] Ray Tune's own output: %s", tune_out)
     try:  # Tune prints its experiment box and paths whatever its verbosity: to its log, not stdout
         with open(tune_out, "a", encoding="utf-8") as out, contextlib.redirect_stdout(out):

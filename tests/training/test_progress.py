@@ -85,7 +85,8 @@ def test_printer_shows_the_selection_metric_by_name():
 
 
 def test_trial_lines_of_a_search():
-    from cxr_ray.training.progress import TrialProgress, trial_line
+    from cxr_ray.training.progress import trial_line
+    from cxr_ray.training.tune import TrialProgress
 
     config = {"train.lr": 0.0012345, "model.width": 16}
     assert trial_line("start", "a1", config, None, "selection_score", 4) == \
@@ -95,6 +96,11 @@ def test_trial_lines_of_a_search():
         "[tune] trial a1 epoch 2/4: val roc_auc 0.9100  val selection_score 0.7000"
     assert trial_line("result", "a1", config, result, "roc_auc", 4) == "[tune] trial a1 epoch 2/4: val roc_auc 0.9100"
     assert trial_line("complete", "a1", config, None, "roc_auc", 4) == "[tune] trial a1 finished"
+    assert trial_line("complete", "a1", config, result, "roc_auc", 4) == "[tune] trial a1 finished after 2/4 epoch(s)"
+    assert trial_line("result", "a1", config, {"training_iteration": 1}, "roc_auc", 4) == "[tune] trial a1 epoch 1/4"
+    import numpy as np
+
+    assert trial_line("result", "a1", config, {"roc_auc": np.float32(0.5)}, "roc_auc", 4).endswith("val roc_auc 0.5000")
     assert "FAILED" in trial_line("error", "a1", config, None, "roc_auc", 4)
     import pickle
 

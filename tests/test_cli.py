@@ -5,6 +5,7 @@ import pytest
 from helpers import run_cli as cxr_ray
 
 
+@pytest.mark.slow
 def test_make_synthetic_then_inspect(tmp_path):
     out = tmp_path / "syn"
     r = cxr_ray("make-synthetic", str(out), "--n", "60", "--size", "48")
@@ -36,6 +37,7 @@ def test_bad_input_fails_fast_with_named_cause(args, message):
     assert "Ray at " not in r.stderr  # failed before Ray started
 
 
+@pytest.mark.slow
 def test_score_refuses_bad_output_before_ray(tmp_path):
     from cxr_ray.checkpoint import save_checkpoint
     from cxr_ray.config import ExperimentConfig

@@ -43,6 +43,7 @@ def trained(tmp_path_factory) -> str:
     return str(save_checkpoint(tmp_path_factory.mktemp("explain") / "ckpt", model, cfg, 0.5, {}, 5))
 
 
+@pytest.mark.slow
 def test_gradcam_of_a_trained_model_lies_on_the_opacities(trained):
     ckpt = load_checkpoint(trained)
     rng = np.random.default_rng(123)  # unseen images, opacity masks known
@@ -80,6 +81,7 @@ def chest_folder(folder, n: int, seed: int, name: str = "img{}.png"):
     return folder
 
 
+@pytest.mark.slow
 def test_cli_writes_overlays_and_a_gallery_naming_unreadable_files(trained, tmp_path):
     folder = chest_folder(tmp_path / "in", 3, seed=5, name="img {}.png")
     out = tmp_path / "gallery"

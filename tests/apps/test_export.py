@@ -45,6 +45,7 @@ def exported_logits(folder: Path, fmt: str, images: np.ndarray) -> np.ndarray:
     return run_export(folder / meta["artifacts"][fmt]["file"], fmt, images.astype(np.float32) / 255.0)
 
 
+@pytest.mark.slow
 def test_cli_exports_both_formats_with_the_input_contract(checkpoint, tmp_path):
     out = tmp_path / "served"
     for fmt in ("onnx", "torchscript"):
@@ -84,6 +85,7 @@ def test_cli_exports_both_formats_with_the_input_contract(checkpoint, tmp_path):
             assert np.abs(got - ref[: len(batch)]).max() <= 1e-4, fmt
 
 
+@pytest.mark.slow
 def test_export_refuses_another_checkpoints_folder_and_names_it(checkpoint, tmp_path):
     out = tmp_path / "served"
     export_checkpoint(load_checkpoint(checkpoint), "torchscript", str(out))
@@ -103,6 +105,7 @@ def test_export_refuses_another_checkpoints_folder_and_names_it(checkpoint, tmp_
     assert res.returncode == 2 and "only storage.* may be set" in res.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.real_data
 def test_exported_resnet50_matches_the_checkpoint_on_real_images(real_root, tmp_path):
     """The parity the issue asks for: fp32 logits within 1e-4 on real X-rays, ResNet-50 with its

@@ -80,6 +80,7 @@ def _manifest_with_missing(root: Path, tmp_path: Path) -> Path:
     return manifest
 
 
+@pytest.mark.slow
 def test_every_file_exactly_once_with_errors_named(ray_local, checkpoint, mixed_folder, tmp_path):
     root, reasons = mixed_folder
     inputs = [str(root), str(root / "PNEUMONIA" / "nested" / "*.jpeg"),  # overlaps the folder
@@ -108,6 +109,7 @@ def test_every_file_exactly_once_with_errors_named(ray_local, checkpoint, mixed_
     assert not (out / "_tmp").exists()
 
 
+@pytest.mark.slow
 def test_output_schema_readable_without_cxr_ray(ray_local, checkpoint, mixed_folder, tmp_path):
     root, _ = mixed_folder
     out = tmp_path / "out"
@@ -124,6 +126,7 @@ def test_output_schema_readable_without_cxr_ray(ray_local, checkpoint, mixed_fol
     assert output_schema(True).names[-1] == "label"
 
 
+@pytest.mark.slow
 def test_refuses_to_mix_runs_and_models(ray_local, checkpoint, mixed_folder, tmp_path):
     root, _ = mixed_folder
     inputs = [str(root / "PNEUMONIA")]
@@ -148,6 +151,7 @@ def test_refuses_to_mix_runs_and_models(ray_local, checkpoint, mixed_folder, tmp
         run_score(str(best), inputs, str(tmp_path / "out2"), SCORE, resume=True)
 
 
+@pytest.mark.slow
 def test_scores_equal_evaluate_no_preprocessing_drift(ray_local, checkpoint, tmp_path):
     from cxr_ray.apps.evaluate import evaluate_checkpoint
 
@@ -163,6 +167,7 @@ def test_scores_equal_evaluate_no_preprocessing_drift(ray_local, checkpoint, tmp
     assert (sc.loc[ev.index, "prediction"] == ev["prediction"]).all()
 
 
+@pytest.mark.slow
 def test_a_labelled_sample_without_train_split_evaluates(ray_local, checkpoint, tmp_path):
     """A hospital's sample is class folders only (SITE/{NORMAL,PNEUMONIA}): evaluate needs no
     training images; there is no validation split, so no operating-point table."""
@@ -269,6 +274,7 @@ def test_resume_after_kill_loses_nothing_duplicates_nothing(checkpoint, tmp_path
     assert resumed.stdout.strip().splitlines()[-1] == str(out)
 
 
+@pytest.mark.slow
 def test_uri_inputs_and_output(ray_local, checkpoint, mixed_folder, tmp_path):
     """``file://`` goes through the same pyarrow-filesystem paths as ``s3://`` and ``gs://``."""
     root, _ = mixed_folder
@@ -283,6 +289,7 @@ def test_uri_inputs_and_output(ray_local, checkpoint, mixed_folder, tmp_path):
     assert (tmp_path / "uri_out" / "_metrics.json").is_file() and not (tmp_path / "uri_out" / "_tmp").exists()
 
 
+@pytest.mark.slow
 def test_defaults_size_the_job_from_the_cluster_and_keep_the_checkpoint_precision(ray_local, checkpoint,
                                                                                   tmp_path, monkeypatch):
     """Nothing set: one actor takes the 2-CPU cluster's CPUs after a 0.5-CPU decode task, and
@@ -313,6 +320,7 @@ def test_defaults_size_the_job_from_the_cluster_and_keep_the_checkpoint_precisio
     assert resolve_score(ScoreConfig(cpus_per_actor=1.0), fp32).cpus_per_actor == 1.0  # as set
 
 
+@pytest.mark.slow
 def test_onnxruntime_backend_scores_like_the_torch_model(ray_local, checkpoint, mixed_folder, tmp_path):
     """score.backend=onnxruntime: the actors run the checkpoint's ONNX export (fp32) and give
     the torch model's fp32 probabilities; bad files are reported the same way."""

@@ -27,6 +27,7 @@ def dataset(tmp_path, synthetic_root):
     return root
 
 
+@pytest.mark.slow
 def test_cache_reuse_and_invalidation(ray_local, dataset, cache_dir):
     first = prepare_cache(_cfg(dataset, cache_dir))
     assert first.meta["n_bad"] == 0 and first.size == 48
@@ -43,6 +44,7 @@ def test_cache_reuse_and_invalidation(ray_local, dataset, cache_dir):
     assert changed.uri != first.uri and changed.meta["n_images"] == first.meta["n_images"] - 1
 
 
+@pytest.mark.slow
 def test_interrupted_build_is_rebuilt(ray_local, dataset, cache_dir):
     cache = prepare_cache(_cfg(dataset, cache_dir))
     os.remove(os.path.join(cache.uri, "meta.json"))  # as if the job died before committing
@@ -50,6 +52,7 @@ def test_interrupted_build_is_rebuilt(ray_local, dataset, cache_dir):
     assert rebuilt.uri == cache.uri and rebuilt.meta["n_images"] == cache.meta["n_images"]
 
 
+@pytest.mark.slow
 def test_bad_files_listed_and_skipped(ray_local, dataset, cache_dir):
     bad = {
         dataset / "train" / "PNEUMONIA" / "person9001_virus_1.jpeg": b"",
@@ -70,6 +73,7 @@ def test_bad_files_listed_and_skipped(ray_local, dataset, cache_dir):
     assert sum(len(k) for k in keys) == n_train  # the bad files never reach training
 
 
+@pytest.mark.slow
 def test_pipeline_yields_labelled_model_batches(ray_local, dataset, cache_dir):
     cache = prepare_cache(_cfg(dataset, cache_dir))
     ds = split_dataset(cache, "val", 32, with_paths=True)  # cache 48 px -> model 32 px
@@ -118,6 +122,7 @@ def _epochs_of_labels(cfg, cache, epochs=2):
             for e in range(epochs)]
 
 
+@pytest.mark.slow
 def test_training_batches_mix_classes_and_reshuffle_every_epoch(ray_local, skewed_root, cache_dir):
     cfg = _cfg(skewed_root, cache_dir, **{"data.image_size": 16, "data.val_split": "official"})
     cache = prepare_cache(cfg)

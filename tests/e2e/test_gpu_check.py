@@ -4,9 +4,11 @@ import json
 import subprocess
 import sys
 
+import pytest
 from helpers import ROOT  # noqa: E402
 
 
+@pytest.mark.slow
 def test_gpu_check_tiny_on_cpu(synthetic_root, tmp_path):
     out = tmp_path / "gpu_check.json"
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--tiny",

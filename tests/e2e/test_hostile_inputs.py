@@ -159,6 +159,7 @@ def test_a_ray_worker_failure_is_one_line_with_the_log(tmp_path, monkeypatch):
     assert log.startswith(str(tmp_path / "logs")) and "WorkerGroupError" in open(log).read()
 
 
+@pytest.mark.slow
 def test_score_gives_every_hostile_entry_one_row(checkpoint, tmp_path):
     root = tmp_path / "export"
     expected = hostile_folder(root)

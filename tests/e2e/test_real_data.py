@@ -24,6 +24,7 @@ def _cfg(real_root, tmp_path, **over):
                                          "data.image_size": 128, **over})
 
 
+@pytest.mark.slow
 def test_pipeline_yields_correctly_labelled_tensors(ray_local, real_root, tmp_path):
     cache = prepare_cache(_cfg(real_root, tmp_path))
     assert cache.meta["n_bad"] == 0 and cache.meta["split_leaks"] == []

@@ -84,10 +84,15 @@ def release_ray() -> None:
     if _CONNECTED_HERE and ray.is_initialized() and ray.get_runtime_context().gcs_address == _CONNECTED_HERE:
         ray.shutdown()
         for logger in _ray_loggers():
-            for handler in [h for h in logger.handlers if getattr(h, "cxr_ray_driver_log", False)]:
-                logger.removeHandler(handler)
-                handler.close()
+            _drop_driver_log(logger)
     _CONNECTED_HERE = ""
+
+
+def _drop_driver_log(logger: logging.Logger) -> None:
+    """Remove and close the ``cxr_ray-driver-PID.log`` handler an earlier start put on ``logger``."""
+    for handler in [h for h in logger.handlers if getattr(h, "cxr_ray_driver_log", False)]:
+        logger.removeHandler(handler)
+        handler.close()
 
 
 def hold_ray_console_logs() -> logging.handlers.MemoryHandler:
@@ -100,11 +105,9 @@ def hold_ray_console_logs() -> logging.handlers.MemoryHandler:
     buffer = logging.handlers.MemoryHandler(capacity=100_000, flushLevel=logging.CRITICAL + 1)
     buffer.setLevel(logging.INFO)  # (Ray Data's DEBUG lines are in its own ray-data.log)
     for logger in _ray_loggers():
-        for handler in list(logger.handlers):
-            if getattr(handler, "cxr_ray_driver_log", False):  # an earlier init's file in this process
-                logger.removeHandler(handler)
-                handler.close()
-            elif isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+        _drop_driver_log(logger)  # an earlier start's file in this process
+        for handler in logger.handlers:
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
                 handler.setLevel(logging.ERROR)
         logger.addHandler(buffer)
     return buffer

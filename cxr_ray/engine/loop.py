@@ -219,13 +219,14 @@ def train_state(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_sche
 
 def restore_train_state(state: Mapping[str, Any], optimizer: torch.optim.Optimizer,
                         scheduler: torch.optim.lr_scheduler.LRScheduler, stopper: EarlyStopping,
-                        schedule: ScheduleGeometry) -> int:
+                        schedule: ScheduleGeometry, warn: Callable[[str], None] = log.warning) -> int:
     """Load a :func:`train_state` into the optimizer, scheduler and early stopping built for
     ``schedule``; returns the epoch to continue from. A checkpoint counted in another geometry
-    is a :class:`ConfigError` (:func:`check_resumed_schedule`) before anything is loaded."""
+    is a :class:`ConfigError` (:func:`check_resumed_schedule`) before anything is loaded; one
+    older than recorded schedules is resumed with a ``warn``-ing."""
     if not check_resumed_schedule(state.get("schedule"), schedule):
-        log.warning("the checkpoint predates recorded LR schedules: resuming it assumes the train.num_workers "
-                    "(%d), train.batch_size and training images it was written with", schedule.world_size)
+        warn(f"the checkpoint predates recorded LR schedules: resuming it assumes the train.num_workers "
+             f"({schedule.world_size}), train.batch_size and training images it was written with")
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     stopper.load_state_dict(state["early_stopping"])

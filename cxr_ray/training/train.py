@@ -43,7 +43,6 @@ from cxr_ray.data.pipeline import TorchCollate, check_cache_size, collated_keepi
 from cxr_ray.data.preprocessing import Preprocessing, resolve_preprocessing
 from cxr_ray.engine.loop import (
     EarlyStopping,
-    check_resumed_schedule,
     make_optimizer,
     make_scheduler,
     pos_weight_from_counts,
@@ -130,6 +129,12 @@ class TrainLoopRunner:
         self.train_data = ray.train.get_dataset_shard("train")
         self.val_data = ray.train.get_dataset_shard("val")
 
+    def warn(self, text: str) -> None:
+        """A warning for the user: in this worker's log, and on the driver's terminal through the
+        progress queue (workers' own log lines stay in Ray's log files)."""
+        log.warning("%s", text)
+        self.progress.emit("note", text=f"[train] WARNING: {text}")
+
     def restore(self) -> None:
         """Continue from the latest reported checkpoint (``--resume``, or a worker-group restart)."""
         ckpt = ray.train.get_checkpoint()
@@ -138,12 +143,9 @@ class TrainLoopRunner:
         with ckpt.as_directory() as d:
             state = load_train_state(d)
             weights = safe_load(Path(d) / MODEL_FILE)
-        if not check_resumed_schedule(state.get("schedule"), self.schedule):  # (a ConfigError when it differs)
-            # workers' log lines stay in Ray's log files: the driver's terminal hears it through the queue
-            self.progress.emit("note", text=f"[train] WARNING: the checkpoint predates recorded LR schedules: "
-                                            f"resuming it assumes the train.num_workers ({self.schedule.world_size}), "
-                                            "train.batch_size and training images it was written with")
-        self.start_epoch = restore_train_state(state, self.optimizer, self.scheduler, self.stopper, self.schedule)
+        # first: a ConfigError when the checkpoint's LR schedule was counted for other workers
+        self.start_epoch = restore_train_state(state, self.optimizer, self.scheduler, self.stopper, self.schedule,
+                                               warn=self.warn)
         unwrap(self.model).load_state_dict(weights)
         self.log("[train] resumed from checkpoint after epoch %d", state["epoch"])
 

@@ -5,7 +5,8 @@ The command line is taken from the config file (``# cxr-ray train --config confi
 without GPUs or ImageNet downloads needs is overridden: one epoch, 32 px, no pretrained weights,
 ``train.use_gpu=auto`` and automatic CPUs (and one trial for the searches). The rest of each file
 (model, unfreeze depth, dropout, batch size, augmentation, splits, search space) is what runs.
-All of them share one local Ray: ``cxr-ray``'s ``main`` leaves a caller's Ray session up.
+All of them share one local Ray (conftest's ``ray_local``): ``cxr-ray``'s ``main`` leaves a
+caller's Ray session up.
 ``tune_cpu.yaml`` is started by the two-node test (:data:`STARTED_ELSEWHERE`).
 """
 
@@ -40,20 +41,8 @@ def test_the_other_configs_are_started_by_their_tests(name):
     assert f'"--config", "configs/{name}"' in (ROOT / STARTED_ELSEWHERE[name]).read_text()
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    """One local Ray for every config (each command joins the running session and leaves it up)."""
-    import ray
-
-    ray.init(num_cpus=2, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
-def test_shipped_config_starts_and_trains(path, ray_session, synthetic_root, tmp_path, capsys):
-    import ray
-
+def test_shipped_config_starts_and_trains(path, ray_local, synthetic_root, tmp_path, capsys):
     from cxr_ray.cli import main
 
     argv = shipped_command(path)
@@ -67,7 +56,7 @@ def test_shipped_config_starts_and_trains(path, ray_session, synthetic_root, tmp
     rc = main([*argv, *(a for o in over for a in ("--set", o))])
     out, err = capsys.readouterr()
     assert rc == 0, err[-4000:]
-    assert ray.is_initialized()  # the caller's session is still up
+    assert ray_local.is_initialized()  # the caller's session is still up
     best = Path(out.strip().splitlines()[-1])
     assert best.name == "best" and (best / "model.pt").is_file(), out[-2000:]
     shipped = yaml.safe_load(path.read_text())

@@ -1,6 +1,6 @@
-"""GPU readiness: one command that proves cxr_ray's GPU paths and measures them (< 5 min).
+"""GPU readiness: one command that proves cxr_ray's GPU paths and measures them (< 8 min).
 
-    python benchmarks/gpu_check.py                                   # on a GPU machine (no Ray needed)
+    python benchmarks/gpu_check.py                                   # on a GPU machine (Ray: see 5.)
     python benchmarks/gpu_check.py --images .gpu_sample --out $OUT/gpu_check.json
     python benchmarks/gpu_check.py --device cpu --tiny               # the CPU smoke run the tests do
     python benchmarks/gpu_check.py --make-sample .gpu_sample         # copy the shared real images to carry
@@ -18,7 +18,12 @@ step Ray Train workers run) on ``models.registry.build_model``'s ResNet-50, and 
    difference, ROC-AUC both ways, decisions that flip at the fp32 threshold);
 4. the scoring pipeline's CPU side: read + decode + resize of real images upscaled to 2000x1600
    (like original X-rays) in one process per core, against the GPU inference rate: which is
-   the limit.
+   the limit;
+5. Ray on the machine (skipped with ``--no-ray``; the machine has no Ray: carry its wheels, see
+   docs/cluster.md "The GPU check"): a 1-worker Ray Train fine-tune through ``workflows.train``
+   (images/s of its best epoch against section 1's raw step), then ``cxr-ray score``'s
+   ``run_score`` with one GPU actor on archive-sized JPEGs, ``score.decode=cpu`` and ``gpu``
+   (images/s end to end against section 2's inference rate).
 
 Ends with a short table; ``--out`` also writes it as JSON.
 
@@ -249,12 +254,72 @@ def decode_rate(paths: list[str], workers: int, image_size: int, repeat: int) ->
 
 
 def make_sample(out: Path) -> None:
-    """Copy the shared real train images into ``out/{NORMAL,PNEUMONIA}/`` (~11 MB) to carry."""
-    files = sorted((SHARED / "train").rglob("*.jpeg"))
+    """Copy the shared real images, in their layout ``{train,val}/{NORMAL,PNEUMONIA}/`` (~12 MB),
+    to ``out``: what the machine needs (the Ray section trains on it)."""
+    files = sorted(SHARED.rglob("*.jpeg"))
     for f in files:
-        (out / f.parent.name).mkdir(parents=True, exist_ok=True)
-        shutil.copy(f, out / f.parent.name / f.name)
+        (out / f.relative_to(SHARED)).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, out / f.relative_to(SHARED))
     print(f"copied {len(files)} images to {out}")
+
+
+def ray_checks(args: argparse.Namespace, device: torch.device, src: Path, tmp: Path, infer: float,
+               raw_train: float) -> dict:
+    """cxr_ray's Ray jobs on this machine (needs Ray; ``--no-ray`` skips): a 1-worker Ray Train
+    fine-tune of ResNet-50 (unfreeze depth 4, ``train.use_gpu=auto``, random weights: the machine
+    has no network) on ``src`` (a ``train/`` layout) through ``workflows.train``, images/s of its
+    last epoch against the raw-torch step above; then ``run_score`` with one GPU actor (on CPU
+    with ``--device cpu``) on ``--score-images`` of ``src`` upscaled to ``--original-size``, with
+    ``score.decode=cpu`` and ``gpu``, images/s each against the inference-only rate."""
+    from dataclasses import replace
+
+    import ray
+
+    from cxr_ray.apps import workflows
+    from cxr_ray.apps.score.job import run_score
+    from cxr_ray.cluster import release_ray
+
+    cfg = ExperimentConfig().replace(**{
+        "data.root": str(src), "data.cache_dir": str(tmp / "cache"), "data.image_size": 32 if args.tiny else args.size,
+        "model.name": "resnet50", "model.weights": "none", "model.unfreeze_depth": 4,
+        "train.epochs": args.ray_epochs, "train.patience": args.ray_epochs, "train.batch_size": args.agree_batch,
+        "train.storage_path": str(tmp / "runs"), "train.name": "gpu-check", "metric.tta": "none"})
+    try:  # workflows.train starts a local Ray; the score jobs run on it
+        start = time.perf_counter()
+        outcome = workflows.train(cfg, say=lambda line: print(line, flush=True))
+        train = {"images_per_s": float(outcome.best_metrics.get("train_images_per_s", float("nan"))),
+                 "seconds": time.perf_counter() - start, "epochs": outcome.epochs_run,
+                 "use_gpu": outcome.cfg.train.use_gpu, "raw_torch_images_per_s": raw_train}
+        print(f"[ray train] {train['images_per_s']:.0f} img/s in its best epoch (raw torch step "
+              f"{raw_train:.0f}); {train['seconds']:.0f} s for {train['epochs']} epoch(s) with start-up", flush=True)
+        originals = upscale(src, tmp / "archive", min(args.score_images, args.decode_images * 4),
+                            tuple(args.original_size))
+        paths = []  # the score jobs read --score-images files: hard links to the upscaled originals
+        for i in range(args.score_images):
+            link = tmp / "archive" / f"link{i:06d}.jpeg"
+            os.link(originals[i % len(originals)], link)
+            paths.append(str(link))
+        manifest = tmp / "archive.csv"
+        manifest.write_text("path\n" + "\n".join(paths) + "\n")
+        base = ScoreConfig(batch_size=args.infer_batch, gpus_per_actor=1.0 if device.type == "cuda" else 0.0)
+        score = {}
+        for mode in ("cpu", "gpu"):
+            summary = run_score(outcome.best_checkpoint, [str(manifest)], str(tmp / f"scored-{mode}"),
+                                replace(base, decode=mode))
+            assert summary.scored == len(paths), f"{summary.failed} files failed: {summary.failures[:3]}"
+            score[mode] = summary.images_per_s
+            score[f"{mode}_steady"] = summary.steady_images_per_s
+            print(f"[ray score] decode={mode}: {summary.images_per_s:.0f} img/s end to end over {len(paths)} "
+                  f"{args.original_size[0]}x{args.original_size[1]} JPEGs, {summary.steady_images_per_s:.0f} after "
+                  f"the first rows ({summary.first_batch_s:.0f} s start-up); inference alone {infer:.0f}", flush=True)
+        cpus = ray.cluster_resources().get("CPU", 0)
+    finally:
+        release_ray()
+    return {"train": train, "score": {"images": len(paths), "decode_cpu_images_per_s": score["cpu"],
+                                      "decode_gpu_images_per_s": score["gpu"],
+                                      "decode_cpu_steady_images_per_s": score["cpu_steady"],
+                                      "decode_gpu_steady_images_per_s": score["gpu_steady"],
+                                      "inference_images_per_s": infer, "cpus": cpus}}
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -313,6 +378,12 @@ def run(args: argparse.Namespace) -> dict:
         decode = decode_rate(paths, workers, args.size, args.decode_repeat)
         print(f"[decode] {decode:.0f} img/s on {workers} processes", flush=True)
 
+        ray_result = None
+        if not args.no_ray:
+            raw = max((t["images_per_s"] for t in train if t["depth"] == 4), default=float("nan"))
+            ray_result = ray_checks(args, device, Path(args.images) if args.images else SHARED, Path(tmp),
+                                    eager_rate, raw)
+
     limit = "decoding (CPU)" if decode < eager_rate else "the GPU"
     result = {"info": info, "train": train,
               "inference": {"batch": args.infer_batch, "eager_images_per_s": eager_rate,
@@ -321,7 +392,7 @@ def run(args: argparse.Namespace) -> dict:
               "fp32_probability_range": [float(p_fp32.min()), float(p_fp32.max())],
               "trained_agreement": trained,
               "decode": {"workers": workers, "images_per_s": decode, "original_size": args.original_size},
-              "limit": limit, "seconds": time.perf_counter() - t0}
+              "ray": ray_result, "limit": limit, "seconds": time.perf_counter() - t0}
     print(format_table(result))
     return result
 
@@ -347,6 +418,15 @@ def format_table(r: dict) -> str:
               f"AUC {r['trained_agreement']['auc_fp32']:.4f} vs {r['trained_agreement']['auc_bf16']:.4f}, "
               f"{r['trained_agreement']['flips_at_0.5']} flips at 0.5",
               f"scoring limit: {r['limit']}; check took {r['seconds']:.0f} s"]
+    if r.get("ray"):
+        t, sc = r["ray"]["train"], r["ray"]["score"]
+        lines[-1:-1] = [
+            f"{'Ray Train, 1 worker, best epoch':<34}{'':>6}{t['images_per_s']:>9.0f}   "
+            f"({t['images_per_s'] / t['raw_torch_images_per_s']:.2f}x the raw step; use_gpu={t['use_gpu']})",
+            *(f"{'cxr-ray score, decode=' + m + ', steady':<34}{sc['cpus']:>6g}"
+              f"{sc[f'decode_{m}_steady_images_per_s']:>9.0f}   ({sc[f'decode_{m}_images_per_s']:.0f} end to end; "
+              f"{sc[f'decode_{m}_steady_images_per_s'] / sc['inference_images_per_s']:.2f}x inference alone; CPUs)"
+              for m in ("cpu", "gpu"))]
     return "\n".join(lines)
 
 
@@ -369,6 +449,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--agree-epochs", type=int, default=15, help="training epochs of the trained-model agreement")
     p.add_argument("--agree-batch", type=int, default=64)
+    p.add_argument("--no-ray", action="store_true", help="skip the Ray section (Ray Train, cxr-ray score)")
+    p.add_argument("--ray-epochs", type=int, default=3, help="epochs of the Ray Train run")
+    p.add_argument("--score-images", type=int, default=8000,
+                   help="archive-sized JPEGs the score jobs read (hard links to --decode-images x 4 upscaled ones)")
     args = p.parse_args(argv)
     if args.make_sample:
         make_sample(Path(args.make_sample))
@@ -378,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         args.steps, args.warmup, args.decode_images, args.decode_repeat = 1, 1, 8, 1
         args.original_size, args.decode_workers = [300, 240], min(2, os.cpu_count() or 1)
         args.no_compile, args.agree_epochs, args.agree_batch = True, 1, 4
+        args.ray_epochs, args.score_images = 1, 16
     if tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 10):
         print(f"WARNING: torch {torch.__version__} is below cxr_ray's floor of 2.10 (weights_only=True can run "
               f"code there); the figures stand, the project will not install on it", flush=True)

@@ -36,8 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import real_root  # noqa: E402
 
 from cxr_ray.config import ExperimentConfig  # noqa: E402
+from cxr_ray.data.images import pixels_to_array, to_model_size  # noqa: E402
 from cxr_ray.data.preprocessing import resolve_preprocessing  # noqa: E402
-from cxr_ray.data.transforms import Collate, pixels_to_array, to_model_size  # noqa: E402
+from cxr_ray.data.transforms import Collate  # noqa: E402
 from cxr_ray.engine.loop import make_optimizer, make_scheduler, predict, train_one_epoch
 from cxr_ray.engine.precision import prefers_channels_last, resolve_precision
 from cxr_ray.models.registry import build_model  # noqa: E402

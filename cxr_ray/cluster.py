@@ -169,6 +169,13 @@ def cpu_share(reserved: float, shares: int) -> float:
     return max(0.25, math.floor(cpus * 4) / 4)
 
 
+def cluster_cpus() -> float:
+    """CPUs in the running Ray cluster (its nodes that are up)."""
+    import ray
+
+    return float(ray.cluster_resources().get("CPU", 0.0))
+
+
 def cluster_gpus() -> float:
     """GPUs in the running Ray cluster (its nodes that are up; an autoscaler's future ones are not)."""
     import ray

@@ -57,6 +57,7 @@ def _check_location(value: str, key: str) -> None:
 
 NORMALIZATIONS = ("auto", "fixed", "per_image")
 PRECISIONS = ("auto", "bf16", "fp32")  # train.amp, score.amp (engine/precision.py)
+SCORE_DECODES = ("auto", "cpu", "gpu")  # score.decode: where JPEGs are decoded
 SCORE_BACKENDS = ("auto", "torch", "onnxruntime")  # score.backend
 TTA_MODES = ("none", "hflip", "crop5")  # test-time augmentation (cxr_ray/apps/tta.py): metric.tta, score.tta
 CALIBRATIONS = ("platt", "temperature")  # metric.calibration (cxr_ray/analysis/calibration.py)
@@ -355,12 +356,18 @@ class ScoreConfig:
     batch_size: int = 64  # images per model forward
     num_actors: int = 1  # predictor actors, each loading the model once (min when max_actors > 0)
     max_actors: int = 0  # > num_actors: autoscale the predictor pool between the two
-    cpus_per_actor: float = 0.0  # 0 = auto: the cluster's CPUs (up to a node's) shared by the actors
+    cpus_per_actor: float = 0.0  # 0 = auto: the model's measured share of the CPUs (up to a node's), per actor
     gpus_per_actor: float = 0.0  # > 0 runs the model on CUDA; fractions share a GPU between actors
     torch_threads: int = 0  # intra-op threads per CPU actor; 0 -> ceil(cpus_per_actor)
     memory_per_actor_gb: float = 1.5  # heap reserved per predictor actor (Ray "memory"); ResNet-50 CPU: 1.2 GiB
-    decode_cpus: float = 0.0  # CPUs reserved by each read+decode task; 0 = auto (0.5; 1.0 beside GPUs)
+    # CPUs reserved by each read+decode task; 0 = auto: the job measures a file's read+decode and
+    # an image's model cost on one core and splits the cluster's CPUs between the two by them
+    decode_cpus: float = 0.0
     decode_batch_size: int = 32  # files per read+decode task call
+    # where JPEGs are decoded: "cpu" (the read+decode tasks, PIL), "gpu" (the scoring actors, on
+    # their device: nvJPEG through torchvision on a GPU; other files, and any JPEG it refuses, on
+    # the CPU path), "auto": gpu when the actors have GPUs (score.gpus_per_actor > 0), else cpu
+    decode: str = "auto"
     # model precision: "auto" = the checkpoint's own (checkpoint.json val_precision, the precision
     # its threshold was chosen in) where the device runs it fast (bf16: CUDA, or a CPU with AMX /
     # AVX-512 BF16), else fp32; "bf16" / "fp32" force one. (true/false from older configs read as bf16/fp32.)
@@ -392,6 +399,7 @@ class ScoreConfig:
         _check(self.decode_cpus >= 0, "score.decode_cpus", "a float >= 0 (0 = auto)", self.decode_cpus)
         _check(self.decode_batch_size >= 1, "score.decode_batch_size", "an int >= 1",
                self.decode_batch_size)
+        _check(self.decode in SCORE_DECODES, "score.decode", f"one of {list(SCORE_DECODES)}", self.decode)
         _check(self.rows_per_file >= 1, "score.rows_per_file", "an int >= 1", self.rows_per_file)
         _check(self.amp in PRECISIONS, "score.amp", f"one of {list(PRECISIONS)}", self.amp)
         _check(self.backend in SCORE_BACKENDS, "score.backend", f"one of {list(SCORE_BACKENDS)}", self.backend)

@@ -45,6 +45,8 @@ _ACTOR_ONLY = ("the read + decode tasks import score.stages too; the model stack
 DEFERRED_OK: dict[str, str] = {f"cxr_ray.apps.score.stages -> {t}": _ACTOR_ONLY for t in (
     "cxr_ray.analysis.metrics", "cxr_ray.apps.export", "cxr_ray.checkpoint", "cxr_ray.engine.loop",
     "cxr_ray.engine.precision", "cxr_ray.inference.onnx", "cxr_ray.inference.predictor")}
+DEFERRED_OK["cxr_ray.apps.score.stages -> cxr_ray.data.device_decode"] = (
+    "torch and torchvision: only the scoring actors decode on a device; the read tasks start without torch")
 DEFERRED_OK["cxr_ray.apps.score.job -> cxr_ray.apps.export"] = "the ONNX exporter loads only when score uses it"
 
 

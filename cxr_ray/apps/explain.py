@@ -28,7 +28,7 @@ from cxr_ray.analysis.metrics import is_positive, predicted_classes
 from cxr_ray.checkpoint import LoadedCheckpoint, load_checkpoint
 from cxr_ray.cluster import watched
 from cxr_ray.data.catalog import CLASSES
-from cxr_ray.data.transforms import load_images
+from cxr_ray.data.images import load_images
 from cxr_ray.errors import ExplainError
 from cxr_ray.inference.predictor import Predictor
 from cxr_ray.models.registry import gradcam_layer
@@ -100,7 +100,7 @@ def member_maps(model: nn.Module, name: str, x: torch.Tensor, positive: np.ndarr
 
 def explain_files(ckpt: LoadedCheckpoint, paths: list[str], errors: list[str] | None = None,
                   batch_size: int = 16, on_batch: Callable[[int], None] | None = None) -> list[Explained]:
-    """Decode ``paths`` with the checkpoint's preprocessing (``transforms.load_images``) and
+    """Decode ``paths`` with the checkpoint's preprocessing (``images.load_images``) and
     explain them, in their order; a file that cannot be decoded, or whose listing ``errors``
     entry is set, gets ``error`` instead."""
     contract = ckpt.preprocessing

@@ -237,6 +237,36 @@ def decode_image(data: bytes, size: int, path: str = "<bytes>", draft: bool = Tr
     return _finish(img, width, height, size, path)
 
 
+_JPEG_EOI = b"\xff\xd9"
+
+
+def device_jpeg(data: bytes, path: str = "<bytes>", max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int] | None:
+    """``(width, height)`` when a device decoder (nvJPEG, ``data/device_decode.py``) can take
+    ``data`` as the CPU path would: an 8-bit sequential JPEG, gray or YCbCr, that ends with its
+    EOI marker (a truncated file goes to the CPU path, which reports it), within ``max_pixels``
+    and at least 8 px a side. None for anything else (PNG, DICOM, CMYK, progressive, 12-bit ...),
+    which the CPU path decodes or refuses. Reads the header only; raises
+    :class:`ImageDecodeError` for a header over ``max_pixels``, as :func:`decode_image` would."""
+    if data[:3] != b"\xff\xd8\xff" or "JPEG" not in allowed_formats(path) or is_dicom(data, path):
+        return None
+    if data.rstrip(b"\x00")[-2:] != _JPEG_EOI:
+        return None
+    _raise_pil_limit(max_pixels)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(_io.BytesIO(data), formats=("JPEG",))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning, UnidentifiedImageError, OSError,
+            SyntaxError, ValueError):
+        return None  # the CPU path gives the file its error
+    width, height = img.size
+    _check_pixels(path, width, height, max_pixels)
+    sequential = not img.info.get("progressive") and getattr(img, "bits", 8) == 8
+    if not sequential or img.mode not in ("L", "RGB") or width < 8 or height < 8:
+        return None
+    return width, height
+
+
 def _finish(img: Image.Image, width: int, height: int, size: int, path: str
             ) -> tuple[np.ndarray, int, int]:
     """One channel, resized to ``size x size``, as uint8 (high bit depths min-max stretched)."""
@@ -440,21 +470,27 @@ class DecodedFile:
     height: int
     sha1: str
     error: str | None
+    encoded: bytes | None = None  # with for_device: the undecoded bytes a device decoder takes (pixels: zeros)
 
 
 def decode_path(path: str, size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
                 timeout_s: float = DEFAULT_READ_TIMEOUT_S, listing_error: str = "",
-                max_file_mb: float = DEFAULT_MAX_FILE_MB) -> DecodedFile:
+                max_file_mb: float = DEFAULT_MAX_FILE_MB, for_device: bool = False) -> DecodedFile:
     """Read and decode one file; never raises for a bad file: every failure, expected or not,
     becomes ``error`` (the exception's type and message for unexpected ones), so one file
     never stops a batch job. A ``listing_error`` (the listing already knows the file cannot be
-    read) is the error, and nothing is read. Used by the cache build and by scoring alike."""
+    read) is the error, and nothing is read. Used by the cache build and by scoring alike.
+    ``for_device``: a file :func:`device_jpeg` accepts is read and its header checked, not
+    decoded; its bytes come back in ``encoded`` for the scoring actor's device decoder."""
     if listing_error:
         return DecodedFile(np.zeros((size, size), np.uint8), 0, 0, "", listing_error)
     sha1 = ""
     try:
         data = read_file(path, timeout_s, max_file_mb)
         sha1 = hashlib.sha1(data).hexdigest()
+        header = device_jpeg(data, path, max_pixels) if for_device else None
+        if header is not None:
+            return DecodedFile(np.zeros((size, size), np.uint8), *header, sha1, None, data)
         pixels, width, height = decode_image(data, size, path, max_pixels=max_pixels)
         return DecodedFile(pixels, width, height, sha1, None)
     except ImageDecodeError as e:

@@ -15,8 +15,9 @@ import numpy as np
 
 from cxr_ray.data.cache import PreparedCache
 from cxr_ray.data.catalog import SPLITS
+from cxr_ray.data.images import pixels_to_array, to_model_size
 from cxr_ray.data.preprocessing import Preprocessing
-from cxr_ray.data.transforms import Collate, pixels_to_array, to_model_size
+from cxr_ray.data.transforms import Collate
 from cxr_ray.errors import DataError
 
 try:  # Ray >= 2.47 wants collate functions to declare their input format

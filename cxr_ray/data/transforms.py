@@ -17,52 +17,14 @@ from __future__ import annotations
 
 import math
 import zlib
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from cxr_ray.config import AugmentConfig
-from cxr_ray.data.decode import DEFAULT_MAX_FILE_MB, DEFAULT_MAX_PIXELS, DEFAULT_READ_TIMEOUT_S, decode_path
 from cxr_ray.data.preprocessing import Preprocessing
-
-
-def pixels_to_array(pixels: Any, size: int) -> np.ndarray:
-    """Cached ``pixels`` column (bytes of ``size*size`` uint8 each) -> uint8 ``(B, size, size)``."""
-    buf = b"".join(bytes(p) for p in pixels)
-    return np.frombuffer(buf, dtype=np.uint8).reshape(len(pixels), size, size)
-
-
-def to_model_size(images: np.ndarray, image_size: int) -> np.ndarray:
-    """uint8 ``(B, S, S)`` -> uint8 ``(B, 1, N, N)``, antialiased resize when S != N."""
-    x = images[:, None]
-    if images.shape[-1] == image_size:
-        return np.ascontiguousarray(x)
-    t = torch.tensor(x, dtype=torch.float32)  # copies: Ray batches are read-only
-    t = F.interpolate(t, size=(image_size, image_size), mode="bilinear", antialias=True,
-                      align_corners=False)
-    return t.round_().clamp_(0, 255).to(torch.uint8).numpy()
-
-
-def load_images(paths: Sequence[str], cache_size: int, image_size: int, listing_errors: Sequence[str] | None = None,
-                max_pixels: int = DEFAULT_MAX_PIXELS, timeout_s: float = DEFAULT_READ_TIMEOUT_S,
-                max_file_mb: float = DEFAULT_MAX_FILE_MB) -> dict[str, np.ndarray]:
-    """Files -> model-size uint8 images the way training saw them: each decoded at the cache
-    size (``decode.decode_path``), then resized to the model's size (:func:`to_model_size`).
-
-    Returns ``image`` ``(B, 1, N, N)``, the original ``width`` / ``height`` and ``error``
-    (``""`` when decoded). Never raises for a bad file: one refused by the listing
-    (``listing_errors``), or that cannot be read or decoded, gets a black image, zero size
-    and the reason. Used by scoring's decode tasks and by Grad-CAM alike."""
-    listed = listing_errors if listing_errors is not None else [""] * len(paths)
-    pixels = np.zeros((len(paths), cache_size, cache_size), np.uint8)
-    width, height = np.zeros(len(paths), np.int32), np.zeros(len(paths), np.int32)
-    errors = np.full(len(paths), "", dtype=object)
-    for i, (path, listing_error) in enumerate(zip(paths, listed)):
-        d = decode_path(path, cache_size, max_pixels, timeout_s, listing_error or "", max_file_mb)
-        pixels[i], width[i], height[i], errors[i] = d.pixels, d.width, d.height, d.error or ""
-    return {"image": to_model_size(pixels, image_size), "width": width, "height": height, "error": errors}
 
 
 def normalize(x: torch.Tensor, contract: Preprocessing) -> torch.Tensor:
@@ -221,11 +183,15 @@ class Collate:
         self.seed, self.epoch = seed, epoch
         self.channels_last = channels_last
 
-    def __call__(self, batch: Mapping[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-        images = np.asarray(batch["image"])
-        if not images.flags.writeable:  # Ray hands out read-only views of its object store
-            images = images.copy()
-        x = torch.from_numpy(images).to(self.device, non_blocking=True)
+    def __call__(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        images = batch["image"]
+        if isinstance(images, torch.Tensor):  # decoded on a device already (scoring's score.decode=gpu)
+            x = images.to(self.device, non_blocking=True)
+        else:
+            images = np.asarray(images)
+            if not images.flags.writeable:  # Ray hands out read-only views of its object store
+                images = images.copy()
+            x = torch.from_numpy(images).to(self.device, non_blocking=True)
         y = torch.tensor(np.asarray(batch["label"], dtype=np.float32), device=self.device)
         if self.augment_cfg is not None and self.augment_cfg.enabled:
             g = torch.Generator().manual_seed(batch_seed(self.seed, self.epoch, batch["key"]))

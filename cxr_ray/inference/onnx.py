@@ -24,6 +24,9 @@ class OnnxModel:
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
+        # idle threads sleep instead of spinning: a scoring actor shares its node with the
+        # read + decode tasks, and spinning threads took CPU from them between batches
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = ["CPUExecutionProvider"]
         if cuda:
             if "CUDAExecutionProvider" not in ort.get_available_providers():

@@ -43,8 +43,9 @@ class Predictor:
         self.model = torch.compile(model) if compile else model
         self.collate = Collate(ckpt.preprocessing, self.device, channels_last=channels_last)
 
-    def inputs(self, images: np.ndarray) -> torch.Tensor:
-        """The model's input tensor for uint8 ``(B, 1, N, N)`` images (normalised by the contract)."""
+    def inputs(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """The model's input tensor for uint8 ``(B, 1, N, N)`` images, numpy or a tensor (on any
+        device), normalised by the contract."""
         x, _ = self.collate({"image": images, "label": np.zeros(len(images), np.float32)})
         return x
 
@@ -53,11 +54,11 @@ class Predictor:
         logits, labels, _ = predict_logits(self.model, batches, self.device, self.precision)
         return logits, labels
 
-    def logits(self, images: np.ndarray) -> np.ndarray:
+    def logits(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
         """fp32 PNEUMONIA logits ``(B,)`` of uint8 ``(B, 1, N, N)`` images."""
         return self.logits_of([(self.inputs(images), torch.zeros(len(images)))])[0]
 
-    def probabilities(self, images: np.ndarray) -> np.ndarray:
+    def probabilities(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
         """Calibrated PNEUMONIA probabilities ``(B,)`` (float32) of uint8 ``(B, 1, N, N)`` images."""
         return self.calibrated(self.logits(images))
 

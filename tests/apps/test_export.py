@@ -17,9 +17,10 @@ from cxr_ray.apps.export import FORMATS, SIDECAR, export_checkpoint, run_export
 from cxr_ray.checkpoint import load_checkpoint, save_checkpoint
 from cxr_ray.config import ExperimentConfig
 from cxr_ray.data.decode import decode_path
+from cxr_ray.data.images import to_model_size
 from cxr_ray.data.preprocessing import Preprocessing
 from cxr_ray.data.synthetic import chest_image
-from cxr_ray.data.transforms import Collate, to_model_size
+from cxr_ray.data.transforms import Collate
 from cxr_ray.errors import CheckpointError
 from cxr_ray.inference.onnx import OnnxModel
 from cxr_ray.models.registry import build_model

@@ -213,7 +213,7 @@ def test_drift_samples_only_scored_files_and_measures_them_as_scoring_does(check
     from cxr_ray.analysis import drift
     from cxr_ray.apps.score.job import sampled_acquisition
     from cxr_ray.data.decode import decode_image
-    from cxr_ray.data.transforms import to_model_size
+    from cxr_ray.data.images import to_model_size
 
     rng = np.random.default_rng(0)
     rows = []
@@ -290,13 +290,16 @@ def test_uri_inputs_and_output(ray_local, checkpoint, mixed_folder, tmp_path):
 
 
 @pytest.mark.slow
-def test_defaults_size_the_job_from_the_cluster_and_keep_the_checkpoint_precision(ray_local, checkpoint,
-                                                                                  tmp_path, monkeypatch):
-    """Nothing set: one actor takes the 2-CPU cluster's CPUs after a 0.5-CPU decode task, and
-    the model runs in the precision its threshold was chosen in, where the CPU runs it fast."""
-    from cxr_ray.apps.score.job import resolve_score
+def test_defaults_split_the_cluster_by_measured_cost_and_keep_the_checkpoint_precision(ray_local, checkpoint,
+                                                                                       mixed_folder, tmp_path,
+                                                                                       monkeypatch):
+    """Nothing set: the job measures a file's read+decode and the model on one core and splits the
+    2-CPU cluster by them (``split_cpus``); the model runs in the precision its threshold was
+    chosen in, where the CPU runs it fast; a value the user sets is kept."""
+    from cxr_ray.apps.score.job import resolve_score, split_cpus
     from cxr_ray.engine import precision as engine
 
+    paths = sorted(str(p) for p in (mixed_folder[0] / "NORMAL" / "nested").glob("gray*.jpeg"))
     fp32 = load_checkpoint(checkpoint)  # saved with val_precision fp32
     bf16_dir = tmp_path / "bf16"
     shutil.copytree(checkpoint, bf16_dir)
@@ -305,19 +308,125 @@ def test_defaults_size_the_job_from_the_cluster_and_keep_the_checkpoint_precisio
     bf16 = load_checkpoint(bf16_dir)
     for fast in (True, False):
         monkeypatch.setattr(engine, "cpu_runs_bf16_fast", lambda fast=fast: fast)
-        auto = resolve_score(ScoreConfig(), bf16)
-        assert (auto.decode_cpus, auto.cpus_per_actor, auto.amp) == (0.5, 1.5, "bf16" if fast else "fp32")
+        auto, split = resolve_score(ScoreConfig(), bf16, paths)
+        assert auto.amp == ("bf16" if fast else "fp32") and auto.decode == "cpu"
+        assert split.decode_ms > 0 and split.model_ms > 0 and split.cpus == 2
+        assert (auto.cpus_per_actor, auto.decode_cpus) == split_cpus(2, 2, 1, split.decode_ms, split.model_ms)
+        assert auto.cpus_per_actor + auto.decode_cpus <= 2
         # backend=auto: torch runs bf16; an fp32 job on CPU goes to ONNX Runtime (installed here)
         assert auto.backend == ("torch" if fast else "onnxruntime")
-        assert (resolve_score(ScoreConfig(), fp32).amp, resolve_score(ScoreConfig(), fp32).backend) == (
-            "fp32", "onnxruntime")
-        assert (resolve_score(ScoreConfig(amp="bf16"), fp32).amp, resolve_score(ScoreConfig(amp="bf16"), fp32).backend
-                ) == ("bf16", "torch")
-        assert resolve_score(ScoreConfig(compile=True), fp32).backend == "torch"
-        assert resolve_score(ScoreConfig(backend="torch"), fp32).backend == "torch"
-    two = resolve_score(ScoreConfig(num_actors=2, decode_cpus=0.4), fp32)
-    assert (two.cpus_per_actor, two.decode_cpus) == (0.75, 0.4)
-    assert resolve_score(ScoreConfig(cpus_per_actor=1.0), fp32).cpus_per_actor == 1.0  # as set
+        assert [resolve_score(ScoreConfig(), fp32)[0].amp, resolve_score(ScoreConfig(), fp32)[0].backend] == [
+            "fp32", "onnxruntime"]
+        assert [resolve_score(ScoreConfig(amp="bf16"), fp32)[0].amp,
+                resolve_score(ScoreConfig(amp="bf16"), fp32)[0].backend] == ["bf16", "torch"]
+        assert resolve_score(ScoreConfig(compile=True), fp32)[0].backend == "torch"
+        assert resolve_score(ScoreConfig(backend="torch"), fp32)[0].backend == "torch"
+    two, split = resolve_score(ScoreConfig(num_actors=2, decode_cpus=0.4), fp32, paths)
+    assert (two.cpus_per_actor, two.decode_cpus, split.decode_ms) == (0.75, 0.4, None)  # set: nothing measured
+    one, split = resolve_score(ScoreConfig(cpus_per_actor=1.5), fp32, paths)
+    assert (one.cpus_per_actor, one.decode_cpus, split.model_ms) == (1.5, 0.5, None)  # decoding takes the rest
+    assert split.decode_ms > 0
+    gpu, split = resolve_score(ScoreConfig(gpus_per_actor=1), fp32, paths)  # sized before the GPU check refuses
+    assert (gpu.decode, gpu.cpus_per_actor, gpu.decode_cpus, split.model_ms) == ("gpu", 1.0, 1.0, None)
+    assert "read + header check" in split.describe(gpu)
+
+
+def test_split_cpus_gives_the_cpus_to_where_the_work_is():
+    """The model's share of the CPUs is model / (model + decode), in quarter CPUs; decoding gets
+    the rest in tasks of about one CPU; GPU actors take one CPU each."""
+    from cxr_ray.apps.score.job import decode_task_cpus, split_cpus
+
+    assert split_cpus(2, 2, 1, decode_ms=6.0, model_ms=0.3) == (0.25, 0.87)  # decode-bound: 2 tasks
+    assert split_cpus(2, 2, 1, decode_ms=6.0, model_ms=6.0) == (1.0, 1.0)
+    assert split_cpus(2, 2, 1, decode_ms=1.5, model_ms=150.0) == (1.75, 0.25)  # ResNet-50 on CPU
+    assert split_cpus(16, 16, 1, decode_ms=6.0, model_ms=None) == (1.0, 1.0)  # a GPU actor: 15 1-CPU tasks
+    assert split_cpus(16, 16, 2, decode_ms=6.0, model_ms=None) == (1.0, 1.0)
+    assert split_cpus(64, 16, 1, decode_ms=0.1, model_ms=100.0) == (16, 1.0)  # at most a node
+    assert split_cpus(2, 2, 4, decode_ms=1.0, model_ms=100.0) == (0.25, 1.0)  # four actors of the least
+    assert decode_task_cpus(0.25) == 0.25 and decode_task_cpus(14.5) == 1.03 and decode_task_cpus(1.75) == 0.87
+
+
+def _by_path(batch: dict[str, np.ndarray]) -> pd.DataFrame:
+    return pd.DataFrame({"path": batch["path"], "prob": batch["prob_pneumonia"],
+                         "error": list(batch["error"])}).set_index("path").sort_index()
+
+
+def test_gpu_decode_path_on_cpu_scores_like_the_cpu_path_with_the_same_errors(checkpoint, mixed_folder):
+    """score.decode=gpu run on the CPU (the code the GPU runs, with torchvision's libjpeg): JPEGs
+    travel as bytes to the actor and are decoded there; every other file, and every bad one, takes
+    the CPU path with the same error; probabilities agree with the CPU path's."""
+    import dataclasses
+
+    from cxr_ray.apps.score.stages import ScoreActor, read_and_decode
+
+    root, reasons = mixed_folder
+    c = load_checkpoint(checkpoint).preprocessing
+    listing = list_inputs([str(root)])
+    batch = {"path": listing["path"].to_numpy(object), "label": listing["label"].to_numpy(np.int8)}
+    outs = {}
+    for mode in ("cpu", "gpu"):
+        decoded = read_and_decode(batch, c.cache_size, c.image_size, for_device=mode == "gpu")
+        if mode == "gpu":
+            jpeg = [len(b) > 0 for b in decoded["encoded"]]
+            names = {Path(p).name for p, j in zip(decoded["path"], jpeg) if j}
+            assert names == {f"gray{i}.jpeg" for i in range(4)} | {"rgb.jpg"}  # PNG, DICOM, bad files: CPU path
+            assert not decoded["image"][np.array(jpeg)].any()  # not decoded in the task
+        score = dataclasses.replace(SCORE, decode=mode, backend="torch", amp="fp32")
+        outs[mode] = _by_path(ScoreActor(checkpoint, dataclasses.asdict(score))(decoded))
+    cpu, gpu = outs["cpu"], outs["gpu"]
+    assert list(cpu.index) == list(gpu.index) and (cpu["error"] == gpu["error"]).all()
+    assert {Path(p).name for p in cpu.index[cpu["error"] != ""]} == set(reasons) - {"vanished.jpeg"}
+    ok = cpu["error"] == ""
+    assert cpu.loc[ok, "prob"].std() > 1e-3
+    assert np.abs(cpu.loc[ok, "prob"] - gpu.loc[ok, "prob"]).max() < 0.02
+
+
+@pytest.mark.slow
+def test_gpu_decode_through_ray_gives_every_file_the_cpu_paths_row(ray_local, checkpoint, mixed_folder, tmp_path):
+    """score.decode=gpu through Ray Data (JPEG bytes travel from the read tasks to the actors) on
+    CPU actors: the same rows and errors as score.decode=cpu, probabilities within 0.02; the job
+    record says where it decoded."""
+    import dataclasses
+
+    root, _ = mixed_folder
+    runs = {}
+    for mode in ("cpu", "gpu"):
+        out = tmp_path / mode
+        run_score(checkpoint, [str(root)], str(out), dataclasses.replace(SCORE, decode=mode, backend="torch"))
+        runs[mode] = pd.read_parquet(out).set_index("path").sort_index()
+        assert json.loads((out / "_score_job.json").read_text())["score"]["decode"] == mode
+    cpu, gpu = runs["cpu"], runs["gpu"]
+    assert list(cpu.index) == list(gpu.index) and len(cpu) == len(list_inputs([str(root)]))
+    assert (cpu["error"].fillna("") == gpu["error"].fillna("")).all()
+    assert (cpu["width"].fillna(0) == gpu["width"].fillna(0)).all()
+    ok = cpu["error"].isna()
+    assert np.abs(cpu.loc[ok, "prob_pneumonia"] - gpu.loc[ok, "prob_pneumonia"]).max() < 0.02
+
+
+def test_a_jpeg_the_device_decoder_refuses_takes_the_cpu_path_in_the_actor(checkpoint, mixed_folder):
+    """Bytes the device decoder refuses after the read task passed them (a decoded size other
+    than the header's, a scan it cannot decode) are decoded by the CPU path in the actor: the
+    same image, or the CPU path's own error."""
+    import dataclasses
+
+    from cxr_ray.apps.score.stages import ScoreActor, read_and_decode
+
+    root, _ = mixed_folder
+    c = load_checkpoint(checkpoint).preprocessing
+    paths = np.array([str(root / "NORMAL" / "nested" / f"gray{i}.jpeg") for i in range(2)], dtype=object)
+    decoded = dict(read_and_decode({"path": paths, "label": np.zeros(2, np.int8)}, c.cache_size, c.image_size,
+                                   for_device=True))
+    reference = read_and_decode({"path": paths, "label": np.zeros(2, np.int8)}, c.cache_size, c.image_size)
+    decoded["width"] = decoded["width"] + np.array([1, 0], np.int32)  # row 0: the device's size will not match
+    decoded["encoded"] = np.array([decoded["encoded"][0], b"\xff\xd8\xff\xe0junk\xff\xd9"], dtype=object)
+    actor = ScoreActor(checkpoint, dataclasses.asdict(dataclasses.replace(SCORE, decode="gpu", backend="torch",
+                                                                          amp="fp32")))
+    error = np.array(decoded["error"], dtype=object)
+    images = actor.decode_encoded(decoded, error)
+    assert np.array_equal(images[0].numpy(), reference["image"][0])  # the CPU path's own pixels
+    assert error[0] == "" and error[1].startswith("cannot decode")
+    out = actor(decoded)
+    assert np.isfinite(out["prob_pneumonia"][0]) and np.isnan(out["prob_pneumonia"][1])
 
 
 @pytest.mark.slow

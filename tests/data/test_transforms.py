@@ -3,8 +3,9 @@ import pytest
 import torch
 
 from cxr_ray.config import AugmentConfig
+from cxr_ray.data.images import to_model_size
 from cxr_ray.data.preprocessing import Preprocessing
-from cxr_ray.data.transforms import Collate, augment, normalize, to_model_size
+from cxr_ray.data.transforms import Collate, augment, normalize
 from cxr_ray.models.specs import IMAGENET_GRAY_MEAN, IMAGENET_GRAY_STD
 
 FIXED = Preprocessing(32, 32, "fixed", IMAGENET_GRAY_MEAN, IMAGENET_GRAY_STD)

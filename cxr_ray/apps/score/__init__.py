@@ -6,7 +6,7 @@ The pipeline is a streaming Ray Dataset::
                        --driver--> OUT/part-<run>-<seq>.parquet (atomic, rows_per_file each)
 
 Decoding, resizing and normalising are the training pipeline's own functions, driven by the
-checkpoint's preprocessing contract (``transforms.load_images``: ``decode_image`` at its cache
+checkpoint's preprocessing contract (``images.load_images``: ``decode_image`` at its cache
 size, then ``to_model_size``; the actors' ``inference.Predictor``: ``normalize``), so scores equal
 ``cxr-ray evaluate``'s. Every listed file yields exactly one row; a file that cannot be read
 or decoded gets ``error`` set and null scores. Part files are written to ``OUT/_tmp`` and

@@ -32,12 +32,14 @@ from cxr_ray.apps.score.output import (
 )
 from cxr_ray.apps.score.stages import ScoreActor, read_and_decode
 from cxr_ray.checkpoint import LoadedCheckpoint, load_checkpoint
-from cxr_ray.cluster import check_shared_paths, cpu_share, watched
+from cxr_ray.cluster import alive_nodes, check_shared_paths, cluster_cpus, cpu_share, watched
 from cxr_ray.config import DataConfig, ScoreConfig
 from cxr_ray.data.catalog import CLASSES, patient_id
 from cxr_ray.data.listing import UNKNOWN_LABEL, PathSet, check_inputs, iter_inputs
 from cxr_ray.data.preprocessing import Preprocessing
 from cxr_ray.errors import ScoreError
+from cxr_ray.inference.onnx import OnnxModel
+from cxr_ray.inference.predictor import Predictor
 from cxr_ray.storage import uri as store
 from cxr_ray.storage.lease import Lease, LeaseHeld, acquire
 
@@ -64,42 +66,162 @@ class ScoreSummary:
     failures: list[tuple[str, str]]  # the first MAX_LOGGED_FAILURES (path, reason) of this run
     metrics: dict[str, Any] | None = None
     drift: dict[str, Any] | None = None  # the scored images against the checkpoint's validation
+    first_batch_s: float = 0.0  # start-up: seconds until the first rows came (actors started, model loaded)
+    first_rows: int = 0  # rows of that first batch
 
     @property
     def images_per_s(self) -> float:
         return (self.scored + self.failed) / self.seconds if self.seconds > 0 else 0.0
 
+    @property
+    def steady_images_per_s(self) -> float:
+        """Files per second after the first batch: the rate an archive of any size runs at."""
+        after = self.seconds - self.first_batch_s
+        rows = self.scored + self.failed - self.first_rows
+        return rows / after if after > 0 and rows > 0 else float("nan")
+
     def format(self) -> str:
+        steady = self.steady_images_per_s
+        after = (f"; first rows after {self.first_batch_s:.1f} s (start-up), then {steady:.1f} images/s"
+                 if steady == steady else "")
         lines = [f"[score] files seen {self.files_seen} (already in the output: {self.already_done}); "
                  f"this run scored {self.scored}, failed {self.failed}; "
-                 f"{self.images_per_s:.1f} images/s over {self.seconds:.1f} s"]
+                 f"{self.images_per_s:.1f} images/s over {self.seconds:.1f} s{after}"]
         lines.append(f"[score] output {self.output}: {self.total_rows} rows")
         return "\n".join(lines)
 
 
-AUTO_DECODE_CPUS = 0.5  # per read+decode task: a 224-1024 px JPEG decodes far faster than a CPU model runs
+@dataclass(frozen=True)
+class CpuSplit:
+    """How a job's CPUs go to the read+decode tasks and the predictor actors, and why: the
+    costs measured on the driver (:func:`measure_costs`), one core each."""
+
+    cpus: float  # the cluster's CPUs
+    decode_ms: float | None  # read + decode of one file (read + header check with score.decode=gpu)
+    model_ms: float | None  # the model on one image on one CPU core; None: GPU actors (or not measured)
+    cpus_per_actor: float
+    decode_cpus: float  # per read+decode task
+
+    def describe(self, score: ScoreConfig) -> str:
+        """One log line: the split and the figures it came from."""
+        actors = max(score.num_actors, score.max_actors)
+        tasks = max(1, math.floor((self.cpus - actors * self.cpus_per_actor) / self.decode_cpus + 1e-9))
+        why = []
+        if self.decode_ms is not None:
+            what = "read + header check" if score.decode == "gpu" else "read + decode"
+            why.append(f"{what} {self.decode_ms:.1f} ms/file")
+        if self.model_ms is not None:
+            why.append(f"model {self.model_ms:.1f} ms/image ({score.backend} {score.amp})")
+        elif score.gpus_per_actor > 0:
+            why.append("model on GPU: 1 CPU per actor feeds it")
+        measured = f" (on one core: {', '.join(why)})" if why else ""
+        threads = "" if score.gpus_per_actor else f", {score.torch_threads or math.ceil(self.cpus_per_actor)} thread(s)"
+        return (f"[score] {self.cpus:g} CPUs{measured}: {score.num_actors}"
+                f"{f'-{score.max_actors}' if score.max_actors > score.num_actors else ''} predictor actor(s) x "
+                f"{self.cpus_per_actor:g} CPU{threads}; read+decode tasks of {self.decode_cpus:g} CPU, up to "
+                f"{tasks} at a time; decode on {score.decode.upper()}")
 
 
-def resolve_score(score: ScoreConfig, ckpt: LoadedCheckpoint) -> ScoreConfig:
-    """``score`` with its auto settings made concrete for the running cluster, once per job:
+def quarter(cpus: float) -> float:
+    """``cpus`` rounded down to a quarter CPU, at least 0.25."""
+    return max(0.25, math.floor(cpus * 4 + 1e-9) / 4)
 
-    - ``decode_cpus=0``: 0.5 per read+decode task (1.0 next to GPU actors);
-    - ``cpus_per_actor=0``: on CPU, the cluster's CPUs after one decode task shared among the
-      pool's actors (never more than one node has, in quarter CPUs), so a user who sets
-      nothing gets the machine; 1.0 next to a GPU; the actor runs one torch thread per CPU;
+
+def decode_task_cpus(left: float) -> float:
+    """CPUs per read+decode task when ``left`` CPUs are theirs: tasks of about one CPU (a decode
+    task runs one core flat out; half-CPU tasks doubled the worker processes and ran slower),
+    in hundredths, at least 0.25."""
+    tasks = max(1, round(left))
+    return max(0.25, math.floor(left / tasks * 100 + 1e-9) / 100)
+
+
+def split_cpus(cpus: float, node_cpus: float, actors: int, decode_ms: float, model_ms: float | None
+               ) -> tuple[float, float]:
+    """``(cpus_per_actor, decode_cpus)`` for ``actors`` predictor actors on a cluster of ``cpus``
+    CPUs (the largest node has ``node_cpus``), from the measured costs of one file's read+decode
+    and one image's model on one core (``model_ms=None``: GPU actors, one CPU each).
+
+    CPU actors get the model's share of the CPUs, ``model / (model + decode)``, in quarter CPUs
+    (at least 0.25, at most a node, leaving decoding at least 0.25); decoding gets the rest
+    (:func:`decode_task_cpus`)."""
+    if model_ms is None:
+        per_actor = 1.0
+    else:
+        share = cpus * model_ms / max(model_ms + decode_ms, 1e-9)
+        per_actor = min(quarter(share / actors), node_cpus, quarter((cpus - 0.25) / actors))
+    return per_actor, decode_task_cpus(cpus - actors * per_actor)
+
+
+def measure_costs(ckpt: LoadedCheckpoint, score: ScoreConfig, paths: list[str], limits: DataConfig,
+                  model: bool = True) -> tuple[float | None, float | None]:
+    """Milliseconds on one core of reading + decoding one of ``paths`` (the job's first files,
+    by its read+decode stage: only read + header check for ``score.decode=gpu``; None without
+    paths) and, with ``model``, of the model on one image (in the job's backend and precision,
+    on this process's CPU, batches of 4; else None).
+    Each after one warm-up call; the whole measurement takes about a second (ResNet-50: 2 s)."""
+    import torch
+
+    contract = ckpt.preprocessing
+    decode_ms = None
+    if paths:
+        def decode(chunk: list[str]) -> None:
+            read_and_decode({"path": np.array(chunk, dtype=object), "label": np.zeros(len(chunk), np.int8)},
+                            contract.cache_size, contract.image_size, limits.max_pixels, limits.read_timeout_s,
+                            limits.max_file_mb, for_device=score.decode == "gpu")
+
+        decode(paths[:1])
+        timed = paths[1:] or paths
+        start = time.perf_counter()
+        decode(timed)
+        decode_ms = (time.perf_counter() - start) * 1e3 / len(timed)
+    if not model:
+        return decode_ms, None
+    images = np.zeros((4, 1, contract.image_size, contract.image_size), np.uint8)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        if score.backend == "onnxruntime":
+            from cxr_ray.apps.export import cached_export
+
+            onnx = OnnxModel(cached_export(ckpt, "onnx"), threads=1)
+            run = lambda: onnx.logits(images.astype(np.float32) / np.float32(255.0))  # noqa: E731
+        else:
+            predictor = Predictor(ckpt, "cpu", score.amp)
+            run = lambda: predictor.logits(images)  # noqa: E731
+        run()
+        start = time.perf_counter()
+        run()
+        model_ms = (time.perf_counter() - start) * 1e3 / len(images)
+    finally:
+        torch.set_num_threads(threads)
+    return decode_ms, model_ms
+
+
+def resolve_score(score: ScoreConfig, ckpt: LoadedCheckpoint, paths: list[str] | None = None,
+                  limits: DataConfig | None = None) -> tuple[ScoreConfig, CpuSplit]:
+    """``score`` with its auto settings made concrete for the running cluster, once per job,
+    and the CPU split it chose:
+
+    - ``decode=auto``: ``gpu`` (the actors decode JPEGs on their GPU) when ``gpus_per_actor > 0``, else ``cpu``;
     - ``amp=auto``: the checkpoint's own precision where the actors' device runs it fast
       (:meth:`LoadedCheckpoint.precision`), decided here so every actor of a job uses the same;
       fp32 for ``backend=onnxruntime``;
     - ``backend=auto``: ``onnxruntime`` when the job runs fp32 on CPU and the onnx extra is
       installed (ONNX Runtime fp32 scored 1.7x torch fp32 here), else ``torch`` (bf16 is
       faster in torch; GPUs; ``score.compile``). With ``onnxruntime`` the checkpoint is exported
-      here first (cached per machine), so a model that cannot be exported fails before any work.
+      here first (cached per machine), so a model that cannot be exported fails before any work;
+    - ``cpus_per_actor=0`` / ``decode_cpus=0``: the cluster's CPUs split between the model and
+      decoding by their costs, measured here on ``paths`` (the job's first files) and the model
+      (:func:`measure_costs`, :func:`split_cpus`); GPU actors take one CPU each. A value the user
+      set is kept, and the other one takes what is left.
     """
     import torch
 
     gpu = score.gpus_per_actor > 0
-    decode = score.decode_cpus or (1.0 if gpu else AUTO_DECODE_CPUS)
-    cpus = score.cpus_per_actor or (1.0 if gpu else cpu_share(decode, max(score.num_actors, score.max_actors)))
+    decode_mode = score.decode if score.decode != "auto" else ("gpu" if gpu else "cpu")
+    if decode_mode == "gpu" and not gpu:
+        log.warning("score.decode=gpu with CPU actors (score.gpus_per_actor=0): the actors decode JPEGs on "
+                    "their CPU with torchvision, which only moves the work (the path's own test setting)")
     device = torch.device("cuda" if gpu else "cpu")
     backend = score.backend
     if backend == "onnxruntime":
@@ -117,7 +239,23 @@ def resolve_score(score: ScoreConfig, ckpt: LoadedCheckpoint) -> ScoreConfig:
         from cxr_ray.apps.export import cached_export  # the ONNX exporter loads only when it is used
 
         log.info("[score] backend onnxruntime (score.backend=%s): %s", score.backend, cached_export(ckpt, "onnx"))
-    return dataclasses.replace(score, decode_cpus=decode, cpus_per_actor=cpus, amp=amp, backend=backend)
+    score = dataclasses.replace(score, amp=amp, backend=backend, decode=decode_mode)
+    cpus = cluster_cpus()
+    node_cpus = max((float(n["Resources"].get("CPU", 0)) for n in alive_nodes()), default=cpus)
+    actors = max(score.num_actors, score.max_actors)
+    decode_ms = model_ms = None
+    if score.cpus_per_actor and score.decode_cpus:  # both set
+        per_actor, decode = score.cpus_per_actor, score.decode_cpus
+    elif score.decode_cpus:  # the actors share what one decode task leaves
+        per_actor, decode = (1.0 if gpu else cpu_share(score.decode_cpus, actors)), score.decode_cpus
+    elif score.cpus_per_actor:  # decoding takes what the actors leave
+        decode_ms, _ = measure_costs(ckpt, score, (paths or [])[:9], limits or DataConfig(), model=False)
+        per_actor, decode = score.cpus_per_actor, decode_task_cpus(cpus - actors * score.cpus_per_actor)
+    else:
+        decode_ms, model_ms = measure_costs(ckpt, score, (paths or [])[:9], limits or DataConfig(), model=not gpu)
+        per_actor, decode = split_cpus(cpus, node_cpus, actors, decode_ms or 1.0, model_ms)
+    split = CpuSplit(cpus, decode_ms, model_ms, per_actor, decode)
+    return dataclasses.replace(score, cpus_per_actor=per_actor, decode_cpus=decode), split
 
 
 def onnxruntime_installed() -> bool:
@@ -159,7 +297,11 @@ class Todo:
     files_seen: int = 0
     already_done: int = 0
     labelled: int = 0
-    first_path: str | None = None
+    first_paths: list[str] = dataclasses.field(default_factory=list)  # up to 9: the split's decode measurement
+
+    @property
+    def first_path(self) -> str | None:
+        return self.first_paths[0] if self.first_paths else None
 
     @property
     def files(self) -> int:
@@ -186,8 +328,9 @@ def list_todo(inputs: list[str], done: PathSet) -> Todo:
             size = BLOCK_FILES if len(todo.blocks) < SMALL_BLOCKS else LARGE_BLOCK_FILES
             todo.blocks.append(ray.put(chunk.iloc[i:i + size].reset_index(drop=True)))
             i += size
-        if todo.first_path is None and len(chunk):
-            todo.first_path = chunk["path"].iat[0]
+        if len(todo.first_paths) < 9:  # files the listing found readable
+            readable = chunk["path"][chunk["error"] == ""] if "error" in chunk else chunk["path"]
+            todo.first_paths += readable.iloc[:9 - len(todo.first_paths)].tolist()
     return todo
 
 
@@ -206,15 +349,15 @@ def build_dataset(blocks: list[Any], checkpoint: str, contract: Preprocessing, s
                         num_cpus=score.decode_cpus,
                         fn_kwargs={"cache_size": contract.cache_size, "image_size": contract.image_size,
                                    "max_pixels": limits.max_pixels, "timeout_s": limits.read_timeout_s,
-                                   "max_file_mb": limits.max_file_mb})
+                                   "max_file_mb": limits.max_file_mb, "for_device": score.decode == "gpu"})
     return ds.map_batches(ScoreActor, batch_size=score.batch_size, batch_format="numpy", compute=pool,
                           num_cpus=score.cpus_per_actor, num_gpus=score.gpus_per_actor or None,
                           # Reserving memory per actor also keeps Ray Data from fusing decoding into
                           # the actors (it fuses only stages with equal resource requests), where it
                           # would run in series with the model instead of overlapping it.
                           memory=int(score.memory_per_actor_gb * 2**30) or None,
-                          fn_constructor_kwargs={"checkpoint": checkpoint,
-                                                 "score": dataclasses.asdict(score)})
+                          fn_constructor_kwargs={"checkpoint": checkpoint, "score": dataclasses.asdict(score),
+                                                 "max_pixels": limits.max_pixels})
 
 
 def _stream(ds, writer: PartWriter, with_labels: bool, failures: list[tuple[str, str]], lease: Lease,
@@ -272,29 +415,29 @@ def _run_leased(ckpt: LoadedCheckpoint, out: OutputFolder, inputs: list[str], sc
     if with_labels and todo.labelled == 0:
         raise ScoreError("--with-labels: no input file sits in a NORMAL/PNEUMONIA folder and no "
                          "manifest has a 'label' column")
-    score = resolve_score(score, ckpt)
+    score, split = resolve_score(score, ckpt, todo.first_paths, limits)
     check_resources(score)
-    log.info("[score] %d predictor actor(s) x %g CPU(s)%s, model on the %s backend in %s; read+decode tasks "
-             "%g CPU(s) each",
-             score.num_actors, score.cpus_per_actor, f" + {score.gpus_per_actor:g} GPU" if score.gpus_per_actor else
-             f" ({score.torch_threads or math.ceil(score.cpus_per_actor)} threads)",
-             score.backend, score.amp, score.decode_cpus)
+    log.info("[score] model on the %s backend in %s", score.backend, score.amp)
+    log.info("%s", split.describe(score))
     check_shared_paths({"--input": todo.first_path} if todo.first_path else {})  # read on every node
     job = out.read_job() or {"started_at": datetime.now(timezone.utc).isoformat(), "runs": []}
     job.update(checkpoint=str(checkpoint), model=ckpt.model_id, threshold=ckpt.threshold,
-               with_labels=with_labels, inputs=list(inputs), score=dataclasses.asdict(score))
+               with_labels=with_labels, inputs=list(inputs), score=dataclasses.asdict(score),
+               cpu_split=dataclasses.asdict(split))
     lease.check()  # listing may have taken long: write only while the output is still ours
     out.write_json(JOB_FILE, job)
     writer = PartWriter(out, output_schema(with_labels), score.rows_per_file)
-    scored = failed = 0
+    scored = failed = first_rows = 0
     failures: list[tuple[str, str]] = []
-    start = time.perf_counter()
+    start = first_at = time.perf_counter()
     try:
         if todo.blocks:
             last_log = start
             ds = build_dataset(todo.blocks, checkpoint, ckpt.preprocessing, score, limits or DataConfig())
             stall_s = (limits or DataConfig()).stall_timeout_s
             for s, f in _stream(ds, writer, with_labels, failures, lease, stall_s):
+                if not first_rows:  # the pipeline's start-up ends with its first batch
+                    first_rows, first_at = s + f, time.perf_counter()
                 scored, failed = scored + s, failed + f
                 if time.perf_counter() - last_log > 30:
                     last_log = time.perf_counter()
@@ -311,7 +454,8 @@ def _run_leased(ckpt: LoadedCheckpoint, out: OutputFolder, inputs: list[str], sc
                             "ended_at": datetime.now(timezone.utc).isoformat()})
         out.write_json(JOB_FILE, job)
     summary = ScoreSummary(output, todo.files_seen, todo.already_done, scored, failed, seconds,
-                           len(done) + writer.rows_written, failures)
+                           len(done) + writer.rows_written, failures, first_batch_s=first_at - start,
+                           first_rows=first_rows)
     summary.drift = output_drift(ckpt, out, inputs, limits or DataConfig())
     if summary.drift is not None:
         job["drift"] = summary.drift

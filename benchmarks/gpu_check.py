@@ -52,6 +52,7 @@ from sklearn.metrics import roc_auc_score
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # runs from a plain checkout (the GPU machine has no install)
+sys.path.insert(0, str(ROOT / "benchmarks"))  # decode_parity, for section 5
 
 from cxr_ray.apps.score.stages import ScoreActor, read_and_decode  # noqa: E402
 from cxr_ray.checkpoint import save_checkpoint  # noqa: E402
@@ -315,11 +316,17 @@ def ray_checks(args: argparse.Namespace, device: torch.device, src: Path, tmp: P
         cpus = ray.cluster_resources().get("CPU", 0)
     finally:
         release_ray()
+    from decode_parity import parity  # benchmarks/decode_parity.py
+
+    par = parity(outcome.best_checkpoint, originals, str(device))
+    print(f"[decode parity] {par['images']} images: pixels mean |d| {par['mean_abs_pixel_diff']:.3f}, max "
+          f"{par['max_abs_pixel_diff']}; probabilities max |d| {par['max_abs_prob_diff']:.2e}, flips "
+          f"{par['decision_flips']}; device path {par['device_path_images_per_s']:.0f} img/s", flush=True)
     return {"train": train, "score": {"images": len(paths), "decode_cpu_images_per_s": score["cpu"],
                                       "decode_gpu_images_per_s": score["gpu"],
                                       "decode_cpu_steady_images_per_s": score["cpu_steady"],
                                       "decode_gpu_steady_images_per_s": score["gpu_steady"],
-                                      "inference_images_per_s": infer, "cpus": cpus}}
+                                      "inference_images_per_s": infer, "cpus": cpus}, "decode_parity": par}
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -419,14 +426,16 @@ def format_table(r: dict) -> str:
               f"{r['trained_agreement']['flips_at_0.5']} flips at 0.5",
               f"scoring limit: {r['limit']}; check took {r['seconds']:.0f} s"]
     if r.get("ray"):
-        t, sc = r["ray"]["train"], r["ray"]["score"]
+        t, sc, par = r["ray"]["train"], r["ray"]["score"], r["ray"]["decode_parity"]
         lines[-1:-1] = [
             f"{'Ray Train, 1 worker, best epoch':<34}{'':>6}{t['images_per_s']:>9.0f}   "
             f"({t['images_per_s'] / t['raw_torch_images_per_s']:.2f}x the raw step; use_gpu={t['use_gpu']})",
             *(f"{'cxr-ray score, decode=' + m + ', steady':<34}{sc['cpus']:>6g}"
               f"{sc[f'decode_{m}_steady_images_per_s']:>9.0f}   ({sc[f'decode_{m}_images_per_s']:.0f} end to end; "
               f"{sc[f'decode_{m}_steady_images_per_s'] / sc['inference_images_per_s']:.2f}x inference alone; CPUs)"
-              for m in ("cpu", "gpu"))]
+              for m in ("cpu", "gpu")),
+            f"GPU decode parity ({par['images']} images): pixels mean |d| {par['mean_abs_pixel_diff']:.3f}, "
+            f"max {par['max_abs_pixel_diff']}; probabilities max |d| {par['max_abs_prob_diff']:.2e}"]
     return "\n".join(lines)
 
 

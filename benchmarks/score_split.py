@@ -1,6 +1,6 @@
 """Scoring's CPU split: where ``cxr-ray score`` puts the CPUs, against plain loops on the same cores.
 
-    python benchmarks/score_split.py [--n 1317] [--copies 2] [--cpus 0]
+    python benchmarks/score_split.py [--n 1317] [--copies 2] [--cpus 0] [--jobs decode-bound,decode-heavy,model-bound]
 
 Three jobs, each scored three ways in the same run (same images, same model, random weights):
 
@@ -144,6 +144,7 @@ def main() -> None:
     ap.add_argument("--model-n", type=int, default=400, help="224 px images of the model-bound job (400)")
     ap.add_argument("--cpus", type=int, default=0, help="CPUs for local Ray and the plain loop (default: all)")
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--jobs", default="decode-bound,decode-heavy,model-bound", help="which jobs (comma-separated)")
     args = ap.parse_args()
     import ray
 
@@ -171,6 +172,8 @@ def main() -> None:
             for name, model, width, size, paths in (("decode-bound", "simple_cnn", 4, 64, big),
                                                     ("decode-heavy", "simple_cnn", 16, 128, big),
                                                     ("model-bound", "resnet50", 0, 224, small)):
+                if name not in args.jobs.split(","):
+                    continue
                 print(f"{name}: {model}{f' width {width}' if width else ''} at {size} px, {len(paths)} images, "
                       f"{cpus} CPUs", flush=True)
                 (tmp / name).mkdir()

@@ -25,5 +25,6 @@ def test_gpu_check_tiny_on_cpu(synthetic_root, tmp_path):
     assert ray["train"]["images_per_s"] > 0 and ray["train"]["use_gpu"] == "false"
     assert ray["score"]["decode_cpu_images_per_s"] > 0 and ray["score"]["decode_gpu_images_per_s"] > 0
     assert "cxr-ray score, decode=gpu" in r.stdout
+    assert ray["decode_parity"]["mean_abs_pixel_diff"] < 0.5 and ray["decode_parity"]["max_abs_pixel_diff"] <= 3
     low, high = result["fp32_probability_range"]
     assert low < 0.2 and high > 0.8  # the calibrated head spreads p, so a bf16 difference could show

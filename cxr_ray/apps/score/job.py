@@ -75,7 +75,9 @@ class ScoreSummary:
 
     @property
     def steady_images_per_s(self) -> float:
-        """Files per second after the first batch: the rate an archive of any size runs at."""
+        """Files per second once the first rows came, the start-up (actors, model load) left out.
+        Files decoded while the actors started count here too, so on a short job this is above
+        the rate a long archive keeps; on a long one it approaches it."""
         after = self.seconds - self.first_batch_s
         rows = self.scored + self.failed - self.first_rows
         return rows / after if after > 0 and rows > 0 else float("nan")

@@ -24,6 +24,7 @@ python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --
     -d .whl/dl "${specs[@]}"
 ray_whl=$(ls .whl/dl/ray-*.whl)
 split -b 45M "$ray_whl" .whl/a/ray.part.
+[ "$(ls .whl/a | wc -l)" -eq 2 ] || { echo "Ray's wheel needs more than two 45 MB parts: adapt this script" >&2; exit 1; }
 mv .whl/a/ray.part.ab .whl/b/
 echo "$(basename "$ray_whl")" > .whl/b/ray.name
 find .whl/dl -name '*.whl' ! -name 'ray-*' -exec mv {} .whl/b/ \;

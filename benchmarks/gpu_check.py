@@ -269,7 +269,7 @@ def ray_checks(args: argparse.Namespace, device: torch.device, src: Path, tmp: P
     """cxr_ray's Ray jobs on this machine (needs Ray; ``--no-ray`` skips): a 1-worker Ray Train
     fine-tune of ResNet-50 (unfreeze depth 4, ``train.use_gpu=auto``, random weights: the machine
     has no network) on ``src`` (a ``train/`` layout) through ``workflows.train``, images/s of its
-    last epoch against the raw-torch step above; then ``run_score`` with one GPU actor (on CPU
+    best epoch against the raw-torch step above; then ``run_score`` with one GPU actor (on CPU
     with ``--device cpu``) on ``--score-images`` of ``src`` upscaled to ``--original-size``, with
     ``score.decode=cpu`` and ``gpu``, images/s each against the inference-only rate."""
     from dataclasses import replace

@@ -49,8 +49,9 @@ from cxr_ray.apps.audit import format_report
 from cxr_ray.checkpoint import load_checkpoint  # noqa: E402
 from cxr_ray.config import load_config  # noqa: E402
 from cxr_ray.data.decode import decode_image  # noqa: E402
+from cxr_ray.data.images import to_model_size  # noqa: E402
 from cxr_ray.data.shift import FAMILIES, shifted_copy  # noqa: E402
-from cxr_ray.data.transforms import Collate, to_model_size  # noqa: E402
+from cxr_ray.data.transforms import Collate  # noqa: E402
 from cxr_ray.engine.loop import predict  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "scratch_cnn_cpu.yaml"

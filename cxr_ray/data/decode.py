@@ -238,19 +238,57 @@ def decode_image(data: bytes, size: int, path: str = "<bytes>", draft: bool = Tr
 
 
 _JPEG_EOI = b"\xff\xd9"
+# The largest image a device decode takes (2000x1600 X-rays are 3.2 MP; 4000x4000 detectors 16):
+# the device path decodes at full size, so a larger one decodes on the CPU, where the draft mode
+# scales it in the DCT domain and holds a 64th of it.
+DEVICE_MAX_PIXELS = 40_000_000
+_SOF_SEQUENTIAL = (0xC0, 0xC1)  # baseline and extended sequential, Huffman: what nvJPEG decodes
+_NO_LENGTH = {0x01, *range(0xD0, 0xD8)}  # TEM and RSTn: markers without a length field
+
+
+def jpeg_frames(data: bytes) -> list[tuple[int, int, int]] | None:
+    """The start-of-frame markers of a JPEG's header, ``(marker, width, height)`` each, read up to
+    its start of scan; None when the marker walk fails (not a well-formed JPEG header)."""
+    frames, i = [], 2
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in _NO_LENGTH:
+            i += 2
+            continue
+        length = int.from_bytes(data[i + 2:i + 4], "big")
+        if length < 2:
+            return None
+        if marker == 0xDA:  # start of scan: the header ends
+            return frames
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            if i + 9 > len(data):
+                return None
+            height, width = int.from_bytes(data[i + 5:i + 7], "big"), int.from_bytes(data[i + 7:i + 9], "big")
+            frames.append((marker, width, height))
+        i += 2 + length
+    return None
 
 
 def device_jpeg(data: bytes, path: str = "<bytes>", max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int] | None:
     """``(width, height)`` when a device decoder (nvJPEG, ``data/device_decode.py``) can take
-    ``data`` as the CPU path would: an 8-bit sequential JPEG, gray or YCbCr, that ends with its
-    EOI marker (a truncated file goes to the CPU path, which reports it), within ``max_pixels``
-    and at least 8 px a side. None for anything else (PNG, DICOM, CMYK, progressive, 12-bit ...),
+    ``data`` as the CPU path would: an 8-bit sequential JPEG with exactly one frame header, gray
+    or YCbCr (not Adobe RGB), that ends with its EOI marker (a truncated file goes to the CPU
+    path, which reports it), within ``max_pixels`` and :data:`DEVICE_MAX_PIXELS`, at least 8 px a
+    side. None for anything else (PNG, DICOM, CMYK, progressive, 12-bit, two frame headers ...),
     which the CPU path decodes or refuses. Reads the header only; raises
     :class:`ImageDecodeError` for a header over ``max_pixels``, as :func:`decode_image` would."""
     if data[:3] != b"\xff\xd8\xff" or "JPEG" not in allowed_formats(path) or is_dicom(data, path):
         return None
-    if data.rstrip(b"\x00")[-2:] != _JPEG_EOI:
+    if data[-1024:].rstrip(b"\x00")[-2:] != _JPEG_EOI:
         return None
+    frames = jpeg_frames(data)
+    if not frames or len(frames) != 1 or frames[0][0] not in _SOF_SEQUENTIAL:
+        return None  # what a device decoder would size its output from is ambiguous, or not its kind
     _raise_pil_limit(max_pixels)
     try:
         with warnings.catch_warnings():
@@ -261,8 +299,11 @@ def device_jpeg(data: bytes, path: str = "<bytes>", max_pixels: int = DEFAULT_MA
         return None  # the CPU path gives the file its error
     width, height = img.size
     _check_pixels(path, width, height, max_pixels)
+    if (width, height) != frames[0][1:] or width * height > DEVICE_MAX_PIXELS:
+        return None
     sequential = not img.info.get("progressive") and getattr(img, "bits", 8) == 8
-    if not sequential or img.mode not in ("L", "RGB") or width < 8 or height < 8:
+    adobe_rgb = img.mode == "RGB" and img.info.get("adobe_transform") == 0  # components are R, G, B
+    if not sequential or adobe_rgb or img.mode not in ("L", "RGB") or width < 8 or height < 8:
         return None
     return width, height
 

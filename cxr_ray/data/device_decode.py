@@ -63,31 +63,61 @@ def _tensor(blob: bytes) -> torch.Tensor:
     return torch.from_numpy(np.frombuffer(blob, np.uint8).copy())
 
 
-def decode_batch(blobs: Sequence[bytes], sizes: Sequence[tuple[int, int]], cache_size: int, image_size: int,
-                 device: torch.device | str) -> list[torch.Tensor | None]:
-    """Decode JPEG ``blobs`` on ``device`` into uint8 ``(1, N, N)`` images on that device.
+# Pixels one decode_jpeg call decodes at once (the planes it returns sit on the device together):
+# 256 MP is 256 MB of uint8 planes, 80 files at 2000x1600; a call never takes more.
+CALL_PIXELS = 256_000_000
 
-    One batched ``decode_jpeg`` call; when it fails, each file alone, so one bad file costs
-    only itself. An entry is ``None`` where the device decoder refused the file or its size is
-    not the header's ``sizes[i]`` (width, height): the caller decodes those on the CPU."""
-    device = torch.device(device)
-    if not blobs:
-        return []
-    data = [_tensor(b) for b in blobs]
+
+def _calls(sizes: Sequence[tuple[int, int]]) -> list[list[int]]:
+    """Indices of ``sizes`` grouped into consecutive calls of at most :data:`CALL_PIXELS` pixels
+    (a file alone when it is larger)."""
+    calls, current, pixels = [], [], 0
+    for i, (width, height) in enumerate(sizes):
+        if current and pixels + width * height > CALL_PIXELS:
+            calls.append(current)
+            current, pixels = [], 0
+        current.append(i)
+        pixels += width * height
+    return calls + [current] if current else calls
+
+
+def _decode(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
+    """``decode_jpeg`` of ``data`` in one batched call; when it fails, each file alone (one bad
+    file costs only itself); None where a file is refused."""
     with warnings.catch_warnings():  # torchvision >= 0.29 points to TorchCodec on every call
         warnings.filterwarnings("ignore", "The image decoding", DeprecationWarning)
         try:
-            planes: list[torch.Tensor | None] = list(decode_jpeg(data, mode=ImageReadMode.GRAY, device=device))
+            return list(decode_jpeg(data, mode=ImageReadMode.GRAY, device=device))
         except RuntimeError:
-            planes = []
+            planes: list[torch.Tensor | None] = []
             for d in data:
                 try:
                     planes.append(decode_jpeg(d, mode=ImageReadMode.GRAY, device=device))
                 except RuntimeError:
                     planes.append(None)
-    out: list[torch.Tensor | None] = []
-    for plane, (width, height) in zip(planes, sizes):
-        ok = plane is not None and plane.dim() == 3 and tuple(plane.shape) == (1, height, width)
-        out.append(finish_on_device(plane, cache_size, image_size) if ok else None)
-    return out
+            return planes
 
+
+def decode_batch(blobs: Sequence[bytes], sizes: Sequence[tuple[int, int]], cache_size: int, image_size: int,
+                 device: torch.device | str) -> list[torch.Tensor | None]:
+    """Decode JPEG ``blobs`` on ``device`` into uint8 ``(1, N, N)`` images on that device.
+
+    Batched ``decode_jpeg`` calls of at most :data:`CALL_PIXELS` pixels, each plane finished to
+    the model's size and released before the next call. An entry is ``None`` where the device
+    decoder refused the file, its size is not the header's ``sizes[i]`` (width, height), or the
+    device ran out of memory on it: the caller decodes those on the CPU."""
+    device = torch.device(device)
+    out: list[torch.Tensor | None] = [None] * len(blobs)
+    for call in _calls(sizes):
+        planes = _decode([_tensor(blobs[i]) for i in call], device)
+        for k, i in enumerate(call):
+            plane, planes[k] = planes[k], None  # released once finished
+            width, height = sizes[i]
+            if plane is None or plane.dim() != 3 or tuple(plane.shape) != (1, height, width):
+                continue
+            try:
+                out[i] = finish_on_device(plane, cache_size, image_size)
+            except RuntimeError:  # out of device memory (or a kernel refused it): the CPU path decides
+                out[i] = None
+        del planes
+    return out

@@ -1,10 +1,10 @@
-"""The transforms of the preprocessing contract (``data/preprocessing.py``): training,
-evaluation, scoring, explanations and export all go through here.
+"""The tensor transforms of the preprocessing contract (``data/preprocessing.py``): training,
+evaluation, scoring, explanations and export all go through here after ``data/images.py``.
 
 The chain for every image is::
 
     file --decode.decode_image--> uint8 (S, S)      # S = contract.cache_size, done once and cached
-         --to_model_size-------> uint8 (1, N, N)    # N = contract.image_size
+         --images.to_model_size-> uint8 (1, N, N)   # N = contract.image_size
          --augment (train only)-> float [0, 1]
          --normalize-----------> float: fixed (x - mean) / std, or per_image standardised x scale
 

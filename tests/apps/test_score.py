@@ -326,6 +326,9 @@ def test_defaults_split_the_cluster_by_measured_cost_and_keep_the_checkpoint_pre
     one, split = resolve_score(ScoreConfig(cpus_per_actor=1.5), fp32, paths)
     assert (one.cpus_per_actor, one.decode_cpus, split.model_ms) == (1.5, 0.5, None)  # decoding takes the rest
     assert split.decode_ms > 0
+    bad = [str(mixed_folder[0] / "NORMAL" / name) for name in ("empty.jpeg", "truncated.jpeg", "fake.png")]
+    even, split = resolve_score(ScoreConfig(), fp32, bad)  # failing files time the error path: not measured
+    assert split.decode_ms is None and (even.cpus_per_actor, even.decode_cpus) == (1.0, 1.0)
     gpu, split = resolve_score(ScoreConfig(gpus_per_actor=1), fp32, paths)  # sized before the GPU check refuses
     assert (gpu.decode, gpu.cpus_per_actor, gpu.decode_cpus, split.model_ms) == ("gpu", 1.0, 1.0, None)
     assert "read + header check" in split.describe(gpu)
@@ -351,11 +354,16 @@ def _by_path(batch: dict[str, np.ndarray]) -> pd.DataFrame:
                          "error": list(batch["error"])}).set_index("path").sort_index()
 
 
-def test_gpu_decode_path_on_cpu_scores_like_the_cpu_path_with_the_same_errors(checkpoint, mixed_folder):
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_gpu_decode_path_on_cpu_scores_like_the_cpu_path_with_the_same_errors(checkpoint, mixed_folder, backend,
+                                                                             tmp_path, monkeypatch):
     """score.decode=gpu run on the CPU (the code the GPU runs, with torchvision's libjpeg): JPEGs
     travel as bytes to the actor and are decoded there; every other file, and every bad one, takes
-    the CPU path with the same error; probabilities agree with the CPU path's."""
+    the CPU path with the same error; probabilities agree with the CPU path's, on both backends
+    (ONNX Runtime takes the device-decoded tensor as numpy)."""
     import dataclasses
+
+    monkeypatch.setenv("CXR_RAY_CACHE", str(tmp_path))  # the ONNX export's cache
 
     from cxr_ray.apps.score.stages import ScoreActor, read_and_decode
 
@@ -371,7 +379,7 @@ def test_gpu_decode_path_on_cpu_scores_like_the_cpu_path_with_the_same_errors(ch
             names = {Path(p).name for p, j in zip(decoded["path"], jpeg) if j}
             assert names == {f"gray{i}.jpeg" for i in range(4)} | {"rgb.jpg"}  # PNG, DICOM, bad files: CPU path
             assert not decoded["image"][np.array(jpeg)].any()  # not decoded in the task
-        score = dataclasses.replace(SCORE, decode=mode, backend="torch", amp="fp32")
+        score = dataclasses.replace(SCORE, decode=mode, backend=backend, amp="fp32")
         outs[mode] = _by_path(ScoreActor(checkpoint, dataclasses.asdict(score))(decoded))
     cpu, gpu = outs["cpu"], outs["gpu"]
     assert list(cpu.index) == list(gpu.index) and (cpu["error"] == gpu["error"]).all()
@@ -422,11 +430,14 @@ def test_a_jpeg_the_device_decoder_refuses_takes_the_cpu_path_in_the_actor(check
     actor = ScoreActor(checkpoint, dataclasses.asdict(dataclasses.replace(SCORE, decode="gpu", backend="torch",
                                                                           amp="fp32")))
     error = np.array(decoded["error"], dtype=object)
-    images = actor.decode_encoded(decoded, error)
+    width, height = decoded["width"].copy(), decoded["height"].copy()
+    images = actor.decode_encoded(decoded, error, width, height)
     assert np.array_equal(images[0].numpy(), reference["image"][0])  # the CPU path's own pixels
     assert error[0] == "" and error[1].startswith("cannot decode")
+    assert width[0] > 0 and (width[1], height[1]) == (0, 0)  # as the read tasks give an undecodable file
     out = actor(decoded)
     assert np.isfinite(out["prob_pneumonia"][0]) and np.isnan(out["prob_pneumonia"][1])
+    assert out["width"][1] == 0 and out["error"][1].startswith("cannot decode")
 
 
 @pytest.mark.slow

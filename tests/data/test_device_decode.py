@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxr_ray.data.decode import ImageDecodeError, decode_image, device_jpeg
+from cxr_ray.data.decode import ImageDecodeError, decode_image, device_jpeg, jpeg_frames
 from cxr_ray.data.device_decode import decode_batch, draft_scale
 from cxr_ray.data.images import to_model_size
 from cxr_ray.data.synthetic import chest_image
@@ -43,6 +43,24 @@ def test_device_jpeg_takes_sequential_8bit_jpegs_and_leaves_the_rest_to_the_cpu_
     assert device_jpeg(jpeg(4, 300)) is None  # too small: the CPU path refuses it by name
     with pytest.raises(ImageDecodeError, match="max_pixels"):  # the header check runs before any decode
         device_jpeg(jpeg(300, 200), "big.jpeg", max_pixels=300 * 200 - 1)
+    big = io.BytesIO()
+    Image.new("L", (7000, 6000)).save(big, format="JPEG")  # 42 MP: decoded on the CPU, scaled while decoding
+    assert device_jpeg(big.getvalue()) is None
+
+
+def test_device_jpeg_refuses_what_a_device_decoder_could_read_otherwise_than_pil():
+    """A second frame header (a device decoder may size its output from the other one: 9000 x
+    9000 here, 300 x 200 in PIL's view), and Adobe RGB (in gray mode a decoder may take the first
+    component, red, where PIL computes luma): both go to the CPU path."""
+    good = jpeg(300, 200, mode="RGB")
+    fake_sof = b"\xff\xc0\x00\x11\x08" + (9000).to_bytes(2, "big") * 2 + b"\x03\x01\x22\x00\x02\x11\x01\x03\x11\x01"
+    two_frames = good[:2] + fake_sof + good[2:]
+    assert jpeg_frames(two_frames) is not None and len(jpeg_frames(two_frames)) == 2
+    assert device_jpeg(two_frames) is None
+    adobe = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"  # APP14, transform 0: RGB components
+    assert Image.open(io.BytesIO(good[:2] + adobe + good[2:])).info.get("adobe_transform") == 0
+    assert device_jpeg(good[:2] + adobe + good[2:]) is None
+    assert jpeg_frames(good) == [(0xC0, 300, 200)] and device_jpeg(good) == (300, 200)
 
 
 def test_draft_scale_is_pils():

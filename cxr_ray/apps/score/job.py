@@ -158,24 +158,30 @@ def measure_costs(ckpt: LoadedCheckpoint, score: ScoreConfig, paths: list[str], 
                   model: bool = True) -> tuple[float | None, float | None]:
     """Milliseconds on one core of reading + decoding one of ``paths`` (the job's first files,
     by its read+decode stage: only read + header check for ``score.decode=gpu``; None without
-    paths) and, with ``model``, of the model on one image (in the job's backend and precision,
-    on this process's CPU, batches of 4; else None).
+    paths, or when most of them fail here) and, with ``model``, of the model on one image (in
+    the job's backend and precision, on this process's CPU, batches of 4; else None).
     Each after one warm-up call; the whole measurement takes about a second (ResNet-50: 2 s)."""
     import torch
 
     contract = ckpt.preprocessing
     decode_ms = None
     if paths:
-        def decode(chunk: list[str]) -> None:
-            read_and_decode({"path": np.array(chunk, dtype=object), "label": np.zeros(len(chunk), np.int8)},
-                            contract.cache_size, contract.image_size, limits.max_pixels, limits.read_timeout_s,
-                            limits.max_file_mb, for_device=score.decode == "gpu")
+        def decode(chunk: list[str]) -> int:
+            """Read + decode ``chunk`` as the tasks do; how many files decoded."""
+            out = read_and_decode({"path": np.array(chunk, dtype=object), "label": np.zeros(len(chunk), np.int8)},
+                                  contract.cache_size, contract.image_size, limits.max_pixels, limits.read_timeout_s,
+                                  limits.max_file_mb, for_device=score.decode == "gpu")
+            return int(sum(e == "" for e in out["error"]))
 
         decode(paths[:1])
         timed = paths[1:] or paths
         start = time.perf_counter()
-        decode(timed)
-        decode_ms = (time.perf_counter() - start) * 1e3 / len(timed)
+        ok = decode(timed)
+        if 2 * ok >= len(timed):  # a failed file's error path is not what a decode costs
+            decode_ms = (time.perf_counter() - start) * 1e3 / len(timed)
+        else:
+            log.warning("[score] %d of the %d files timed for the CPU split failed to read or decode here; "
+                        "splitting the CPUs evenly", len(timed) - ok, len(timed))
     if not model:
         return decode_ms, None
     images = np.zeros((4, 1, contract.image_size, contract.image_size), np.uint8)
@@ -255,7 +261,9 @@ def resolve_score(score: ScoreConfig, ckpt: LoadedCheckpoint, paths: list[str] |
         per_actor, decode = score.cpus_per_actor, decode_task_cpus(cpus - actors * score.cpus_per_actor)
     else:
         decode_ms, model_ms = measure_costs(ckpt, score, (paths or [])[:9], limits or DataConfig(), model=not gpu)
-        per_actor, decode = split_cpus(cpus, node_cpus, actors, decode_ms or 1.0, model_ms)
+        even = model_ms if model_ms is not None else 1.0  # not measured: as much as the model
+        per_actor, decode = split_cpus(cpus, node_cpus, actors, decode_ms if decode_ms is not None else even,
+                                       model_ms)
     split = CpuSplit(cpus, decode_ms, model_ms, per_actor, decode)
     return dataclasses.replace(score, cpus_per_actor=per_actor, decode_cpus=decode), split
 

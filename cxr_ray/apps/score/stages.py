@@ -105,35 +105,43 @@ class ScoreActor:
             return self._probabilities(logits, self.temperature, self.bias)
         return self.predictor.probabilities(images)
 
-    def decode_encoded(self, batch: dict[str, np.ndarray], error: np.ndarray) -> Any:
+    def decode_encoded(self, batch: dict[str, np.ndarray], error: np.ndarray, width: np.ndarray,
+                       height: np.ndarray) -> Any:
         """The batch's model-input images with the ``encoded`` rows decoded on the actor's
         device: a uint8 tensor there. A file the device decoder refuses is decoded on this CPU
-        by the CPU path (``decode.decode_image``); a file that fails there too gets its
-        ``error`` (updated in place) and stays black."""
-        import torch
+        by the CPU path (``decode.decode_image``); a file that fails there too gets its error in
+        ``error`` and zero ``width`` / ``height`` (updated in place, as the read tasks give a file
+        they cannot decode) and stays black. Never raises for a file."""
+        import torch  # deferred: the read tasks import this module and run without torch
 
         from cxr_ray.data.device_decode import decode_batch  # torch + torchvision: actors only
 
         images = torch.from_numpy(np.array(batch["image"])).to(self.device)  # a copy: Ray's views are read-only
         rows = [i for i, b in enumerate(batch["encoded"]) if len(b) and error[i] == ""]
-        sizes = [(int(batch["width"][i]), int(batch["height"][i])) for i in rows]
+        blobs = [bytes(batch["encoded"][i]) for i in rows]
+        sizes = [(int(width[i]), int(height[i])) for i in rows]
         cache, size = self.contract.cache_size, self.contract.image_size
-        decoded = decode_batch([bytes(batch["encoded"][i]) for i in rows], sizes, cache, size, self.device)
-        for i, image in zip(rows, decoded):
+        for i, blob, image in zip(rows, blobs, decode_batch(blobs, sizes, cache, size, self.device)):
             if image is not None:
                 images[i] = image
                 continue
+            path = str(batch["path"][i])
             try:  # the device decoder refused it: the CPU path decodes it, or says why not
-                pixels, _, _ = decode_image(bytes(batch["encoded"][i]), cache, str(batch["path"][i]),
-                                            max_pixels=self.max_pixels)
+                pixels, _, _ = decode_image(blob, cache, path, max_pixels=self.max_pixels)
                 images[i] = torch.from_numpy(to_model_size(pixels[None], size)[0]).to(self.device)
+                continue
             except ImageDecodeError as e:
                 error[i] = e.reason
+            except Exception as e:  # noqa: BLE001 - a decoder bug on one file must not end the job
+                error[i] = f"unexpected {type(e).__name__} while decoding: {e}"
+            width[i] = height[i] = 0
         return images
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        error = np.array(batch["error"], dtype=object)  # a copy: device decoding may add errors
-        images = self.decode_encoded(batch, error) if "encoded" in batch else batch["image"]
+        # copies: device decoding may add errors (and zero the size of a file it cannot decode)
+        error = np.array(batch["error"], dtype=object)
+        width, height = np.array(batch["width"], np.int32), np.array(batch["height"], np.int32)
+        images = self.decode_encoded(batch, error, width, height) if "encoded" in batch else batch["image"]
         ok = np.asarray([e == "" for e in error], dtype=bool)
         probs = np.full(len(ok), np.nan, np.float32)
         if ok.any():
@@ -142,13 +150,13 @@ class ScoreActor:
         return {"path": batch["path"], "prob_pneumonia": probs,
                 "threshold": np.full(n, self.threshold, np.float32),
                 "model": np.full(n, self.model_id, dtype=object),
-                "width": batch["width"], "height": batch["height"], "error": error,
+                "width": width, "height": height, "error": error,
                 "label": batch["label"],
                 "scored_at": np.full(n, np.datetime64(datetime.now(timezone.utc).replace(tzinfo=None), "us"))}
 
 
 def _mask(ok: np.ndarray, like: Any) -> Any:
     """``ok`` as a bool tensor on ``like``'s device, to index it."""
-    import torch
+    import torch  # deferred: the read tasks import this module and run without torch
 
     return torch.from_numpy(ok).to(like.device)

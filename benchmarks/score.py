@@ -55,10 +55,12 @@ from cxr_ray.engine.precision import autocast, prefers_channels_last, resolve_pr
 from cxr_ray.models.registry import build_model  # noqa: E402
 
 
-def make_checkpoint(out: Path, model: str, size: int, val_precision: str = "fp32") -> tuple[str, torch.nn.Module]:
+def make_checkpoint(out: Path, model: str, size: int, val_precision: str = "fp32", width: int = 16
+                    ) -> tuple[str, torch.nn.Module]:
     """A checkpoint of ``model`` with random weights (same compute as a trained one), whose
-    threshold was chosen in ``val_precision`` (as a training run on this machine records)."""
-    cfg = ExperimentConfig().replace(**{"model.name": model, "model.weights": "none", "model.width": 16,
+    threshold was chosen in ``val_precision`` (as a training run on this machine records);
+    ``width``: the small CNN's ``model.width``."""
+    cfg = ExperimentConfig().replace(**{"model.name": model, "model.weights": "none", "model.width": width,
                                         "data.image_size": size})
     torch.manual_seed(0)
     net = build_model(cfg.model).eval()

@@ -47,24 +47,15 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import real_root, upscaled_copy  # noqa: E402
+from score import make_checkpoint  # noqa: E402  (benchmarks/score.py)
 
-from cxr_ray.checkpoint import save_checkpoint  # noqa: E402
-from cxr_ray.config import ExperimentConfig, ScoreConfig  # noqa: E402
+from cxr_ray.config import ScoreConfig  # noqa: E402
 from cxr_ray.data.listing import list_inputs  # noqa: E402
-from cxr_ray.models.registry import build_model  # noqa: E402
 
 _MODEL: dict = {}
 PREVIOUS = "cxr-ray score, previous fixed split (1.5-CPU actor, 0.5-CPU decode tasks)"
 DEFAULTS = "cxr-ray score, defaults (measured split)"
 STEADY: dict[tuple[str, str], float] = {}  # (job, row): images/s after the first rows (the start-up)
-
-
-def make_checkpoint(out: Path, model: str, width: int, size: int) -> str:
-    """A checkpoint of ``model`` (``model.width``: the small CNN's) with random weights."""
-    cfg = ExperimentConfig().replace(**{"model.name": model, "model.weights": "none", "model.width": width,
-                                        "data.image_size": size})
-    torch.manual_seed(0)
-    return str(save_checkpoint(out / "ckpt", build_model(cfg.model).eval(), cfg, 0.5, {}, 0))
 
 
 def _load(ckpt: str, onnx: bool) -> None:
@@ -177,7 +168,7 @@ def main() -> None:
                 print(f"{name}: {model}{f' width {width}' if width else ''} at {size} px, {len(paths)} images, "
                       f"{cpus} CPUs", flush=True)
                 (tmp / name).mkdir()
-                ckpt = make_checkpoint(tmp / name, model, width or 32, size)
+                ckpt, _ = make_checkpoint(tmp / name, model, size, width=width or 32)
                 results[name] = job(name, ckpt, paths, size, tmp, cpus, args.batch_size)
         finally:
             ray.shutdown()

@@ -389,6 +389,19 @@ def test_gpu_decode_path_on_cpu_scores_like_the_cpu_path_with_the_same_errors(ch
     assert np.abs(cpu.loc[ok, "prob"] - gpu.loc[ok, "prob"]).max() < 0.02
 
 
+def _score_each(checkpoint: str, root: Path, tmp_path: Path, runs: dict[str, ScoreConfig]
+                ) -> tuple[dict[str, pd.DataFrame], dict[str, dict]]:
+    """``run_score`` of ``root`` once per named config: the outputs (indexed and sorted by path)
+    and the job records."""
+    frames, jobs = {}, {}
+    for name, score in runs.items():
+        out = tmp_path / name
+        run_score(checkpoint, [str(root)], str(out), score)
+        frames[name] = pd.read_parquet(out).set_index("path").sort_index()
+        jobs[name] = json.loads((out / "_score_job.json").read_text())
+    return frames, jobs
+
+
 @pytest.mark.slow
 def test_gpu_decode_through_ray_gives_every_file_the_cpu_paths_row(ray_local, checkpoint, mixed_folder, tmp_path):
     """score.decode=gpu through Ray Data (JPEG bytes travel from the read tasks to the actors) on
@@ -397,12 +410,9 @@ def test_gpu_decode_through_ray_gives_every_file_the_cpu_paths_row(ray_local, ch
     import dataclasses
 
     root, _ = mixed_folder
-    runs = {}
-    for mode in ("cpu", "gpu"):
-        out = tmp_path / mode
-        run_score(checkpoint, [str(root)], str(out), dataclasses.replace(SCORE, decode=mode, backend="torch"))
-        runs[mode] = pd.read_parquet(out).set_index("path").sort_index()
-        assert json.loads((out / "_score_job.json").read_text())["score"]["decode"] == mode
+    runs, jobs = _score_each(checkpoint, root, tmp_path, {m: dataclasses.replace(SCORE, decode=m, backend="torch")
+                                                          for m in ("cpu", "gpu")})
+    assert [jobs[m]["score"]["decode"] for m in ("cpu", "gpu")] == ["cpu", "gpu"]
     cpu, gpu = runs["cpu"], runs["gpu"]
     assert list(cpu.index) == list(gpu.index) and len(cpu) == len(list_inputs([str(root)]))
     assert (cpu["error"].fillna("") == gpu["error"].fillna("")).all()
@@ -445,15 +455,11 @@ def test_onnxruntime_backend_scores_like_the_torch_model(ray_local, checkpoint, 
     """score.backend=onnxruntime: the actors run the checkpoint's ONNX export (fp32) and give
     the torch model's fp32 probabilities; bad files are reported the same way."""
     import dataclasses
-    import json
 
     root, _ = mixed_folder
-    runs = {}
-    for backend in ("torch", "onnxruntime"):
-        out = tmp_path / backend
-        run_score(checkpoint, [str(root)], str(out), dataclasses.replace(SCORE, backend=backend, amp="fp32"))
-        runs[backend] = pd.read_parquet(out).set_index("path").sort_index()
-        job = json.loads((out / "_score_job.json").read_text())
+    runs, jobs = _score_each(checkpoint, root, tmp_path, {b: dataclasses.replace(SCORE, backend=b, amp="fp32")
+                                                          for b in ("torch", "onnxruntime")})
+    for backend, job in jobs.items():
         assert (job["score"]["backend"], job["score"]["amp"]) == (backend, "fp32")
     torch_df, onnx_df = runs["torch"], runs["onnxruntime"]
     assert list(torch_df.index) == list(onnx_df.index)
